@@ -1,0 +1,244 @@
+//! Paged-attention benchmark: the fast kernel against the plain-loop reference on decode and
+//! prefill workloads at SmolLM2-135M and 7B shapes, time per call and GFLOP/s.
+//!
+//! `cargo run --release -p lorahost-bench --bin attention [-- --no-ref] [-- --isa avx2]`
+
+use std::time::{Duration, Instant};
+
+use kernels::attention::{
+    paged_attention_reference, paged_attention_with, write_kv, Isa, KvGeometry, LayerKv, SeqRows,
+};
+
+/// Deterministic xorshift data in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() + 1.0) * 0.5 * n as f32) as usize % n
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+struct Model {
+    name: &'static str,
+    n_heads: usize,
+    n_kv: usize,
+    d: usize,
+}
+
+const SMOL: Model = Model {
+    name: "smollm2-135m",
+    n_heads: 9,
+    n_kv: 3,
+    d: 64,
+};
+const LLAMA2_7B: Model = Model {
+    name: "7b (32/32/128)",
+    n_heads: 32,
+    n_kv: 32,
+    d: 128,
+};
+const LLAMA3_8B: Model = Model {
+    name: "8b gqa (32/8/128)",
+    n_heads: 32,
+    n_kv: 8,
+    d: 128,
+};
+
+/// A batch: for each sequence (rows this step, position of the first row).
+struct Work {
+    label: String,
+    seqs: Vec<(usize, usize)>,
+}
+
+fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyhow::Result<()> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let geom = KvGeometry {
+        block_size,
+        n_kv_heads: m.n_kv,
+        head_dim: m.d,
+    };
+    let blocks: Vec<usize> = w
+        .seqs
+        .iter()
+        .map(|&(n, p)| (p + n).div_ceil(block_size))
+        .collect();
+    let num_blocks: usize = blocks.iter().sum();
+    let mut cache = LayerKv::new(geom, num_blocks);
+    // Interleave the sequences' blocks, as a long-running allocator would.
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i + 1));
+    }
+    let mut tables = Vec::new();
+    let mut at = 0;
+    for &b in &blocks {
+        tables.push(ids[at..at + b].to_vec());
+        at += b;
+    }
+    // Fill every position the batch will read (history and this step's rows).
+    let width = m.n_kv * m.d;
+    for (t, &(n, p)) in tables.iter().zip(&w.seqs) {
+        let total = p + n;
+        let k = rng.vec(total * width);
+        let v = rng.vec(total * width);
+        write_kv(
+            &mut cache,
+            &k,
+            &v,
+            &[SeqRows {
+                rows: 0..total,
+                start_pos: 0,
+                block_table: t,
+            }],
+        )?;
+    }
+    let mut seqs = Vec::new();
+    let mut row = 0;
+    for (t, &(n, p)) in tables.iter().zip(&w.seqs) {
+        seqs.push(SeqRows {
+            rows: row..row + n,
+            start_pos: p,
+            block_table: t,
+        });
+        row += n;
+    }
+    let q = rng.vec(row * m.n_heads * m.d);
+    let mut out = vec![0.0; q.len()];
+    let scale = 1.0 / (m.d as f32).sqrt();
+
+    // Multiply-adds: every (head, row, visible key) does d for q.k and d for p.v.
+    let pairs: usize = w
+        .seqs
+        .iter()
+        .map(|&(n, p)| (0..n).map(|r| p + r + 1).sum::<usize>())
+        .sum::<usize>()
+        * m.n_heads;
+    let flops = (4 * m.d * pairs) as f64;
+
+    let fast = time(|| {
+        paged_attention_with(isa, &cache, &q, m.n_heads, scale, &seqs, &mut out)
+            .expect("attention");
+    });
+    let fast_out = out.clone();
+    let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
+    if with_ref {
+        let reference = time(|| {
+            paged_attention_reference(&cache, &q, m.n_heads, scale, &seqs, &mut out)
+                .expect("reference");
+        });
+        let diff = fast_out
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        println!(
+            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>6.1} GF/s | ref {:>10} {:>5.2} GF/s | x{:>6.1} | diff {:.1e}",
+            m.name,
+            w.label,
+            block_size,
+            fmt(fast),
+            gf(fast),
+            fmt(reference),
+            gf(reference),
+            reference.as_secs_f64() / fast.as_secs_f64(),
+            diff
+        );
+    } else {
+        println!(
+            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>6.1} GF/s",
+            m.name,
+            w.label,
+            block_size,
+            fmt(fast),
+            gf(fast)
+        );
+    }
+    Ok(())
+}
+
+/// Median time per call: one warm-up, then calls until ~0.5 s (at least 3, at most 200).
+fn time(mut f: impl FnMut()) -> Duration {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed() < Duration::from_millis(500) && times.len() < 200) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn fmt(t: Duration) -> String {
+    let us = t.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.1} us")
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let with_ref = !args.iter().any(|a| a == "--no-ref");
+    let isa = match args
+        .iter()
+        .position(|a| a == "--isa")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        Some("avx512") => Isa::Avx512,
+        Some("avx2") => Isa::Avx2,
+        Some("portable") => Isa::Portable,
+        _ => Isa::detect(),
+    };
+    println!(
+        "isa {isa:?}, {} rayon threads; times are medians per call (one layer)",
+        rayon_threads()
+    );
+
+    let decode = |ctx: usize| Work {
+        label: format!("1 decode row, ctx {ctx}"),
+        seqs: vec![(1, ctx - 1)],
+    };
+    let mut rng = Rng(42);
+    let batch64 = |lo: usize, hi: usize, rng: &mut Rng| Work {
+        label: format!("64 decode rows, ctx {lo}..{hi}"),
+        seqs: (0..64).map(|_| (1, lo + rng.below(hi - lo))).collect(),
+    };
+    let prefill = |n: usize, from: usize| Work {
+        label: format!("prefill {n} rows from pos {from}"),
+        seqs: vec![(n, from)],
+    };
+
+    for &bs in &[16, 32] {
+        for ctx in [100, 1000, 4000] {
+            run(&SMOL, &decode(ctx), bs, isa, with_ref)?;
+        }
+        run(&SMOL, &batch64(100, 4000, &mut rng), bs, isa, with_ref)?;
+        run(&SMOL, &prefill(512, 0), bs, isa, with_ref)?;
+        run(&SMOL, &prefill(512, 1536), bs, isa, with_ref)?;
+    }
+    for m in [&LLAMA2_7B, &LLAMA3_8B] {
+        for ctx in [100, 1000, 4000] {
+            run(m, &decode(ctx), 16, isa, with_ref)?;
+        }
+        run(m, &batch64(256, 768, &mut rng), 16, isa, with_ref)?;
+        run(m, &prefill(512, 0), 16, isa, with_ref)?;
+    }
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

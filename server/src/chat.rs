@@ -1,0 +1,156 @@
+//! Chat templates: found in GGUF metadata, `chat_template.jinja` or `tokenizer_config.json`, and
+//! rendered with minijinja the way transformers' `apply_chat_template` renders them (jinja2 with
+//! `trim_blocks` and `lstrip_blocks`, loop controls, `raise_exception`, python string methods).
+
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("the model has no chat template")]
+    NoTemplate,
+    #[error("invalid chat template: {0}")]
+    Template(String),
+    #[error("chat template failed: {0}")]
+    Render(String),
+}
+
+/// One chat message, as OpenAI's API and the templates see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A compiled chat template with the special-token strings templates refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const TEMPLATE_NAME: &str = "chat";
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // Python string methods (`.strip()`, `.startswith()`...) that HF templates call.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| ChatError::Template(e.to_string()))?;
+        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    /// Renders `messages` with `add_generation_prompt=True`.
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Template(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| ChatError::Render(e.to_string()))
+    }
+
+    /// The template of a Hugging Face model directory: `chat_template.jinja`, else the
+    /// `chat_template` field of `tokenizer_config.json` (a string, or a list with a `default`).
+    pub fn source_from_dir(dir: &Path) -> Result<Option<String>, ChatError> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            return std::fs::read_to_string(&jinja).map(Some).map_err(|e| ChatError::Template(e.to_string()));
+        }
+        let Some(config) = read_tokenizer_config(dir)? else { return Ok(None) };
+        Ok(match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => None,
+        })
+    }
+}
+
+/// `tokenizer_config.json` of a model directory, if present.
+pub fn read_tokenizer_config(dir: &Path) -> Result<Option<serde_json::Value>, ChatError> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| ChatError::Template(e.to_string()))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| ChatError::Template(format!("{}: {e}", path.display())))
+}
+
+/// A special-token string from `tokenizer_config.json` (`"<s>"` or `{"content": "<s>"}`).
+pub fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The subset of `strftime` that chat templates use for "today's date" (`%d %b %Y` and friends),
+/// in UTC.
+fn strftime_now(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let name = MONTHS[(month - 1) as usize];
+    fmt.replace("%Y", &year.to_string())
+        .replace("%m", &format!("{month:02}"))
+        .replace("%d", &format!("{day:02}"))
+        .replace("%B", name)
+        .replace("%b", &name[..3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn trims_blocks_like_transformers() {
+        let t = ChatTemplate::new("{% for m in messages %}\n  {{ m.content.strip() }}|\n{% endfor %}", "", "").unwrap();
+        assert_eq!(t.render(&[msg("user", " a "), msg("user", "b")]).unwrap(), "a|\nb|\n");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
+        let err = t.render(&[msg("system", "x")]).unwrap_err();
+        assert!(err.to_string().contains("no system role"), "{err}");
+    }
+
+    #[test]
+    fn bad_template_is_reported() {
+        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatError::Template(_))));
+    }
+}

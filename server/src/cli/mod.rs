@@ -1,0 +1,92 @@
+//! Command-line interface: the `lorahost` subcommands and their flags. Each subcommand lives in
+//! its own file and turns flags into configs, then calls into the library.
+
+mod generate;
+
+use crate::engine::{EngineConfig, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS};
+use crate::model::{Dtype, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "lorahost", version, about = "Multi-adapter LLM inference host")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text for one prompt or a JSONL file of requests (offline batch inference).
+    Generate(generate::GenerateArgs),
+}
+
+/// Which base model to load and how.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    /// Default: SmolLM2-135M-Instruct Q4_1, fetched once into the cache directory.
+    #[arg(long, env = "LORAHOST_MODEL")]
+    pub model: Option<PathBuf>,
+    /// How weights are held: auto keeps GGUF quantized; f32 dequantizes (matches transformers).
+    #[arg(long, value_enum, default_value_t = Dtype::Auto, env = "LORAHOST_DTYPE")]
+    pub dtype: Dtype,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "LORAHOST_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// The model path, fetching the default model when none was given.
+    pub fn resolve(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => crate::fetch::default_model().context("no --model given and the default model is unavailable"),
+        }
+    }
+
+    pub fn init_threads(&self) -> anyhow::Result<()> {
+        if let Some(n) = self.threads {
+            rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting --threads")?;
+        }
+        Ok(())
+    }
+}
+
+/// Engine and KV-cache limits.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Memory for the KV cache, in bytes.
+    #[arg(long, default_value_t = DEFAULT_KV_CACHE_BYTES, env = "LORAHOST_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub kv_block_size: usize,
+    /// Rows (tokens) per forward step; long prompts are prefilled in chunks of this size.
+    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_RUNNING)]
+    pub max_running: usize,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        anyhow::ensure!(self.kv_block_size > 0, "--kv-block-size must be positive");
+        anyhow::ensure!(self.max_batch_tokens > 0, "--max-batch-tokens must be positive");
+        anyhow::ensure!(self.max_running > 0, "--max-running must be positive");
+        Ok(EngineConfig {
+            max_step_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+            kv_cache: KvCacheConfig { budget_bytes: self.kv_cache_bytes, block_size: self.kv_block_size },
+        })
+    }
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,334 @@
+//! The engine's state and its step: plan → apply (preempt, admit, allocate) → one forward over
+//! the ragged batch → sample → emit → free. Synchronous and single-threaded; `Engine` runs it on
+//! its own thread, tests drive it directly.
+
+use super::blocks::BlockAllocator;
+use super::plan::{plan, Budgets, SchedState, SeqId, SeqSched, StepPlan};
+use super::request::{Completion, FinishReason, GeneratedToken, StopCriteria, TokenEvent, ValidRequest};
+use super::sampler::Sampler;
+use super::stop::TextStop;
+use super::{EngineConfig, EngineError};
+use crate::model::{ForwardBatch, KvCache, Llama};
+use crate::tokenizer::TextTokenizer;
+use kernels::attention::SeqRows;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+struct Sequence {
+    prompt_len: usize,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+    blocks: Vec<u32>,
+    sampler: Sampler,
+    text: TextStop,
+    stop: StopCriteria,
+    events: UnboundedSender<TokenEvent>,
+    admitted_at: Option<Instant>,
+    first_token_at: Option<Instant>,
+    preemptions: usize,
+}
+
+impl Sequence {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    fn sched(&self, id: SeqId) -> SeqSched {
+        SeqSched { id, len: self.tokens.len(), computed: self.computed, blocks: self.blocks.len() }
+    }
+}
+
+/// Counters a caller (metrics, tests) may read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub steps: u64,
+    pub preemptions: u64,
+    pub running: usize,
+    pub waiting: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+}
+
+pub struct EngineCore {
+    model: Arc<Llama>,
+    tokenizer: Arc<TextTokenizer>,
+    kv: KvCache,
+    blocks: BlockAllocator,
+    config: EngineConfig,
+    seqs: HashMap<SeqId, Sequence>,
+    running: Vec<SeqId>,
+    waiting: VecDeque<SeqId>,
+    next_id: SeqId,
+    steps: u64,
+    preemptions: u64,
+}
+
+impl EngineCore {
+    pub fn new(model: Arc<Llama>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Self {
+        let kv = KvCache::new(model.config(), config.kv_cache);
+        let blocks = BlockAllocator::new(kv.num_blocks());
+        Self {
+            model,
+            tokenizer,
+            kv,
+            blocks,
+            config,
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            next_id: 1,
+            steps: 0,
+            preemptions: 0,
+        }
+    }
+
+    /// The most tokens (prompt + generated) one sequence may hold.
+    pub fn max_sequence_tokens(&self) -> usize {
+        let cache_tokens = self.kv.num_blocks() * self.kv.block_size();
+        cache_tokens.min(self.model.config().max_position_embeddings)
+    }
+
+    /// Queues a request. Fails without side effects when it can never fit.
+    pub fn add(&mut self, req: ValidRequest, events: UnboundedSender<TokenEvent>) -> Result<SeqId, EngineError> {
+        check_request(&req, self.max_sequence_tokens(), self.model.config().vocab_size)?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let seq = Sequence {
+            prompt_len: req.prompt_ids.len(),
+            tokens: req.prompt_ids,
+            computed: 0,
+            blocks: Vec::new(),
+            sampler: Sampler::new(req.sampling),
+            text: TextStop::new(req.stop.stop.clone()),
+            stop: req.stop,
+            events,
+            admitted_at: None,
+            first_token_at: None,
+            preemptions: 0,
+        };
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+        Ok(id)
+    }
+
+    /// Ends a sequence now; its blocks are free for the next step.
+    pub fn cancel(&mut self, id: SeqId) {
+        self.finish(id, FinishReason::Cancelled);
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            steps: self.steps,
+            preemptions: self.preemptions,
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            free_blocks: self.blocks.num_free(),
+            total_blocks: self.blocks.num_blocks(),
+        }
+    }
+
+    /// Runs one step. A failing forward fails the sequences in that batch, not the engine.
+    pub fn step(&mut self) -> Result<(), EngineError> {
+        let gone: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
+        for id in gone {
+            self.cancel(id);
+        }
+        let state = SchedState {
+            running: self.running.iter().map(|id| self.seqs[id].sched(*id)).collect(),
+            waiting: self.waiting.iter().map(|id| self.seqs[id].sched(*id)).collect(),
+        };
+        let budgets = Budgets {
+            max_step_tokens: self.config.max_step_tokens,
+            max_running: self.config.max_running,
+            block_size: self.kv.block_size(),
+            free_blocks: self.blocks.num_free(),
+        };
+        let step_plan = plan(&state, &budgets);
+        self.apply(&step_plan)?;
+        if step_plan.rows.is_empty() {
+            return Ok(());
+        }
+        self.steps += 1;
+        match self.run_rows(&step_plan) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let msg = e.to_string();
+                for r in &step_plan.rows {
+                    if let Some(seq) = self.seqs.get(&r.id) {
+                        let _ = seq.events.send(TokenEvent::Failed(msg.clone()));
+                    }
+                    self.remove(r.id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&mut self, step: &StepPlan) -> Result<(), EngineError> {
+        let mut preempted = step.preempt.clone();
+        preempted.sort_unstable();
+        for &id in preempted.iter().rev() {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                self.blocks.release(seq.blocks.drain(..));
+                seq.computed = 0;
+                seq.preemptions += 1;
+                self.preemptions += 1;
+                self.running.retain(|&r| r != id);
+                self.waiting.push_front(id);
+            }
+        }
+        for &id in &step.admit {
+            self.waiting.retain(|&w| w != id);
+            self.running.push(id);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.admitted_at.get_or_insert_with(Instant::now);
+            }
+        }
+        for r in &step.rows {
+            let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::Internal("planned an unknown sequence"))?;
+            let new = self.blocks.allocate(r.new_blocks).ok_or(EngineError::Internal("planned more blocks than free"))?;
+            seq.blocks.extend(new);
+        }
+        Ok(())
+    }
+
+    fn run_rows(&mut self, step: &StepPlan) -> Result<(), EngineError> {
+        let total = step.total_rows();
+        let mut tokens = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut logit_rows = Vec::new();
+        let mut samplers = Vec::new();
+        let mut ranges = Vec::with_capacity(step.rows.len());
+        for r in &step.rows {
+            let seq = &self.seqs[&r.id];
+            let start = tokens.len();
+            tokens.extend_from_slice(&seq.tokens[seq.computed..seq.computed + r.count]);
+            positions.extend(seq.computed..seq.computed + r.count);
+            ranges.push(start..tokens.len());
+            if seq.computed + r.count == seq.tokens.len() {
+                logit_rows.push((tokens.len() - 1) as u32);
+                samplers.push(r.id);
+            }
+        }
+        let seq_rows: Vec<SeqRows> = step
+            .rows
+            .iter()
+            .zip(&ranges)
+            .map(|(r, range)| {
+                let seq = &self.seqs[&r.id];
+                SeqRows { rows: range.clone(), start_pos: seq.computed, block_table: &seq.blocks }
+            })
+            .collect();
+        let batch = ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seq_rows, logit_rows: &logit_rows };
+        let logits = self.model.forward(&batch, &mut self.kv)?;
+        drop(seq_rows);
+        let vocab = self.model.config().vocab_size;
+        let mut logits = crate::model::with_logits(&logits)?;
+        for r in &step.rows {
+            if let Some(seq) = self.seqs.get_mut(&r.id) {
+                seq.computed += r.count;
+            }
+        }
+        for (i, id) in samplers.into_iter().enumerate() {
+            let row = &mut logits[i * vocab..(i + 1) * vocab];
+            self.emit_next(id, row)?;
+        }
+        Ok(())
+    }
+
+    fn emit_next(&mut self, id: SeqId, logits: &mut [f32]) -> Result<(), EngineError> {
+        let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
+        let sampled = seq.sampler.sample(logits, &seq.tokens[..seq.prompt_len], &seq.tokens[seq.prompt_len..]);
+        seq.tokens.push(sampled.id);
+        seq.first_token_at.get_or_insert_with(Instant::now);
+        let is_eos = !seq.stop.ignore_eos && self.tokenizer.eos_token_ids.contains(&sampled.id);
+        let step = if is_eos {
+            super::stop::TextStep { text: String::new(), stopped: false }
+        } else {
+            seq.text.push(&self.tokenizer, sampled.id)?
+        };
+        let event = GeneratedToken {
+            id: sampled.id,
+            text: step.text,
+            logprob: sampled.logprob,
+            top_logprobs: sampled.top_logprobs,
+        };
+        let delivered = seq.events.send(TokenEvent::Token(event)).is_ok();
+        let reason = if !delivered {
+            Some(FinishReason::Cancelled)
+        } else if is_eos {
+            Some(FinishReason::Eos)
+        } else if step.stopped {
+            Some(FinishReason::StopString)
+        } else if seq.generated().len() >= seq.stop.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.finish(id, reason);
+        }
+        Ok(())
+    }
+
+    /// Sends the final event and frees everything the sequence holds.
+    fn finish(&mut self, id: SeqId, reason: FinishReason) {
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        let trailing_text = match reason {
+            FinishReason::StopString | FinishReason::Cancelled => String::new(),
+            _ => seq.text.finish(&self.tokenizer).unwrap_or_default(),
+        };
+        let now = Instant::now();
+        let admitted = seq.admitted_at.unwrap_or(now);
+        let first = seq.first_token_at.unwrap_or(now);
+        let completion = Completion {
+            reason,
+            trailing_text,
+            prompt_tokens: seq.prompt_len,
+            completion_tokens: seq.generated().len(),
+            prefill_time: first.saturating_duration_since(admitted),
+            decode_time: now.saturating_duration_since(first),
+            preemptions: seq.preemptions,
+        };
+        let _ = seq.events.send(TokenEvent::Finished(completion));
+        self.remove(id);
+    }
+
+    fn remove(&mut self, id: SeqId) {
+        if let Some(mut seq) = self.seqs.remove(&id) {
+            self.blocks.release(seq.blocks.drain(..));
+        }
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+    }
+}
+
+/// The checks a request must pass before it is queued.
+pub fn check_request(req: &ValidRequest, max_tokens_per_seq: usize, vocab: usize) -> Result<(), EngineError> {
+    if req.prompt_ids.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    if req.stop.max_tokens == 0 {
+        return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
+    }
+    if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::InvalidRequest(format!("prompt token id {bad} is outside the vocabulary ({vocab})")));
+    }
+    let needed = req.prompt_ids.len() + req.stop.max_tokens;
+    if needed > max_tokens_per_seq {
+        return Err(EngineError::PromptTooLong {
+            prompt_tokens: req.prompt_ids.len(),
+            max_tokens: req.stop.max_tokens,
+            limit: max_tokens_per_seq,
+        });
+    }
+    Ok(())
+}

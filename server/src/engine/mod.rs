@@ -1,0 +1,140 @@
+//! The engine: owns the model, the KV cache and every running sequence, on its own thread.
+//! Callers `submit` a `ValidRequest` and read `TokenEvent`s from the returned stream; dropping
+//! the stream cancels the request (its KV blocks are freed at the next step).
+//!
+//! Continuous batching: requests join and leave between steps; each step runs one forward over
+//! the rows `plan` chose (decode tokens and prefill chunks of many sequences together).
+
+mod blocks;
+mod core;
+pub mod plan;
+mod request;
+mod sampler;
+mod stop;
+
+pub use self::core::{check_request, EngineCore, EngineStats};
+pub use blocks::{blocks_for, BlockAllocator};
+pub use plan::SeqId;
+pub use request::{Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent, TokenLogprob, ValidRequest};
+pub use sampler::{argmax, Sampler};
+
+use crate::model::{KvCacheConfig, Llama, ModelError};
+use crate::tokenizer::{TextTokenizer, TokenizerError};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// Default rows per step: enough to keep the matmuls efficient, small enough that a prefill
+/// chunk does not hold decode rows back for long.
+pub const DEFAULT_MAX_STEP_TOKENS: usize = 512;
+/// Default sequences running at once.
+pub const DEFAULT_MAX_RUNNING: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    pub max_step_tokens: usize,
+    pub max_running: usize,
+    pub kv_cache: KvCacheConfig,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_step_tokens: DEFAULT_MAX_STEP_TOKENS, max_running: DEFAULT_MAX_RUNNING, kv_cache: KvCacheConfig::default() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(
+        "prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the limit of {limit} tokens per sequence (context length or KV cache)"
+    )]
+    PromptTooLong { prompt_tokens: usize, max_tokens: usize, limit: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("model error: {0}")]
+    Model(#[from] ModelError),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("internal engine error: {0}")]
+    Internal(&'static str),
+}
+
+enum Command {
+    Submit(ValidRequest, UnboundedSender<TokenEvent>),
+    Shutdown,
+}
+
+/// A handle to the engine thread. Cheap to share behind an `Arc`; dropping the last handle
+/// stops the thread after the sequences in flight are cancelled.
+pub struct Engine {
+    commands: mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    max_sequence_tokens: usize,
+    vocab_size: usize,
+}
+
+impl Engine {
+    pub fn start(model: Arc<Llama>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Result<Self, EngineError> {
+        let vocab_size = model.config().vocab_size;
+        let mut core = EngineCore::new(model, tokenizer, config);
+        let max_sequence_tokens = core.max_sequence_tokens();
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("lorahost-engine".into())
+            .spawn(move || run_loop(&mut core, &rx))
+            .map_err(|_| EngineError::Internal("cannot spawn the engine thread"))?;
+        Ok(Self { commands: tx, thread: Some(thread), max_sequence_tokens, vocab_size })
+    }
+
+    /// Queues a request; its tokens arrive on the returned stream.
+    pub fn submit(&self, req: ValidRequest) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        check_request(&req, self.max_sequence_tokens, self.vocab_size)?;
+        let (tx, rx) = unbounded_channel();
+        self.commands.send(Command::Submit(req, tx)).map_err(|_| EngineError::Stopped)?;
+        Ok(rx)
+    }
+
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.max_sequence_tokens
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>) {
+    loop {
+        let mut commands = Vec::new();
+        if !core.has_work() {
+            match rx.recv() {
+                Ok(c) => commands.push(c),
+                Err(_) => return,
+            }
+        }
+        commands.extend(rx.try_iter());
+        for command in commands {
+            match command {
+                Command::Submit(req, events) => {
+                    if let Err(e) = core.add(req, events.clone()) {
+                        let _ = events.send(TokenEvent::Failed(e.to_string()));
+                    }
+                }
+                Command::Shutdown => return,
+            }
+        }
+        if core.has_work() {
+            if let Err(e) = core.step() {
+                tracing::error!(error = %e, "engine step failed; its sequences were failed");
+            }
+        }
+    }
+}

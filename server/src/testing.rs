@@ -1,0 +1,115 @@
+//! Test support: tiny random-weight Llama models written as Hugging Face directories, so
+//! engine and loader tests run in milliseconds without real weights. Not used by the binary.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Shape of a tiny test model.
+#[derive(Debug, Clone, Copy)]
+pub struct TinyModel {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub seed: u64,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        Self { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, vocab: 49152, max_positions: 2048, seed: 1 }
+    }
+}
+
+impl TinyModel {
+    /// Random weights with HF names, `[out, in]` layout.
+    pub fn tensors(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        let dev = Device::Cpu;
+        let hd = self.hidden / self.heads;
+        let mut rng = SplitMix(self.seed);
+        let mut t = HashMap::new();
+        let mut rand = |shape: &[usize], scale: f32| -> candle_core::Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
+            Tensor::from_vec(data, shape, &dev)
+        };
+        let (h, i) = (self.hidden, self.intermediate);
+        let s_h = 1.0 / (h as f32).sqrt();
+        let s_i = 1.0 / (i as f32).sqrt();
+        t.insert("model.embed_tokens.weight".into(), rand(&[self.vocab, h], 1.0)?);
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            t.insert(format!("{p}.self_attn.q_proj.weight"), rand(&[self.heads * hd, h], s_h)?);
+            t.insert(format!("{p}.self_attn.k_proj.weight"), rand(&[self.kv_heads * hd, h], s_h)?);
+            t.insert(format!("{p}.self_attn.v_proj.weight"), rand(&[self.kv_heads * hd, h], s_h)?);
+            t.insert(format!("{p}.self_attn.o_proj.weight"), rand(&[h, self.heads * hd], s_h)?);
+            t.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[i, h], s_h)?);
+            t.insert(format!("{p}.mlp.up_proj.weight"), rand(&[i, h], s_h)?);
+            t.insert(format!("{p}.mlp.down_proj.weight"), rand(&[h, i], s_i)?);
+            t.insert(format!("{p}.input_layernorm.weight"), (rand(&[h], 0.1)? + 1.0)?);
+            t.insert(format!("{p}.post_attention_layernorm.weight"), (rand(&[h], 0.1)? + 1.0)?);
+        }
+        t.insert("model.norm.weight".into(), (rand(&[h], 0.1)? + 1.0)?);
+        Ok(t)
+    }
+
+    pub fn config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": self.max_positions,
+            "tie_word_embeddings": true,
+            "hidden_act": "silu",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        })
+    }
+
+    /// Writes `config.json`, `model.safetensors`, and copies the tokenizer files from
+    /// `tokenizer_dir` (a directory with `tokenizer.json`, optionally `tokenizer_config.json`
+    /// and `chat_template.jinja`).
+    pub fn write_hf_dir(&self, dir: &Path, tokenizer_dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&self.config_json())?)?;
+        let tensors: HashMap<String, Tensor> =
+            self.tensors()?.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<candle_core::Result<_>>()?;
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+        for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+            let src = tokenizer_dir.join(name);
+            if src.is_file() {
+                std::fs::copy(&src, dir.join(name))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tiny deterministic generator (splitmix64), so test weights do not depend on a crate's
+/// stream stability.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}

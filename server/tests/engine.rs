@@ -1,0 +1,126 @@
+//! Engine behaviour on tiny random models: continuous batching gives each request exactly the
+//! tokens it gets alone; cancellation frees KV blocks; a KV cache too small for everyone at once
+//! still finishes every request with the same tokens (preemption and recompute).
+
+mod common;
+
+use common::*;
+use lorahost::engine::{EngineCore, EngineError, TokenEvent, ValidRequest};
+use lorahost::model::KvCache;
+use lorahost::testing::TinyModel;
+
+fn workload() -> Vec<ValidRequest> {
+    let prompt = |n: usize, salt: u32| (0..n as u32).map(|i| (i * 7919 + salt * 104_729) % 49_000 + 3).collect::<Vec<_>>();
+    vec![
+        request(prompt(5, 1), 12, greedy()),
+        request(prompt(37, 2), 20, seeded(7)),
+        request(prompt(1, 3), 9, greedy()),
+        request(prompt(70, 4), 15, seeded(11)),
+        request(prompt(16, 5), 17, greedy()),
+        request(prompt(3, 6), 25, seeded(5)),
+    ]
+}
+
+fn alone(base: &lorahost::base::Base, req: &ValidRequest) -> Vec<u32> {
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let mut rx = submit(&mut core, req.clone());
+    run_to_end(&mut core);
+    drain_tokens(&mut rx)
+}
+
+#[test]
+fn continuous_batching_matches_each_request_alone() {
+    let (_dir, base) = tiny_base(TinyModel::default());
+    let reqs = workload();
+    let expected: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&base, r)).collect();
+    for (r, e) in reqs.iter().zip(&expected) {
+        assert_eq!(e.len(), r.stop.max_tokens);
+    }
+    // Small step budget so prefills are chunked and mixed with decodes; requests arrive while
+    // others are running.
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 24));
+    let mut streams = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        streams.push(submit(&mut core, r.clone()));
+        for _ in 0..i {
+            core.step().expect("step");
+        }
+    }
+    run_to_end(&mut core);
+    for (i, rx) in streams.iter_mut().enumerate() {
+        assert_eq!(drain_tokens(rx), expected[i], "request {i}");
+    }
+    let stats = core.stats();
+    assert_eq!(stats.free_blocks, stats.total_blocks, "every block returned");
+}
+
+#[test]
+fn too_small_kv_cache_preempts_and_still_finishes_identically() {
+    let shape = TinyModel::default();
+    let (_dir, base) = tiny_base(shape);
+    let reqs = workload();
+    let expected: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&base, r)).collect();
+    // Room for 96 tokens: the largest request (70 + 15) fits alone, not all of them together.
+    let block_bytes = KvCache::block_bytes(base.model.config(), 4);
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(24 * block_bytes, 4, 32));
+    let mut streams: Vec<_> = reqs.iter().map(|r| submit(&mut core, r.clone())).collect();
+    run_to_end(&mut core);
+    assert!(core.stats().preemptions > 0, "the budget must force preemption");
+    for (i, rx) in streams.iter_mut().enumerate() {
+        assert_eq!(drain_tokens(rx), expected[i], "request {i}");
+    }
+    let stats = core.stats();
+    assert_eq!(stats.free_blocks, stats.total_blocks);
+}
+
+#[test]
+fn cancellation_frees_blocks_at_the_next_step() {
+    let (_dir, base) = tiny_base(TinyModel::default());
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 512));
+    let total = core.stats().total_blocks;
+    let keep = submit(&mut core, request(vec![5; 40], 50, greedy()));
+    let dropped = submit(&mut core, request(vec![6; 40], 50, greedy()));
+    for _ in 0..3 {
+        core.step().expect("step");
+    }
+    let held = total - core.stats().free_blocks;
+    assert!(held >= 2 * 11, "both sequences hold blocks ({held})");
+    drop(dropped);
+    core.step().expect("step");
+    let held_after = total - core.stats().free_blocks;
+    assert!(held_after <= 12, "the cancelled sequence's blocks are free ({held_after} held)");
+    assert_eq!(core.stats().running, 1);
+    drop(keep);
+    core.step().expect("step");
+    assert!(!core.has_work());
+    assert_eq!(core.stats().free_blocks, total);
+}
+
+#[test]
+fn finished_stream_reports_counts_and_reason() {
+    let (_dir, base) = tiny_base(TinyModel::default());
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let mut rx = submit(&mut core, request(vec![10, 11, 12], 4, greedy()));
+    run_to_end(&mut core);
+    let events: Vec<TokenEvent> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert_eq!(events.len(), 5);
+    match events.last() {
+        Some(TokenEvent::Finished(c)) => {
+            assert_eq!((c.prompt_tokens, c.completion_tokens), (3, 4));
+            assert_eq!(c.reason.as_openai(), "length");
+        }
+        other => panic!("expected Finished, got {other:?}"),
+    }
+}
+
+#[test]
+fn requests_that_cannot_fit_are_rejected_without_side_effects() {
+    let (_dir, base) = tiny_base(TinyModel { max_positions: 64, ..Default::default() });
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = core.add(request(vec![5; 60], 10, greedy()), tx.clone()).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooLong { prompt_tokens: 60, .. }), "{err}");
+    assert!(matches!(core.add(request(vec![], 10, greedy()), tx.clone()), Err(EngineError::InvalidRequest(_))));
+    assert!(matches!(core.add(request(vec![60_000], 10, greedy()), tx), Err(EngineError::InvalidRequest(_))));
+    assert!(!core.has_work());
+}
