@@ -28,16 +28,15 @@ pub struct Base {
 impl Base {
     pub fn load(path: &Path, dtype: Dtype) -> Result<Self, BaseError> {
         let loaded = model::load(path, dtype)?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "base".to_string());
+        let name =
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".to_string());
         let (tokenizer, chat_template) = match (&loaded.source, &loaded.gguf_metadata) {
             (ModelSource::Gguf(_), Some(md)) => {
                 let tok = TextTokenizer::from_gguf(md)?;
                 let template = match md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
                     Some(src) => {
-                        let name_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+                        let name_of =
+                            |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
                         let eos = name_of(tok.eos_token_ids.first().copied());
                         Some(ChatTemplate::new(src, &name_of(tok.bos_token_id), &eos)?)
                     }
@@ -71,7 +70,8 @@ fn load_hf_tokenizer(dir: &Path) -> Result<(TextTokenizer, Option<ChatTemplate>)
             tokenizer.eos_token_ids.insert(0, id);
         }
     }
-    if let Some(add_bos) = tok_config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()) {
+    if let Some(add_bos) = tok_config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool())
+    {
         tokenizer.add_bos = add_bos;
     }
     let template = match ChatTemplate::source_from_dir(dir)? {

@@ -50,7 +50,8 @@ impl ChatTemplate {
 
     /// Renders `messages` with `add_generation_prompt=True`.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Template(e.to_string()))?;
+        let template =
+            self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -104,10 +105,8 @@ pub fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
 /// The subset of `strftime` that chat templates use for "today's date" (`%d %b %Y` and friends),
 /// in UTC.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -119,7 +118,20 @@ fn strftime_now(fmt: &str) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     let name = MONTHS[(month - 1) as usize];
     fmt.replace("%Y", &year.to_string())
         .replace("%m", &format!("{month:02}"))
@@ -138,7 +150,9 @@ mod tests {
 
     #[test]
     fn trims_blocks_like_transformers() {
-        let t = ChatTemplate::new("{% for m in messages %}\n  {{ m.content.strip() }}|\n{% endfor %}", "", "").unwrap();
+        let t =
+            ChatTemplate::new("{% for m in messages %}\n  {{ m.content.strip() }}|\n{% endfor %}", "", "")
+                .unwrap();
         assert_eq!(t.render(&[msg("user", " a "), msg("user", "b")]).unwrap(), "a|\nb|\n");
     }
 

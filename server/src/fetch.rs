@@ -45,7 +45,8 @@ pub fn default_model() -> Result<PathBuf, FetchError> {
     if target.is_file() {
         return Ok(target);
     }
-    let cache_err = |reason: std::io::Error| FetchError::Cache { path: dir.clone(), reason: reason.to_string() };
+    let cache_err =
+        |reason: std::io::Error| FetchError::Cache { path: dir.clone(), reason: reason.to_string() };
     std::fs::create_dir_all(&dir).map_err(cache_err)?;
     let work = tempdir_in(&dir).map_err(cache_err)?;
     let result = download_into(&work, &target);

@@ -20,7 +20,16 @@ pub struct TinyModel {
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, vocab: 49152, max_positions: 2048, seed: 1 }
+        Self {
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 49152,
+            max_positions: 2048,
+            seed: 1,
+        }
     }
 }
 
@@ -82,8 +91,11 @@ impl TinyModel {
     pub fn write_hf_dir(&self, dir: &Path, tokenizer_dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&self.config_json())?)?;
-        let tensors: HashMap<String, Tensor> =
-            self.tensors()?.into_iter().map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?))).collect::<candle_core::Result<_>>()?;
+        let tensors: HashMap<String, Tensor> = self
+            .tensors()?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<candle_core::Result<_>>()?;
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
         for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
             let src = tokenizer_dir.join(name);

@@ -16,7 +16,9 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -48,27 +50,40 @@ pub struct TextTokenizer {
 
 impl TextTokenizer {
     /// Loads `tokenizer.json`; special tokens come from its added tokens.
-    pub fn from_file(path: &Path, eos_token_ids: Vec<u32>, bos_token_id: Option<u32>) -> Result<Self, TokenizerError> {
-        let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load(format!("{}: {e}", path.display())))?;
+    pub fn from_file(
+        path: &Path,
+        eos_token_ids: Vec<u32>,
+        bos_token_id: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| TokenizerError::Load(format!("{}: {e}", path.display())))?;
         Ok(Self { inner, eos_token_ids, bos_token_id, add_bos: false })
     }
 
     /// Builds the tokenizer a GGUF file describes.
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self, TokenizerError> {
-        let get = |k: &str| md.get(k).ok_or_else(|| TokenizerError::Load(format!("GGUF metadata has no `{k}`")));
+        let get =
+            |k: &str| md.get(k).ok_or_else(|| TokenizerError::Load(format!("GGUF metadata has no `{k}`")));
         let strings = |k: &str| -> Result<Vec<String>, TokenizerError> {
             let arr = get(k)?.to_vec().map_err(|_| TokenizerError::Load(format!("`{k}` is not an array")))?;
             arr.iter()
-                .map(|v| v.to_string().cloned().map_err(|_| TokenizerError::Load(format!("`{k}` holds a non-string"))))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|_| TokenizerError::Load(format!("`{k}` holds a non-string")))
+                })
                 .collect()
         };
-        let model = get("tokenizer.ggml.model")?.to_string().map_err(|_| TokenizerError::Load("bad tokenizer.ggml.model".into()))?;
+        let model = get("tokenizer.ggml.model")?
+            .to_string()
+            .map_err(|_| TokenizerError::Load("bad tokenizer.ggml.model".into()))?;
         let tokens = strings("tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
             Some(arr) => arr.iter().map(value_i64).collect(),
             None => vec![1; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = match md.get("tokenizer.ggml.merges") {
             Some(_) => strings("tokenizer.ggml.merges")?
                 .into_iter()
@@ -90,23 +105,32 @@ impl TextTokenizer {
                     .build()
                     .map_err(|e| TokenizerError::Load(e.to_string()))?;
                 let mut tok = Tokenizer::new(bpe);
-                let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
+                let pre = md
+                    .get("tokenizer.ggml.pre")
+                    .and_then(|v| v.to_string().ok())
+                    .map(String::as_str)
+                    .unwrap_or("default");
                 tok.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
                 tok.with_decoder(Some(ByteLevelDecoder::new(true, true, true)));
                 tok
             }
             // SentencePiece BPE with byte fallback (Llama 2, TinyLlama, Mistral).
             "llama" => {
-                let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
-                if let Some(unk) = id("tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize)) {
+                let mut builder =
+                    BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+                if let Some(unk) = id("tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize))
+                {
                     builder = builder.unk_token(unk.clone());
                 }
-                let mut tok = Tokenizer::new(builder.build().map_err(|e| TokenizerError::Load(e.to_string()))?);
+                let mut tok =
+                    Tokenizer::new(builder.build().map_err(|e| TokenizerError::Load(e.to_string()))?);
                 let replace = Replace::new(" ", "▁").map_err(|e| TokenizerError::Load(e.to_string()))?;
-                tok.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(vec![
-                    Prepend::new("▁".into()).into(),
-                    replace.into(),
-                ]))))
+                tok.with_normalizer(Some(NormalizerWrapper::Sequence(
+                    tokenizers::normalizers::Sequence::new(vec![
+                        Prepend::new("▁".into()).into(),
+                        replace.into(),
+                    ]),
+                )))
                 .map_err(|e| TokenizerError::Load(e.to_string()))?;
                 let replace_back = tokenizers::decoders::DecoderWrapper::Replace(
                     Replace::new("▁", " ").map_err(|e| TokenizerError::Load(e.to_string()))?,
@@ -119,7 +143,11 @@ impl TextTokenizer {
                 ]))));
                 tok
             }
-            other => return Err(TokenizerError::Unsupported(format!("GGUF tokenizer model `{other}` (supported: gpt2, llama)"))),
+            other => {
+                return Err(TokenizerError::Unsupported(format!(
+                    "GGUF tokenizer model `{other}` (supported: gpt2, llama)"
+                )))
+            }
         };
         let specials: Vec<AddedToken> = tokens
             .iter()
@@ -128,10 +156,8 @@ impl TextTokenizer {
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
         inner.add_special_tokens(specials).map_err(|e| TokenizerError::Load(e.to_string()))?;
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(model == "llama");
+        let add_bos =
+            md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(model == "llama");
         Ok(Self { inner, eos_token_ids: eos_token_id.into_iter().collect(), bos_token_id, add_bos })
     }
 
@@ -190,11 +216,9 @@ fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerE
     match pre {
         "default" | "gpt2" | "gpt-2" => Ok(ByteLevel::new(false, true, true).into()),
         // SmolLM: every digit its own piece, then the GPT-2 byte-level split.
-        "smollm" | "starcoder" | "refact" => Ok(Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into()),
+        "smollm" | "starcoder" | "refact" => {
+            Ok(Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into())
+        }
         "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => split(REGEX_LLAMA3),
         "qwen2" | "deepseek-r1-qwen" => split(REGEX_QWEN2),
         other => Err(TokenizerError::Unsupported(format!(

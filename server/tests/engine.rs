@@ -10,7 +10,9 @@ use lorahost::model::KvCache;
 use lorahost::testing::TinyModel;
 
 fn workload() -> Vec<ValidRequest> {
-    let prompt = |n: usize, salt: u32| (0..n as u32).map(|i| (i * 7919 + salt * 104_729) % 49_000 + 3).collect::<Vec<_>>();
+    let prompt = |n: usize, salt: u32| {
+        (0..n as u32).map(|i| (i * 7919 + salt * 104_729) % 49_000 + 3).collect::<Vec<_>>()
+    };
     vec![
         request(prompt(5, 1), 12, greedy()),
         request(prompt(37, 2), 20, seeded(7)),
@@ -22,7 +24,8 @@ fn workload() -> Vec<ValidRequest> {
 }
 
 fn alone(base: &lorahost::base::Base, req: &ValidRequest) -> Vec<u32> {
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
     let mut rx = submit(&mut core, req.clone());
     run_to_end(&mut core);
     drain_tokens(&mut rx)
@@ -38,7 +41,8 @@ fn continuous_batching_matches_each_request_alone() {
     }
     // Small step budget so prefills are chunked and mixed with decodes; requests arrive while
     // others are running.
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 24));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 24));
     let mut streams = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
         streams.push(submit(&mut core, r.clone()));
@@ -62,7 +66,8 @@ fn too_small_kv_cache_preempts_and_still_finishes_identically() {
     let expected: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&base, r)).collect();
     // Room for 96 tokens: the largest request (70 + 15) fits alone, not all of them together.
     let block_bytes = KvCache::block_bytes(base.model.config(), 4);
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(24 * block_bytes, 4, 32));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(24 * block_bytes, 4, 32));
     let mut streams: Vec<_> = reqs.iter().map(|r| submit(&mut core, r.clone())).collect();
     run_to_end(&mut core);
     assert!(core.stats().preemptions > 0, "the budget must force preemption");
@@ -76,7 +81,8 @@ fn too_small_kv_cache_preempts_and_still_finishes_identically() {
 #[test]
 fn cancellation_frees_blocks_at_the_next_step() {
     let (_dir, base) = tiny_base(TinyModel::default());
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 512));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 512));
     let total = core.stats().total_blocks;
     let keep = submit(&mut core, request(vec![5; 40], 50, greedy()));
     let dropped = submit(&mut core, request(vec![6; 40], 50, greedy()));
@@ -99,7 +105,8 @@ fn cancellation_frees_blocks_at_the_next_step() {
 #[test]
 fn finished_stream_reports_counts_and_reason() {
     let (_dir, base) = tiny_base(TinyModel::default());
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
     let mut rx = submit(&mut core, request(vec![10, 11, 12], 4, greedy()));
     run_to_end(&mut core);
     let events: Vec<TokenEvent> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
@@ -116,11 +123,15 @@ fn finished_stream_reports_counts_and_reason() {
 #[test]
 fn requests_that_cannot_fit_are_rejected_without_side_effects() {
     let (_dir, base) = tiny_base(TinyModel { max_positions: 64, ..Default::default() });
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let err = core.add(request(vec![5; 60], 10, greedy()), tx.clone()).unwrap_err();
     assert!(matches!(err, EngineError::PromptTooLong { prompt_tokens: 60, .. }), "{err}");
-    assert!(matches!(core.add(request(vec![], 10, greedy()), tx.clone()), Err(EngineError::InvalidRequest(_))));
+    assert!(matches!(
+        core.add(request(vec![], 10, greedy()), tx.clone()),
+        Err(EngineError::InvalidRequest(_))
+    ));
     assert!(matches!(core.add(request(vec![60_000], 10, greedy()), tx), Err(EngineError::InvalidRequest(_))));
     assert!(!core.has_work());
 }

@@ -33,9 +33,13 @@ fn base_f32() -> &'static Base {
 fn prompt_ids(base: &Base, prompt: &Value) -> Vec<u32> {
     match prompt["kind"].as_str() {
         Some("chat") => {
-            let messages: Vec<ChatMessage> = serde_json::from_value(prompt["messages"].clone()).expect("messages");
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(prompt["messages"].clone()).expect("messages");
             let template = base.chat_template.as_ref().expect("template");
-            assert_eq!(template.render(&messages).expect("render"), prompt["rendered_text"].as_str().expect("text"));
+            assert_eq!(
+                template.render(&messages).expect("render"),
+                prompt["rendered_text"].as_str().expect("text")
+            );
             base.chat_prompt(&messages).expect("chat prompt")
         }
         _ => base.tokenizer.encode(prompt["rendered_text"].as_str().expect("text")).expect("encode"),
@@ -55,7 +59,12 @@ fn check_tokenizer_cases(tok: &TextTokenizer, key: &str) {
         let text = case["text"].as_str().expect("text");
         assert_eq!(tok.encode(text).expect("encode"), ids(&case[key]), "case {}: {text:?}", case["index"]);
         let expected = case["decode"].as_str().expect("decode");
-        assert_eq!(tok.decode(&ids(&case["ids"])).expect("decode"), expected, "decode case {}", case["index"]);
+        assert_eq!(
+            tok.decode(&ids(&case["ids"])).expect("decode"),
+            expected,
+            "decode case {}",
+            case["index"]
+        );
     }
 }
 
@@ -67,23 +76,27 @@ fn gguf_tokenizer_follows_the_smollm_pre_tokenizer() {
 #[test]
 fn tokenizer_json_matches_transformers() {
     let dir = fixtures().join("base");
-    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), vec![2], Some(1)).expect("tokenizer.json");
+    let tok =
+        TextTokenizer::from_file(&dir.join("tokenizer.json"), vec![2], Some(1)).expect("tokenizer.json");
     check_tokenizer_cases(&tok, "ids");
 }
 
 #[test]
 fn last_position_logits_within_tolerance() {
     let base = base_f32();
-    let expected = candle_core::safetensors::load(fixtures().join("logits_base.safetensors"), &candle_core::Device::Cpu)
-        .expect("logits fixture");
+    let expected =
+        candle_core::safetensors::load(fixtures().join("logits_base.safetensors"), &candle_core::Device::Cpu)
+            .expect("logits fixture");
     let expected = expected["last_logits"].to_vec2::<f32>().expect("2-D logits");
     let prompts = json("prompts.json");
     for (p, want) in prompts["prompts"].as_array().expect("prompts").iter().zip(&expected) {
         let tokens = ids(&p["prompt_ids"]);
-        let mut kv = KvCache::new(base.model.config(), KvCacheConfig { budget_bytes: 16 << 20, block_size: 16 });
+        let mut kv =
+            KvCache::new(base.model.config(), KvCacheConfig { budget_bytes: 16 << 20, block_size: 16 });
         let blocks: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
         let positions: Vec<usize> = (0..tokens.len()).collect();
-        let seqs = [kernels::attention::SeqRows { rows: 0..tokens.len(), start_pos: 0, block_table: &blocks }];
+        let seqs =
+            [kernels::attention::SeqRows { rows: 0..tokens.len(), start_pos: 0, block_table: &blocks }];
         let last = [(tokens.len() - 1) as u32];
         let batch = ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &last };
         let got = with_logits(&base.model.forward(&batch, &mut kv).expect("forward")).expect("logits");
@@ -98,15 +111,28 @@ fn greedy_generations_match_exactly_in_one_batch() {
     let base = base_f32();
     let prompts = json("prompts.json");
     let generations = json("generations.json");
-    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
     let mut streams = Vec::new();
-    for (p, g) in prompts["prompts"].as_array().expect("prompts").iter().zip(generations["results"]["base"].as_array().expect("base")) {
+    for (p, g) in prompts["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .zip(generations["results"]["base"].as_array().expect("base"))
+    {
         assert_eq!(p["id"], g["prompt"]);
         let prompt = prompt_ids(base, p);
         let full = ids(&g["generated_ids"]);
         // Exactly 32 tokens with EOS ignored, and the same request stopping at EOS.
-        let ignore = ValidRequest { prompt_ids: prompt.clone(), sampling: greedy(), stop: StopCriteria { max_tokens: full.len(), stop: vec![], ignore_eos: true } };
-        let at_eos = ValidRequest { stop: StopCriteria { ignore_eos: false, ..ignore.stop.clone() }, ..ignore.clone() };
+        let ignore = ValidRequest {
+            prompt_ids: prompt.clone(),
+            sampling: greedy(),
+            stop: StopCriteria { max_tokens: full.len(), stop: vec![], ignore_eos: true },
+        };
+        let at_eos = ValidRequest {
+            stop: StopCriteria { ignore_eos: false, ..ignore.stop.clone() },
+            ..ignore.clone()
+        };
         let until_eos = match g["eos_index"].as_u64() {
             Some(i) => full[..=i as usize].to_vec(),
             None => full.clone(),

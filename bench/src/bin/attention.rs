@@ -34,24 +34,9 @@ struct Model {
     d: usize,
 }
 
-const SMOL: Model = Model {
-    name: "smollm2-135m",
-    n_heads: 9,
-    n_kv: 3,
-    d: 64,
-};
-const LLAMA2_7B: Model = Model {
-    name: "7b (32/32/128)",
-    n_heads: 32,
-    n_kv: 32,
-    d: 128,
-};
-const LLAMA3_8B: Model = Model {
-    name: "8b gqa (32/8/128)",
-    n_heads: 32,
-    n_kv: 8,
-    d: 128,
-};
+const SMOL: Model = Model { name: "smollm2-135m", n_heads: 9, n_kv: 3, d: 64 };
+const LLAMA2_7B: Model = Model { name: "7b (32/32/128)", n_heads: 32, n_kv: 32, d: 128 };
+const LLAMA3_8B: Model = Model { name: "8b gqa (32/8/128)", n_heads: 32, n_kv: 8, d: 128 };
 
 /// A batch: for each sequence (rows this step, position of the first row).
 struct Work {
@@ -61,16 +46,8 @@ struct Work {
 
 fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyhow::Result<()> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let geom = KvGeometry {
-        block_size,
-        n_kv_heads: m.n_kv,
-        head_dim: m.d,
-    };
-    let blocks: Vec<usize> = w
-        .seqs
-        .iter()
-        .map(|&(n, p)| (p + n).div_ceil(block_size))
-        .collect();
+    let geom = KvGeometry { block_size, n_kv_heads: m.n_kv, head_dim: m.d };
+    let blocks: Vec<usize> = w.seqs.iter().map(|&(n, p)| (p + n).div_ceil(block_size)).collect();
     let num_blocks: usize = blocks.iter().sum();
     let mut cache = LayerKv::new(geom, num_blocks);
     // Interleave the sequences' blocks, as a long-running allocator would.
@@ -90,25 +67,12 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
         let total = p + n;
         let k = rng.vec(total * width);
         let v = rng.vec(total * width);
-        write_kv(
-            &mut cache,
-            &k,
-            &v,
-            &[SeqRows {
-                rows: 0..total,
-                start_pos: 0,
-                block_table: t,
-            }],
-        )?;
+        write_kv(&mut cache, &k, &v, &[SeqRows { rows: 0..total, start_pos: 0, block_table: t }])?;
     }
     let mut seqs = Vec::new();
     let mut row = 0;
     for (t, &(n, p)) in tables.iter().zip(&w.seqs) {
-        seqs.push(SeqRows {
-            rows: row..row + n,
-            start_pos: p,
-            block_table: t,
-        });
+        seqs.push(SeqRows { rows: row..row + n, start_pos: p, block_table: t });
         row += n;
     }
     let q = rng.vec(row * m.n_heads * m.d);
@@ -116,30 +80,20 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
     let scale = 1.0 / (m.d as f32).sqrt();
 
     // Multiply-adds: every (head, row, visible key) does d for q.k and d for p.v.
-    let pairs: usize = w
-        .seqs
-        .iter()
-        .map(|&(n, p)| (0..n).map(|r| p + r + 1).sum::<usize>())
-        .sum::<usize>()
-        * m.n_heads;
+    let pairs: usize =
+        w.seqs.iter().map(|&(n, p)| (0..n).map(|r| p + r + 1).sum::<usize>()).sum::<usize>() * m.n_heads;
     let flops = (4 * m.d * pairs) as f64;
 
     let fast = time(|| {
-        paged_attention_with(isa, &cache, &q, m.n_heads, scale, &seqs, &mut out)
-            .expect("attention");
+        paged_attention_with(isa, &cache, &q, m.n_heads, scale, &seqs, &mut out).expect("attention");
     });
     let fast_out = out.clone();
     let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
     if with_ref {
         let reference = time(|| {
-            paged_attention_reference(&cache, &q, m.n_heads, scale, &seqs, &mut out)
-                .expect("reference");
+            paged_attention_reference(&cache, &q, m.n_heads, scale, &seqs, &mut out).expect("reference");
         });
-        let diff = fast_out
-            .iter()
-            .zip(&out)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = fast_out.iter().zip(&out).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         println!(
             "{:<18} {:<34} bs {:>2} | fast {:>10} {:>6.1} GF/s | ref {:>10} {:>5.2} GF/s | x{:>6.1} | diff {:.1e}",
             m.name,
@@ -191,26 +145,15 @@ fn fmt(t: Duration) -> String {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let with_ref = !args.iter().any(|a| a == "--no-ref");
-    let isa = match args
-        .iter()
-        .position(|a| a == "--isa")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-    {
+    let isa = match args.iter().position(|a| a == "--isa").and_then(|i| args.get(i + 1)).map(String::as_str) {
         Some("avx512") => Isa::Avx512,
         Some("avx2") => Isa::Avx2,
         Some("portable") => Isa::Portable,
         _ => Isa::detect(),
     };
-    println!(
-        "isa {isa:?}, {} rayon threads; times are medians per call (one layer)",
-        rayon_threads()
-    );
+    println!("isa {isa:?}, {} rayon threads; times are medians per call (one layer)", rayon_threads());
 
-    let decode = |ctx: usize| Work {
-        label: format!("1 decode row, ctx {ctx}"),
-        seqs: vec![(1, ctx - 1)],
-    };
+    let decode = |ctx: usize| Work { label: format!("1 decode row, ctx {ctx}"), seqs: vec![(1, ctx - 1)] };
     let mut rng = Rng(42);
     let batch64 = |lo: usize, hi: usize, rng: &mut Rng| Work {
         label: format!("64 decode rows, ctx {lo}..{hi}"),

@@ -98,36 +98,11 @@ struct Shape {
 }
 
 const SHAPES: [Shape; 5] = [
-    Shape {
-        name: "q/o 576x576",
-        format: QuantFormat::Q4_1,
-        out: 576,
-        inp: 576,
-    },
-    Shape {
-        name: "k/v 192x576",
-        format: QuantFormat::Q4_1,
-        out: 192,
-        inp: 576,
-    },
-    Shape {
-        name: "gate/up 1536x576",
-        format: QuantFormat::Q4_1,
-        out: 1536,
-        inp: 576,
-    },
-    Shape {
-        name: "down 576x1536",
-        format: QuantFormat::Q4_1,
-        out: 576,
-        inp: 1536,
-    },
-    Shape {
-        name: "lm_head 49152x576",
-        format: QuantFormat::Q8_0,
-        out: 49152,
-        inp: 576,
-    },
+    Shape { name: "q/o 576x576", format: QuantFormat::Q4_1, out: 576, inp: 576 },
+    Shape { name: "k/v 192x576", format: QuantFormat::Q4_1, out: 192, inp: 576 },
+    Shape { name: "gate/up 1536x576", format: QuantFormat::Q4_1, out: 1536, inp: 576 },
+    Shape { name: "down 576x1536", format: QuantFormat::Q4_1, out: 576, inp: 1536 },
+    Shape { name: "lm_head 49152x576", format: QuantFormat::Q8_0, out: 49152, inp: 576 },
 ];
 
 fn run(m: &QuantMatrix, path: MatmulPath, x: &[f32], rows: usize, y: &mut [f32]) {
@@ -160,9 +135,7 @@ fn main() {
             let scalar = if no_scalar {
                 None
             } else {
-                Some(time_median(budget / 2, 2, || {
-                    run(&m, MatmulPath::Scalar, &x, rows, &mut y)
-                }))
+                Some(time_median(budget / 2, 2, || run(&m, MatmulPath::Scalar, &x, rows, &mut y)))
             };
             let (ts, gs, ratio) = match scalar {
                 Some(ts) => (fmt_time(ts), format!("{:8.1}", flop / ts * 1e-9), ts / t),
@@ -201,30 +174,14 @@ fn main() {
         model.len(),
         bytes as f64 * 1e-6
     );
-    println!(
-        "{:>4} | {:>11} {:>8} {:>10} {:>8}",
-        "rows", "step", "GB/s", "tokens/s", "GFLOP/s"
-    );
-    let flop_per_row: f64 = model
-        .iter()
-        .map(|m| 2.0 * (m.out_features() * m.in_features()) as f64)
-        .sum();
+    println!("{:>4} | {:>11} {:>8} {:>10} {:>8}", "rows", "step", "GB/s", "tokens/s", "GFLOP/s");
+    let flop_per_row: f64 = model.iter().map(|m| 2.0 * (m.out_features() * m.in_features()) as f64).sum();
     for rows in [1usize, 8, 32, 64, 128, 512] {
-        let xs: Vec<Vec<f32>> = [576, 1536]
-            .iter()
-            .map(|&inp| random_x(rows * inp, &mut rng))
-            .collect();
-        let mut ys: Vec<Vec<f32>> = model
-            .iter()
-            .map(|m| vec![0f32; rows * m.out_features()])
-            .collect();
+        let xs: Vec<Vec<f32>> = [576, 1536].iter().map(|&inp| random_x(rows * inp, &mut rng)).collect();
+        let mut ys: Vec<Vec<f32>> = model.iter().map(|m| vec![0f32; rows * m.out_features()]).collect();
         let step = |ys: &mut Vec<Vec<f32>>| {
             for (m, y) in model.iter().zip(ys.iter_mut()) {
-                let x = if m.in_features() == 576 {
-                    &xs[0]
-                } else {
-                    &xs[1]
-                };
+                let x = if m.in_features() == 576 { &xs[0] } else { &xs[1] };
                 run(m, fast, x, rows, y);
             }
         };

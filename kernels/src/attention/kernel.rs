@@ -112,11 +112,7 @@ unsafe fn pass_avx2(t: Avx2, inp: &PassInput, st: &mut PassState) {
 /// `inp` must satisfy the [`PassInput`] invariants (validated block ids and row ranges).
 #[inline(always)]
 unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
-    let KvGeometry {
-        block_size: bs,
-        n_kv_heads: nkv,
-        head_dim: d,
-    } = inp.geom;
+    let KvGeometry { block_size: bs, n_kv_heads: nkv, head_dim: d } = inp.geom;
     let n_rep = inp.n_rep;
     let g = inp.group;
     let nrows = inp.rows.len();
@@ -204,14 +200,7 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
 
         // SAFETY: q_first < nq rows of qs/s/o; K/V pointers valid per the above.
         unsafe {
-            s.qk_tile(
-                qs.add(q_first * d),
-                nqa,
-                d,
-                &kptrs[..nvec],
-                kstride,
-                sbuf.add(q_first * TILE),
-            );
+            s.qk_tile(qs.add(q_first * d), nqa, d, &kptrs[..nvec], kstride, sbuf.add(q_first * TILE));
         }
         for qi in q_first..nq {
             let limit = (inp.pos0 + qi / n_rep + 1).min(kend);
@@ -227,13 +216,7 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
         }
         // SAFETY: as for qk_tile; vptrs[..tlen] are valid V rows.
         unsafe {
-            s.pv_tile(
-                sbuf.add(q_first * TILE),
-                nqa,
-                &vptrs[..tlen],
-                d,
-                obuf.add(q_first * d),
-            );
+            s.pv_tile(sbuf.add(q_first * TILE), nqa, &vptrs[..tlen], d, obuf.add(q_first * d));
         }
         t0 += TILE;
     }
@@ -246,14 +229,7 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
 /// # Safety
 /// `row` valid for `TILE` floats, `o` for `d`.
 #[inline(always)]
-unsafe fn softmax_update<S: Simd>(
-    s: S,
-    row: *mut f32,
-    m: &mut f32,
-    l: &mut f32,
-    o: *mut f32,
-    d: usize,
-) {
+unsafe fn softmax_update<S: Simd>(s: S, row: *mut f32, m: &mut f32, l: &mut f32, o: *mut f32, d: usize) {
     let nvec = TILE / S::LANES;
     // SAFETY (all blocks): within `row[..TILE]` / `o[..d]`.
     let mut vmax = s.splat(f32::NEG_INFINITY);
@@ -334,29 +310,13 @@ pub(super) unsafe fn qk_tile_impl<S: Simd, const QB: usize, const KB: usize>(
         // SAFETY (all blocks): query rows qi.. < nq and key vectors kc.. < kp.len().
         while qi + QB <= nq {
             unsafe {
-                qk_block::<S, QB, KB>(
-                    s,
-                    q.add(qi * d),
-                    d,
-                    &ptrs,
-                    kstride,
-                    out.add(qi * TILE + kc * S::LANES),
-                )
+                qk_block::<S, QB, KB>(s, q.add(qi * d), d, &ptrs, kstride, out.add(qi * TILE + kc * S::LANES))
             };
             qi += QB;
         }
         if qi < nq {
             let (qp, op) = unsafe { (q.add(qi * d), out.add(qi * TILE + kc * S::LANES)) };
-            unsafe {
-                dispatch_rem!(
-                    nq - qi,
-                    qk_block,
-                    KB,
-                    (s, qp, d, &ptrs, kstride, op),
-                    [1, 2, 3, 4],
-                    5
-                )
-            };
+            unsafe { dispatch_rem!(nq - qi, qk_block, KB, (s, qp, d, &ptrs, kstride, op), [1, 2, 3, 4], 5) };
         }
         kc += KB;
     }
@@ -468,9 +428,8 @@ unsafe fn pv_block<S: Simd, const QV: usize, const DV: usize>(
     d: usize,
 ) {
     // SAFETY (all blocks): within the extents stated above.
-    let mut acc: [[S::V; DV]; QV] = std::array::from_fn(|i| {
-        std::array::from_fn(|j| unsafe { s.load(o.add(i * d + j * S::LANES)) })
-    });
+    let mut acc: [[S::V; DV]; QV] =
+        std::array::from_fn(|i| std::array::from_fn(|j| unsafe { s.load(o.add(i * d + j * S::LANES)) }));
     for (t, &v) in vp.iter().enumerate() {
         let vv: [S::V; DV] = std::array::from_fn(|j| unsafe { s.load(v.add(d0 + j * S::LANES)) });
         for (i, a) in acc.iter_mut().enumerate() {

@@ -48,16 +48,12 @@ pub struct KvGeometry {
 impl KvGeometry {
     /// Floats in one block of one pool (K or V).
     fn block_floats(&self) -> Option<usize> {
-        self.block_size
-            .checked_mul(self.n_kv_heads)?
-            .checked_mul(self.head_dim)
+        self.block_size.checked_mul(self.n_kv_heads)?.checked_mul(self.head_dim)
     }
 
     fn check(&self) -> Result<(), KernelError> {
         if self.block_size == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
-            return Err(KernelError::Shape(format!(
-                "KV geometry must be non-zero, got {self:?}"
-            )));
+            return Err(KernelError::Shape(format!("KV geometry must be non-zero, got {self:?}")));
         }
         Ok(())
     }
@@ -95,12 +91,7 @@ impl LayerKv {
             .block_floats()
             .and_then(|b| b.checked_mul(num_blocks))
             .expect("KV pool size overflows usize");
-        Self {
-            geom,
-            num_blocks,
-            k: vec![0.0; floats],
-            v: vec![0.0; floats],
-        }
+        Self { geom, num_blocks, k: vec![0.0; floats], v: vec![0.0; floats] }
     }
 
     /// [`LayerKv::new`] that returns an error for a zero geometry field or an overflowing size.
@@ -111,16 +102,9 @@ impl LayerKv {
             .and_then(|b| b.checked_mul(num_blocks))
             .filter(|&f| f.checked_mul(8).is_some())
             .ok_or_else(|| {
-                KernelError::Shape(format!(
-                    "KV pool of {num_blocks} blocks of {geom:?} overflows"
-                ))
+                KernelError::Shape(format!("KV pool of {num_blocks} blocks of {geom:?} overflows"))
             })?;
-        Ok(Self {
-            geom,
-            num_blocks,
-            k: vec![0.0; floats],
-            v: vec![0.0; floats],
-        })
+        Ok(Self { geom, num_blocks, k: vec![0.0; floats], v: vec![0.0; floats] })
     }
 
     pub fn geometry(&self) -> KvGeometry {
@@ -177,10 +161,7 @@ pub enum Isa {
 impl Isa {
     /// The best instruction set this CPU supports (checked at run time).
     pub fn detect() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .find(|i| i.is_available())
-            .unwrap_or(Isa::Portable)
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.is_available()).unwrap_or(Isa::Portable)
     }
 
     /// Whether this CPU can run kernels built for `self`.
@@ -202,12 +183,7 @@ impl Isa {
 ///
 /// Rows not covered by any sequence are ignored. Everything is validated before anything is
 /// written, so on `Err` the cache is unchanged.
-pub fn write_kv(
-    cache: &mut LayerKv,
-    k: &[f32],
-    v: &[f32],
-    seqs: &[SeqRows],
-) -> Result<(), KernelError> {
+pub fn write_kv(cache: &mut LayerKv, k: &[f32], v: &[f32], seqs: &[SeqRows]) -> Result<(), KernelError> {
     let geom = cache.geom;
     geom.check()?;
     let width = geom.n_kv_heads * geom.head_dim;
@@ -272,19 +248,10 @@ pub fn paged_attention_with(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     if !isa.is_available() {
-        return Err(KernelError::Shape(format!(
-            "instruction set {isa:?} is not available on this CPU"
-        )));
+        return Err(KernelError::Shape(format!("instruction set {isa:?} is not available on this CPU")));
     }
     let shape = check_attention(cache, q.len(), out.len(), n_heads, seqs)?;
-    let ctx = Ctx {
-        isa,
-        cache,
-        q,
-        n_heads,
-        n_rep: shape.n_rep,
-        scale,
-    };
+    let ctx = Ctx { isa, cache, q, n_heads, n_rep: shape.n_rep, scale };
     let mut jobs = plan_jobs(&ctx, seqs);
     jobs.sort_by_key(|j| j.rows.start);
 
@@ -342,9 +309,7 @@ pub fn paged_attention_reference(
                 let scores: Vec<f32> = (0..=p)
                     .map(|t| {
                         let blk = s.block_table[t / bs] as usize;
-                        let dot: f32 = (0..d)
-                            .map(|k| qh[k] * cache.k[geom.k_index(blk, g, k, t % bs)])
-                            .sum();
+                        let dot: f32 = (0..d).map(|k| qh[k] * cache.k[geom.k_index(blk, g, k, t % bs)]).sum();
                         scale * dot
                     })
                     .collect();
@@ -407,9 +372,7 @@ fn check_attention(
         )));
     }
     check_seqs(geom, cache.num_blocks, q_len / width, seqs, false)?;
-    Ok(AttnShape {
-        n_rep: n_heads / geom.n_kv_heads,
-    })
+    Ok(AttnShape { n_rep: n_heads / geom.n_kv_heads })
 }
 
 /// Checks that every sequence's rows lie in `0..n_rows` without overlapping another's, and that
@@ -439,11 +402,7 @@ fn check_seqs(
             .checked_add(s.rows.len() - 1)
             .filter(|l| l.checked_add(TILE).is_some())
             .ok_or_else(|| KernelError::Shape(format!("sequence {n}: position overflows usize")))?;
-        let first_block = if write {
-            s.start_pos / geom.block_size
-        } else {
-            0
-        };
+        let first_block = if write { s.start_pos / geom.block_size } else { 0 };
         let needed = last / geom.block_size + 1;
         let Some(used) = s.block_table.get(first_block..needed) else {
             return Err(KernelError::Shape(format!(
@@ -459,10 +418,7 @@ fn check_seqs(
     }
     spans.sort_by_key(|r| r.start);
     if let Some(w) = spans.windows(2).find(|w| w[0].end > w[1].start) {
-        return Err(KernelError::Shape(format!(
-            "sequences share rows: {:?} and {:?}",
-            w[0], w[1]
-        )));
+        return Err(KernelError::Shape(format!("sequences share rows: {:?} and {:?}", w[0], w[1])));
     }
     Ok(())
 }
@@ -506,16 +462,8 @@ fn plan_jobs<'a>(ctx: &Ctx, seqs: &[SeqRows<'a>]) -> Vec<Job<'a>> {
             let pos0 = s.start_pos + (a - s.rows.start);
             let n = b - a;
             // (query head, key) pairs: sum over rows of (position + 1), times heads.
-            let cost = n
-                .saturating_mul(pos0.saturating_add(n.div_ceil(2)))
-                .saturating_mul(ctx.n_heads);
-            jobs.push(Job {
-                table: s.block_table,
-                rows: a..b,
-                pos0,
-                cost,
-                splits: 0,
-            });
+            let cost = n.saturating_mul(pos0.saturating_add(n.div_ceil(2))).saturating_mul(ctx.n_heads);
+            jobs.push(Job { table: s.block_table, rows: a..b, pos0, cost, splits: 0 });
             a = b;
         }
     }
@@ -579,13 +527,9 @@ fn run_job_parallel(ctx: &Ctx, job: &Job, dst: &mut [f32]) {
     let d = ctx.cache.geom.head_dim;
     let kend = job.kend();
     let chunk = kend.div_ceil(job.splits).next_multiple_of(TILE);
-    let ranges: Vec<Range<usize>> = (0..kend)
-        .step_by(chunk)
-        .map(|a| a..(a + chunk).min(kend))
-        .collect();
-    let tasks: Vec<(usize, Range<usize>)> = (0..ctx.cache.geom.n_kv_heads)
-        .flat_map(|g| ranges.iter().map(move |r| (g, r.clone())))
-        .collect();
+    let ranges: Vec<Range<usize>> = (0..kend).step_by(chunk).map(|a| a..(a + chunk).min(kend)).collect();
+    let tasks: Vec<(usize, Range<usize>)> =
+        (0..ctx.cache.geom.n_kv_heads).flat_map(|g| ranges.iter().map(move |r| (g, r.clone()))).collect();
     let partials: Vec<Partial> = tasks
         .into_par_iter()
         .map(|(g, keys)| {
@@ -605,10 +549,7 @@ fn run_job_parallel(ctx: &Ctx, job: &Job, dst: &mut [f32]) {
         let nq = parts[0].l.len();
         for qi in 0..nq {
             // Ranges past a row's position saw nothing (m = -inf) and carry no weight.
-            let mx = parts
-                .iter()
-                .map(|p| p.m[qi])
-                .fold(f32::NEG_INFINITY, f32::max);
+            let mx = parts.iter().map(|p| p.m[qi]).fold(f32::NEG_INFINITY, f32::max);
             let at = (qi / ctx.n_rep) * ctx.n_heads * d + (g * ctx.n_rep + qi % ctx.n_rep) * d;
             let o = &mut dst[at..at + d];
             o.fill(0.0);

@@ -49,21 +49,11 @@ impl Rope {
         let mut cos = vec![0.0; max_positions * half];
         let mut sin = vec![0.0; max_positions * half];
         if half > 0 {
-            for (pos, (c, s)) in cos
-                .chunks_exact_mut(half)
-                .zip(sin.chunks_exact_mut(half))
-                .enumerate()
-            {
+            for (pos, (c, s)) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)).enumerate() {
                 fill_angles(&inv_freq, pos, c, s);
             }
         }
-        Self {
-            head_dim,
-            inv_freq,
-            max_positions,
-            cos,
-            sin,
-        }
+        Self { head_dim, inv_freq, max_positions, cos, sin }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -82,17 +72,10 @@ impl Rope {
     /// Rotates every head of every row in place: `x` is `[rows, n_heads*head_dim]`, row `r` at
     /// position `positions[r]`. For `j < head_dim/2`, with `a = x[j]`, `b = x[j + head_dim/2]`:
     /// `x[j] = a*cos - b*sin`, `x[j + head_dim/2] = b*cos + a*sin`.
-    pub fn apply(
-        &self,
-        x: &mut [f32],
-        n_heads: usize,
-        positions: &[usize],
-    ) -> Result<(), KernelError> {
+    pub fn apply(&self, x: &mut [f32], n_heads: usize, positions: &[usize]) -> Result<(), KernelError> {
         let d = self.head_dim;
         if d == 0 || d % 2 != 0 {
-            return Err(KernelError::Shape(format!(
-                "rope head_dim must be even and non-zero, got {d}"
-            )));
+            return Err(KernelError::Shape(format!("rope head_dim must be even and non-zero, got {d}")));
         }
         let width = n_heads * d;
         if n_heads == 0 || x.len() != positions.len() * width {
@@ -105,9 +88,7 @@ impl Rope {
         let rotate_row = |(row, &pos): (&mut [f32], &usize)| self.rotate_row(row, pos);
         // Only large batches (prefill) are worth the pool's wake-up cost.
         if x.len() >= 1 << 16 {
-            x.par_chunks_mut(width)
-                .zip(positions.par_iter())
-                .for_each(rotate_row);
+            x.par_chunks_mut(width).zip(positions.par_iter()).for_each(rotate_row);
         } else {
             x.chunks_mut(width).zip(positions).for_each(rotate_row);
         }
@@ -119,10 +100,7 @@ impl Rope {
         let mut buf_c;
         let mut buf_s;
         let (c, s): (&[f32], &[f32]) = if pos < self.max_positions {
-            (
-                &self.cos[pos * half..][..half],
-                &self.sin[pos * half..][..half],
-            )
+            (&self.cos[pos * half..][..half], &self.sin[pos * half..][..half])
         } else {
             buf_c = vec![0.0; half];
             buf_s = vec![0.0; half];

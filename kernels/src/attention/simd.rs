@@ -228,10 +228,7 @@ mod x86 {
         fn exp(self, x: __m512) -> __m512 {
             unsafe {
                 let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_LO));
-                let x = _mm512_min_ps(
-                    _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
-                    _mm512_set1_ps(EXP_HI),
-                );
+                let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_LO)), _mm512_set1_ps(EXP_HI));
                 let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                     _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                 );
@@ -262,14 +259,7 @@ mod x86 {
             unsafe { qk_tile_impl::<Self, 6, 4>(self, q, nq, d, kp, kstride, s) }
         }
         #[inline(always)]
-        unsafe fn pv_tile(
-            self,
-            p: *const f32,
-            nq: usize,
-            vp: &[*const f32],
-            d: usize,
-            o: *mut f32,
-        ) {
+        unsafe fn pv_tile(self, p: *const f32, nq: usize, vp: &[*const f32], d: usize, o: *mut f32) {
             unsafe { pv_tile_impl::<Self, 4, 4>(self, p, nq, vp, d, o) }
         }
     }
@@ -282,8 +272,7 @@ mod x86 {
     impl Avx2 {
         /// The token, if this CPU has AVX2 and FMA.
         pub(in crate::attention) fn detect() -> Option<Self> {
-            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-                .then_some(Self(()))
+            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Self(()))
         }
     }
 
@@ -351,13 +340,11 @@ mod x86 {
         fn exp(self, x: __m256) -> __m256 {
             unsafe {
                 let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_LO));
-                let x = _mm256_min_ps(
-                    _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
-                    _mm256_set1_ps(EXP_HI),
-                );
-                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-                );
+                let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(EXP_LO)), _mm256_set1_ps(EXP_HI));
+                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+                    x,
+                    _mm256_set1_ps(LOG2E),
+                ));
                 let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
                 let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
                 let mut p = _mm256_set1_ps(P0);
@@ -369,10 +356,8 @@ mod x86 {
                 let r2 = _mm256_mul_ps(r, r);
                 let y = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
                 // 2^n built in the exponent field; n is in [-126, 127] after the clamp.
-                let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                    _mm256_cvtps_epi32(n),
-                    _mm256_set1_epi32(127),
-                ));
+                let e =
+                    _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
                 _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep)
             }
         }
@@ -390,14 +375,7 @@ mod x86 {
             unsafe { qk_tile_impl::<Self, 6, 2>(self, q, nq, d, kp, kstride, s) }
         }
         #[inline(always)]
-        unsafe fn pv_tile(
-            self,
-            p: *const f32,
-            nq: usize,
-            vp: &[*const f32],
-            d: usize,
-            o: *mut f32,
-        ) {
+        unsafe fn pv_tile(self, p: *const f32, nq: usize, vp: &[*const f32], d: usize, o: *mut f32) {
             unsafe { pv_tile_impl::<Self, 4, 2>(self, p, nq, vp, d, o) }
         }
     }

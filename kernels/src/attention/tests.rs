@@ -27,11 +27,7 @@ impl Batch {
     fn seq_rows(&self) -> Vec<SeqRows<'_>> {
         self.seqs
             .iter()
-            .map(|s| SeqRows {
-                rows: s.rows.clone(),
-                start_pos: s.start_pos,
-                block_table: &s.table,
-            })
+            .map(|s| SeqRows { rows: s.rows.clone(), start_pos: s.start_pos, block_table: &s.table })
             .collect()
     }
 
@@ -48,13 +44,7 @@ fn rand_vec(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
 /// written through `write_kv` in a few random chunks, block tables are drawn from a shuffled pool
 /// (non-contiguous, out of order), sequences appear in the batch in random order with a few
 /// uncovered rows between them.
-fn build(
-    rng: &mut StdRng,
-    geom: KvGeometry,
-    n_heads: usize,
-    specs: &[(usize, usize)],
-    amp: f32,
-) -> Batch {
+fn build(rng: &mut StdRng, geom: KvGeometry, n_heads: usize, specs: &[(usize, usize)], amp: f32) -> Batch {
     let bs = geom.block_size;
     let width = geom.n_kv_heads * geom.head_dim;
     let needed: Vec<usize> = specs.iter().map(|&(h, n)| (h + n).div_ceil(bs)).collect();
@@ -84,27 +74,12 @@ fn build(
         let mut p = 0;
         while p < hist {
             let c = rng.random_range(1..=hist - p);
-            let sr = [SeqRows {
-                rows: 0..c,
-                start_pos: p,
-                block_table: &table,
-            }];
-            write_kv(
-                &mut cache,
-                &k[p * width..(p + c) * width],
-                &v[p * width..(p + c) * width],
-                &sr,
-            )
-            .expect("history write");
+            let sr = [SeqRows { rows: 0..c, start_pos: p, block_table: &table }];
+            write_kv(&mut cache, &k[p * width..(p + c) * width], &v[p * width..(p + c) * width], &sr)
+                .expect("history write");
             p += c;
         }
-        seqs.push(Seq {
-            table,
-            rows: row_of[s]..row_of[s] + n,
-            start_pos: hist,
-            k,
-            v,
-        });
+        seqs.push(Seq { table, rows: row_of[s]..row_of[s] + n, start_pos: hist, k, v });
     }
 
     // This step's rows, written as one batch.
@@ -119,23 +94,12 @@ fn build(
     }
     let sr: Vec<SeqRows> = seqs
         .iter()
-        .map(|s| SeqRows {
-            rows: s.rows.clone(),
-            start_pos: s.start_pos,
-            block_table: &s.table,
-        })
+        .map(|s| SeqRows { rows: s.rows.clone(), start_pos: s.start_pos, block_table: &s.table })
         .collect();
     write_kv(&mut cache, &step_k, &step_v, &sr).expect("step write");
     drop(sr);
     let q = rand_vec(rng, n_rows * n_heads * geom.head_dim, amp);
-    Batch {
-        geom,
-        n_heads,
-        cache,
-        seqs,
-        n_rows,
-        q,
-    }
+    Batch { geom, n_heads, cache, seqs, n_rows, q }
 }
 
 /// Causal attention from the contiguous per-sequence K/V, no paging involved.
@@ -176,60 +140,35 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(x, y)| {
-            if x.is_nan() && y.is_nan() {
-                0.0
-            } else {
-                (x - y).abs()
-            }
-        })
-        .fold(
-            0.0,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        )
+        .map(|(x, y)| if x.is_nan() && y.is_nan() { 0.0 } else { (x - y).abs() })
+        .fold(0.0, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Avx512, Isa::Avx2, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.is_available())
-        .collect()
+    [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.is_available()).collect()
 }
 
 /// Fast kernel (every available ISA) vs reference, untouched rows checked too.
 fn check_fast(b: &Batch) {
     let sr = b.seq_rows();
     let mut want = vec![f32::NAN; b.q.len()];
-    paged_attention_reference(&b.cache, &b.q, b.n_heads, b.scale(), &sr, &mut want)
-        .expect("reference");
+    paged_attention_reference(&b.cache, &b.q, b.n_heads, b.scale(), &sr, &mut want).expect("reference");
     for isa in isas() {
         let mut got = vec![f32::NAN; b.q.len()];
-        paged_attention_with(isa, &b.cache, &b.q, b.n_heads, b.scale(), &sr, &mut got)
-            .expect("fast");
+        paged_attention_with(isa, &b.cache, &b.q, b.n_heads, b.scale(), &sr, &mut got).expect("fast");
         let diff = max_diff(&got, &want);
         assert!(
             diff <= 1e-5,
             "{isa:?} {:?} heads {} seqs {:?}: max diff {diff}",
             b.geom,
             b.n_heads,
-            b.seqs
-                .iter()
-                .map(|s| (s.start_pos, s.rows.len()))
-                .collect::<Vec<_>>()
+            b.seqs.iter().map(|s| (s.start_pos, s.rows.len())).collect::<Vec<_>>()
         );
     }
 }
 
 /// Prefill chunks from 0 and mid-sequence, decodes, short and long histories.
-const MIX: &[(usize, usize)] = &[
-    (0, 37),
-    (45, 20),
-    (130, 1),
-    (0, 1),
-    (7, 1),
-    (300, 70),
-    (64, 64),
-];
+const MIX: &[(usize, usize)] = &[(0, 37), (45, 20), (130, 1), (0, 1), (7, 1), (300, 70), (64, 64)];
 
 #[test]
 fn fast_matches_reference_on_mixed_batches() {
@@ -237,11 +176,7 @@ fn fast_matches_reference_on_mixed_batches() {
     for &bs in &[1, 16, 32, 5, 8] {
         for &d in &[64, 128] {
             for &(n_heads, n_kv) in &[(4, 4), (9, 3), (6, 2)] {
-                let geom = KvGeometry {
-                    block_size: bs,
-                    n_kv_heads: n_kv,
-                    head_dim: d,
-                };
+                let geom = KvGeometry { block_size: bs, n_kv_heads: n_kv, head_dim: d };
                 let b = build(&mut rng, geom, n_heads, MIX, 1.0);
                 check_fast(&b);
             }
@@ -255,11 +190,7 @@ fn fast_matches_reference_odd_head_dims_and_peaky_softmax() {
     // head_dim not a multiple of the vector width exercises the tails; amplitude 4 gives scores
     // of tens, so later tiles raise the running max and rescale the accumulators.
     for &(d, amp) in &[(80, 1.0), (36, 4.0), (8, 1.0), (3, 2.0), (64, 4.0)] {
-        let geom = KvGeometry {
-            block_size: 16,
-            n_kv_heads: 2,
-            head_dim: d,
-        };
+        let geom = KvGeometry { block_size: 16, n_kv_heads: 2, head_dim: d };
         let b = build(&mut rng, geom, 6, &[(0, 50), (200, 1), (90, 33)], amp);
         check_fast(&b);
     }
@@ -267,28 +198,15 @@ fn fast_matches_reference_odd_head_dims_and_peaky_softmax() {
 
 #[test]
 fn fast_matches_reference_on_parallel_and_split_paths() {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(4)
-        .build()
-        .expect("pool");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().expect("pool");
     pool.install(|| {
         let mut rng = StdRng::seed_from_u64(3);
         for &(bs, n_heads, n_kv, d) in &[(16, 9, 3, 64), (32, 8, 8, 128), (1, 12, 4, 64)] {
-            let geom = KvGeometry {
-                block_size: bs,
-                n_kv_heads: n_kv,
-                head_dim: d,
-            };
+            let geom = KvGeometry { block_size: bs, n_kv_heads: n_kv, head_dim: d };
             // A lone long decode is split across key ranges; a long prefill across row chunks.
             let b = build(&mut rng, geom, n_heads, &[(3000, 1)], 1.0);
             check_fast(&b);
-            let b = build(
-                &mut rng,
-                geom,
-                n_heads,
-                &[(0, 300), (1000, 1), (700, 1)],
-                1.0,
-            );
+            let b = build(&mut rng, geom, n_heads, &[(0, 300), (1000, 1), (700, 1)], 1.0);
             check_fast(&b);
             let b = build(&mut rng, geom, n_heads, &[(500, 200)], 1.0);
             check_fast(&b);
@@ -299,31 +217,18 @@ fn fast_matches_reference_on_parallel_and_split_paths() {
 #[test]
 fn reference_matches_dense_attention() {
     let mut rng = StdRng::seed_from_u64(4);
-    for &(bs, n_heads, n_kv, d) in &[
-        (1, 4, 4, 64),
-        (16, 9, 3, 64),
-        (32, 8, 2, 128),
-        (3, 6, 3, 16),
-    ] {
-        let geom = KvGeometry {
-            block_size: bs,
-            n_kv_heads: n_kv,
-            head_dim: d,
-        };
+    for &(bs, n_heads, n_kv, d) in &[(1, 4, 4, 64), (16, 9, 3, 64), (32, 8, 2, 128), (3, 6, 3, 16)] {
+        let geom = KvGeometry { block_size: bs, n_kv_heads: n_kv, head_dim: d };
         let b = build(&mut rng, geom, n_heads, MIX, 1.0);
         let sr = b.seq_rows();
         let mut got = vec![f32::NAN; b.q.len()];
-        paged_attention_reference(&b.cache, &b.q, n_heads, b.scale(), &sr, &mut got)
-            .expect("reference");
+        paged_attention_reference(&b.cache, &b.q, n_heads, b.scale(), &sr, &mut got).expect("reference");
         let want = dense(&b);
         let diff = max_diff(&got, &want);
         assert!(diff <= 1e-5, "bs {bs} d {d}: max diff {diff}");
         // Rows between sequences stay untouched.
         let covered: usize = b.seqs.iter().map(|s| s.rows.len()).sum();
-        let nan_rows = got
-            .chunks(n_heads * d)
-            .filter(|r| r.iter().all(|x| x.is_nan()))
-            .count();
+        let nan_rows = got.chunks(n_heads * d).filter(|r| r.iter().all(|x| x.is_nan())).count();
         assert_eq!(nan_rows, b.n_rows - covered);
     }
 }
@@ -331,41 +236,19 @@ fn reference_matches_dense_attention() {
 #[test]
 fn shared_prefix_blocks_and_copy_block() {
     // Two sequences share their first block (prefix caching); copy-on-write of the second.
-    let geom = KvGeometry {
-        block_size: 4,
-        n_kv_heads: 1,
-        head_dim: 16,
-    };
+    let geom = KvGeometry { block_size: 4, n_kv_heads: 1, head_dim: 16 };
     let mut rng = StdRng::seed_from_u64(5);
     let mut cache = LayerKv::new(geom, 4);
     let k = rand_vec(&mut rng, 6 * 16, 1.0);
     let v = rand_vec(&mut rng, 6 * 16, 1.0);
     let ta = [2u32, 0];
-    write_kv(
-        &mut cache,
-        &k,
-        &v,
-        &[SeqRows {
-            rows: 0..6,
-            start_pos: 0,
-            block_table: &ta,
-        }],
-    )
-    .expect("write");
+    write_kv(&mut cache, &k, &v, &[SeqRows { rows: 0..6, start_pos: 0, block_table: &ta }]).expect("write");
     cache.copy_block(0, 3).expect("copy");
     let tb = [2u32, 3];
     let q = rand_vec(&mut rng, 2 * 2 * 16, 1.0);
     let seqs = [
-        SeqRows {
-            rows: 0..1,
-            start_pos: 5,
-            block_table: &ta,
-        },
-        SeqRows {
-            rows: 1..2,
-            start_pos: 5,
-            block_table: &tb,
-        },
+        SeqRows { rows: 0..1, start_pos: 5, block_table: &ta },
+        SeqRows { rows: 1..2, start_pos: 5, block_table: &tb },
     ];
     let mut out = vec![0.0; q.len()];
     // Same query for both rows -> same output, since block 3 is a copy of block 0.
@@ -377,25 +260,14 @@ fn shared_prefix_blocks_and_copy_block() {
 
 #[test]
 fn attention_rejects_bad_input() {
-    let geom = KvGeometry {
-        block_size: 16,
-        n_kv_heads: 2,
-        head_dim: 8,
-    };
+    let geom = KvGeometry { block_size: 16, n_kv_heads: 2, head_dim: 8 };
     let cache = LayerKv::new(geom, 4);
     let table = [0u32, 1, 2];
     let q = vec![0.0; 3 * 4 * 8];
     let mut out = vec![0.0; q.len()];
-    let seq = |rows: Range<usize>, start_pos: usize, t: &'static [u32]| SeqRows {
-        rows,
-        start_pos,
-        block_table: t,
-    };
-    let ok = [SeqRows {
-        rows: 0..3,
-        start_pos: 40,
-        block_table: &table,
-    }];
+    let seq =
+        |rows: Range<usize>, start_pos: usize, t: &'static [u32]| SeqRows { rows, start_pos, block_table: t };
+    let ok = [SeqRows { rows: 0..3, start_pos: 40, block_table: &table }];
     for f in [paged_attention_reference, paged_attention] {
         assert!(f(&cache, &q, 4, 1.0, &ok, &mut out).is_ok());
         // heads not a multiple of kv heads / zero heads
@@ -409,15 +281,7 @@ fn attention_rejects_bad_input() {
         #[allow(clippy::reversed_empty_ranges)]
         let rev = [seq(2..1, 0, &[0])];
         assert!(f(&cache, &q, 4, 1.0, &rev, &mut out).is_err());
-        assert!(f(
-            &cache,
-            &q,
-            4,
-            1.0,
-            &[seq(0..2, 0, &[0]), seq(1..3, 0, &[1])],
-            &mut out
-        )
-        .is_err());
+        assert!(f(&cache, &q, 4, 1.0, &[seq(0..2, 0, &[0]), seq(1..3, 0, &[1])], &mut out).is_err());
         // block table too short for the positions; block id out of range
         assert!(f(&cache, &q, 4, 1.0, &[seq(0..3, 46, &[0, 1, 2])], &mut out).is_err());
         assert!(f(&cache, &q, 4, 1.0, &[seq(0..1, 0, &[4])], &mut out).is_err());
@@ -428,14 +292,7 @@ fn attention_rejects_bad_input() {
         // empty sequences are fine and touch nothing
         assert!(f(&cache, &q, 4, 1.0, &[seq(1..1, 1 << 40, &[])], &mut out).is_ok());
     }
-    let zero = LayerKv::new(
-        KvGeometry {
-            block_size: 0,
-            n_kv_heads: 2,
-            head_dim: 8,
-        },
-        4,
-    );
+    let zero = LayerKv::new(KvGeometry { block_size: 0, n_kv_heads: 2, head_dim: 8 }, 4);
     assert!(paged_attention(&zero, &q, 4, 1.0, &ok, &mut out).is_err());
     assert!(LayerKv::try_new(zero.geometry(), 4).is_err());
     assert!(LayerKv::try_new(geom, usize::MAX / 4).is_err());
@@ -443,20 +300,13 @@ fn attention_rejects_bad_input() {
 
 #[test]
 fn write_kv_rejects_bad_input_and_leaves_cache_unchanged() {
-    let geom = KvGeometry {
-        block_size: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-    };
+    let geom = KvGeometry { block_size: 4, n_kv_heads: 2, head_dim: 8 };
     let mut cache = LayerKv::new(geom, 3);
     let k = vec![1.0; 5 * 16];
     let v = vec![2.0; 5 * 16];
     let table = [2u32, 0];
-    let s = |rows: Range<usize>, start_pos: usize, t: &'static [u32]| SeqRows {
-        rows,
-        start_pos,
-        block_table: t,
-    };
+    let s =
+        |rows: Range<usize>, start_pos: usize, t: &'static [u32]| SeqRows { rows, start_pos, block_table: t };
     assert!(write_kv(&mut cache, &k[1..], &v[1..], &[s(0..1, 0, &[0])]).is_err());
     assert!(write_kv(&mut cache, &k, &v[16..], &[s(0..1, 0, &[0])]).is_err());
     assert!(write_kv(&mut cache, &k, &v, &[s(0..6, 0, &[0, 1])]).is_err());
@@ -466,11 +316,7 @@ fn write_kv_rejects_bad_input_and_leaves_cache_unchanged() {
     assert!(cache.k.iter().chain(&cache.v).all(|&x| x == 0.0));
     // a write starting in block 1 does not need block 0 to be valid
     assert!(write_kv(&mut cache, &k, &v, &[s(0..2, 4, &[99, 1])]).is_ok());
-    let sr = [SeqRows {
-        rows: 0..5,
-        start_pos: 0,
-        block_table: &table,
-    }];
+    let sr = [SeqRows { rows: 0..5, start_pos: 0, block_table: &table }];
     assert!(write_kv(&mut cache, &k, &v, &sr).is_ok());
 }
 
@@ -497,14 +343,8 @@ fn rope_matches_direct_formula() {
                     // f32 angles carry a relative rounding error of ~2^-23, i.e. an absolute
                     // one growing with the position, exactly as in transformers.
                     let tol = 1e-6 + 2.0 * ang.abs() * f32::EPSILON as f64;
-                    assert!(
-                        (y[base + j] as f64 - e1).abs() <= tol,
-                        "d {d} pos {pos} j {j}"
-                    );
-                    assert!(
-                        (y[base + j + half] as f64 - e2).abs() <= tol,
-                        "d {d} pos {pos} j {j}"
-                    );
+                    assert!((y[base + j] as f64 - e1).abs() <= tol, "d {d} pos {pos} j {j}");
+                    assert!((y[base + j + half] as f64 - e2).abs() <= tol, "d {d} pos {pos} j {j}");
                 }
             }
         }

@@ -28,10 +28,7 @@ pub(super) struct Acts {
 }
 
 /// One activation row's output buffers zipped with its input, as the row iterators yield them.
-type RowBufs<'a> = (
-    ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
-    (&'a mut [i32], &'a [f32]),
-);
+type RowBufs<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [f32]), (&'a mut [i32], &'a [f32]));
 
 impl Acts {
     /// Fills the buffers from `x` (`rows × in_features`, already shape-checked).
@@ -61,14 +58,7 @@ impl Acts {
     }
 }
 
-fn quantize_row(
-    path: MatmulPath,
-    x: &[f32],
-    q: &mut [i8],
-    d: &mut [f32],
-    s: &mut [f32],
-    c: &mut [i32],
-) {
+fn quantize_row(path: MatmulPath, x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], c: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if path != MatmulPath::Scalar {
         // SAFETY: every non-scalar path implies AVX2 + FMA + F16C (checked by the caller).
@@ -76,11 +66,7 @@ fn quantize_row(
         return;
     }
     let _ = path;
-    for (b, (xb, qb)) in x
-        .chunks_exact(BLOCK_ELEMS)
-        .zip(q.chunks_exact_mut(BLOCK_ELEMS))
-        .enumerate()
-    {
+    for (b, (xb, qb)) in x.chunks_exact(BLOCK_ELEMS).zip(q.chunks_exact_mut(BLOCK_ELEMS)).enumerate() {
         let (db, sb, cb) = quantize_block(xb, qb);
         d[b] = db;
         s[b] = sb;

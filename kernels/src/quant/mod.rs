@@ -117,11 +117,7 @@ impl MatmulPath {
     pub fn best() -> MatmulPath {
         static BEST: OnceLock<MatmulPath> = OnceLock::new();
         *BEST.get_or_init(|| {
-            Self::ALL
-                .into_iter()
-                .rev()
-                .find(|p| p.is_available())
-                .unwrap_or(MatmulPath::Scalar)
+            Self::ALL.into_iter().rev().find(|p| p.is_available()).unwrap_or(MatmulPath::Scalar)
         })
     }
 }
@@ -206,11 +202,7 @@ impl QuantMatrix {
     }
 
     /// An all-zero matrix (every scale 0) with validated dimensions.
-    fn zeroed(
-        format: QuantFormat,
-        out_features: usize,
-        in_features: usize,
-    ) -> Result<Self, KernelError> {
+    fn zeroed(format: QuantFormat, out_features: usize, in_features: usize) -> Result<Self, KernelError> {
         if out_features == 0 || in_features == 0 || !in_features.is_multiple_of(BLOCK_ELEMS) {
             return Err(KernelError::Shape(format!(
                 "quantized matrix [{out_features}, {in_features}]: both dims must be positive \
@@ -220,17 +212,13 @@ impl QuantMatrix {
         let nb = in_features / BLOCK_ELEMS;
         let groups = out_features.div_ceil(GROUP_ROWS);
         let overflow = || KernelError::Shape("matrix size overflows usize".into());
-        let scale_region = nb
-            .checked_mul(format.group_scale_bytes())
-            .ok_or_else(overflow)?
-            .next_multiple_of(LINE);
+        let scale_region =
+            nb.checked_mul(format.group_scale_bytes()).ok_or_else(overflow)?.next_multiple_of(LINE);
         let group_stride = nb
             .checked_mul(GROUP_ROWS * format.payload_bytes())
             .and_then(|q| q.checked_add(scale_region))
             .ok_or_else(overflow)?;
-        let lines = groups
-            .checked_mul(group_stride / LINE)
-            .ok_or_else(overflow)?;
+        let lines = groups.checked_mul(group_stride / LINE).ok_or_else(overflow)?;
         Ok(QuantMatrix {
             format,
             out_features,
@@ -265,19 +253,12 @@ impl QuantMatrix {
 
     fn bytes(&self) -> &[u8] {
         // SAFETY: `Line` is a plain `[u8; 64]` with no padding, so the vector is contiguous bytes.
-        unsafe {
-            std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.data.len() * LINE)
-        }
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.data.len() * LINE) }
     }
 
     fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `bytes`, and the exclusive borrow of `self.data` is held.
-        unsafe {
-            std::slice::from_raw_parts_mut(
-                self.data.as_mut_ptr().cast::<u8>(),
-                self.data.len() * LINE,
-            )
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_mut_ptr().cast::<u8>(), self.data.len() * LINE) }
     }
 
     /// Byte offsets of (row, block): the f16 d, the f16 m (Q4_1 only) and the payload base; payload
@@ -286,8 +267,7 @@ impl QuantMatrix {
         let (g, j) = (row / GROUP_ROWS, row % GROUP_ROWS);
         let base = g * self.group_stride;
         let d = base + b * self.format.group_scale_bytes() + 2 * j;
-        let payload =
-            base + self.scale_region + b * GROUP_ROWS * self.format.payload_bytes() + 4 * j;
+        let payload = base + self.scale_region + b * GROUP_ROWS * self.format.payload_bytes() + 4 * j;
         (d, d + 2 * GROUP_ROWS, payload)
     }
 
@@ -370,10 +350,7 @@ impl QuantMatrix {
     /// Used for embedding lookups; `out.len()` must be in_features.
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), KernelError> {
         if row >= self.out_features {
-            return Err(KernelError::Shape(format!(
-                "row {row} out of range for {} rows",
-                self.out_features
-            )));
+            return Err(KernelError::Shape(format!("row {row} out of range for {} rows", self.out_features)));
         }
         if out.len() != self.in_features {
             return Err(KernelError::Shape(format!(
@@ -423,9 +400,7 @@ impl QuantMatrix {
     ) -> Result<(), KernelError> {
         self.check_matmul_shapes(x, rows, y)?;
         if !path.is_available() {
-            return Err(KernelError::Shape(format!(
-                "kernel path {path:?} not available on this CPU"
-            )));
+            return Err(KernelError::Shape(format!("kernel path {path:?} not available on this CPU")));
         }
         if rows == 0 {
             return Ok(());
@@ -512,12 +487,7 @@ impl QuantMatrix {
 
     /// y[r, o] = Σ_i x[r, i] · W[o, i] with W dequantized exactly and f64 accumulation: the
     /// plain-loop specification the quantized-activation kernels are tested against.
-    pub fn matmul_f32_reference(
-        &self,
-        x: &[f32],
-        rows: usize,
-        y: &mut [f32],
-    ) -> Result<(), KernelError> {
+    pub fn matmul_f32_reference(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<(), KernelError> {
         self.check_matmul_shapes(x, rows, y)?;
         let w = self.dequantize();
         let (n, k) = (self.out_features, self.in_features);

@@ -85,9 +85,8 @@ pub(super) fn for_each_chunk(total: usize, helpers: usize, job: &(dyn Fn(usize) 
     // this call (helpers that start later find every segment empty and never touch `job`).
     let job: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(job) };
     let n = helpers + 1;
-    let segs = (0..n)
-        .map(|i| AtomicU64::new(pack((total * i / n) as u64, (total * (i + 1) / n) as u64)))
-        .collect();
+    let segs =
+        (0..n).map(|i| AtomicU64::new(pack((total * i / n) as u64, (total * (i + 1) / n) as u64))).collect();
     let shared = Arc::new(Shared { segs, done: AtomicUsize::new(0), job });
     for me in 1..n {
         let s = Arc::clone(&shared);

@@ -22,13 +22,7 @@ fn scales16(bytes: &[u8]) -> [f32; GROUP_ROWS] {
 /// # Safety
 /// As `QuantMatrix::run_range`: `y` covers `rows` of a `[_, out_features]` buffer and nobody else
 /// writes the elements of these groups × rows.
-pub(super) unsafe fn run(
-    m: &QuantMatrix,
-    a: &Acts,
-    groups: Range<usize>,
-    rows: Range<usize>,
-    y: OutPtr,
-) {
+pub(super) unsafe fn run(m: &QuantMatrix, a: &Acts, groups: Range<usize>, rows: Range<usize>, y: OutPtr) {
     let nb = m.nb;
     let bytes = m.bytes();
     let pb = m.format.payload_bytes();
@@ -48,8 +42,7 @@ pub(super) unsafe fn run(
                             let e = 4 * k + t;
                             isum[j] += match m.format {
                                 QuantFormat::Q4_1 => {
-                                    (w & 0x0f) as i32 * xq[e] as i32
-                                        + (w >> 4) as i32 * xq[e + 16] as i32
+                                    (w & 0x0f) as i32 * xq[e] as i32 + (w >> 4) as i32 * xq[e + 16] as i32
                                 }
                                 // Stored as q ^ 0x80.
                                 QuantFormat::Q8_0 => ((w ^ 0x80) as i8) as i32 * xq[e] as i32,

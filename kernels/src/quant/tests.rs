@@ -47,10 +47,7 @@ fn random_x_with(n: usize, rng: &mut StdRng, outliers: bool) -> Vec<f32> {
 }
 
 fn paths() -> Vec<MatmulPath> {
-    MatmulPath::ALL
-        .into_iter()
-        .filter(|p| p.is_available())
-        .collect()
+    MatmulPath::ALL.into_iter().filter(|p| p.is_available()).collect()
 }
 
 #[test]
@@ -146,14 +143,8 @@ fn packing_round_trips_ggml_bytes() {
 /// max |y − y_ref| ≤ tol · max |y_ref|
 fn assert_close(y: &[f32], y_ref: &[f32], tol: f32, what: &str) {
     let scale = y_ref.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let err = y
-        .iter()
-        .zip(y_ref)
-        .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-    assert!(
-        err <= tol * scale,
-        "{what}: max err {err} vs max |y| {scale}"
-    );
+    let err = y.iter().zip(y_ref).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+    assert!(err <= tol * scale, "{what}: max err {err} vs max |y| {scale}");
 }
 
 /// Per-output bound on the error that int8 activation quantization may introduce: the kernels
@@ -167,13 +158,8 @@ fn error_bounds(w: &[f32], out: usize, inp: usize, x: &[f32]) -> Vec<f32> {
         for o in 0..out {
             let (mut quant, mut mag) = (0f64, 0f64);
             for b in 0..inp / 32 {
-                let amax = xr[b * 32..(b + 1) * 32]
-                    .iter()
-                    .fold(0f32, |a, v| a.max(v.abs()));
-                let ws: f64 = w[o * inp + b * 32..][..32]
-                    .iter()
-                    .map(|t| t.abs() as f64)
-                    .sum();
+                let amax = xr[b * 32..(b + 1) * 32].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let ws: f64 = w[o * inp + b * 32..][..32].iter().map(|t| t.abs() as f64).sum();
                 quant += amax as f64 / 254.0 * ws * 1.0001;
             }
             for i in 0..inp {
@@ -187,10 +173,7 @@ fn error_bounds(w: &[f32], out: usize, inp: usize, x: &[f32]) -> Vec<f32> {
 
 fn assert_within_bounds(y: &[f32], y_ref: &[f32], bounds: &[f32], what: &str) {
     for (i, ((p, q), b)) in y.iter().zip(y_ref).zip(bounds).enumerate() {
-        assert!(
-            (p - q).abs() <= *b,
-            "{what}: y[{i}] = {p}, reference {q}, bound {b}"
-        );
+        assert!((p - q).abs() <= *b, "{what}: y[{i}] = {p}, reference {q}, bound {b}");
     }
 }
 
@@ -200,11 +183,7 @@ fn matmul_all_paths_match_reference() {
     let (rows_set, in_set, out_set): (&[usize], &[usize], &[usize]) = if cfg!(debug_assertions) {
         (&[1, 3, 9, 33], &[32, 576], &[1, 5, 192])
     } else {
-        (
-            &[1, 2, 3, 7, 8, 9, 33, 130],
-            &[32, 64, 576, 1536],
-            &[1, 5, 192, 577],
-        )
+        (&[1, 2, 3, 7, 8, 9, 33, 130], &[32, 64, 576, 1536], &[1, 5, 192, 577])
     };
     // Worst max|err| / max|y| without and with outlier channels.
     let mut worst = [0f32; 2];
@@ -218,12 +197,10 @@ fn matmul_all_paths_match_reference() {
                     let outliers = i % 2 == 1;
                     let x = random_x_with(rows * inp, &mut rng, outliers);
                     let mut y_ref = vec![0f32; rows * out];
-                    m.matmul_f32_reference(&x, rows, &mut y_ref)
-                        .expect("shapes");
+                    m.matmul_f32_reference(&x, rows, &mut y_ref).expect("shapes");
                     let bounds = error_bounds(&w, out, inp, &x);
                     let mut y_scalar = vec![f32::NAN; rows * out];
-                    m.matmul_with_path(MatmulPath::Scalar, &x, rows, &mut y_scalar)
-                        .expect("ok");
+                    m.matmul_with_path(MatmulPath::Scalar, &x, rows, &mut y_scalar).expect("ok");
                     let what = format!("{format:?} rows {rows} in {inp} out {out}");
                     assert_within_bounds(&y_scalar, &y_ref, &bounds, &format!("scalar {what}"));
                     if rows * out >= 64 && inp >= 576 {
@@ -233,10 +210,7 @@ fn matmul_all_paths_match_reference() {
                         let tol = if outliers { 2e-2 } else { 1e-2 };
                         assert_close(&y_scalar, &y_ref, tol, &format!("scalar {what}"));
                         let scale = y_ref.iter().fold(0f32, |a, v| a.max(v.abs()));
-                        let err = y_scalar
-                            .iter()
-                            .zip(&y_ref)
-                            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+                        let err = y_scalar.iter().zip(&y_ref).fold(0f32, |a, (p, q)| a.max((p - q).abs()));
                         worst[outliers as usize] = worst[outliers as usize].max(err / scale);
                     }
                     for path in paths() {
@@ -341,8 +315,7 @@ fn non_finite_activations_do_not_panic() {
         x[100] = f32::NEG_INFINITY;
         for path in paths() {
             let mut y = vec![0f32; 40];
-            m.matmul_with_path(path, &x, 2, &mut y)
-                .expect("shapes are fine");
+            m.matmul_with_path(path, &x, 2, &mut y).expect("shapes are fine");
         }
     }
 }

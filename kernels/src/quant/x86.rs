@@ -13,6 +13,8 @@ use super::{OutPtr, QuantFormat, QuantMatrix, BLOCK_ELEMS, GROUP_ROWS};
 
 /// Activation rows per AVX-512 tile: each unpacked weight block is reused for this many rows.
 const R512: usize = 4;
+/// Groups per pass of a single-row AVX-512 tile.
+const G1: usize = 2;
 /// Activation rows per AVX2 tile (16 ymm registers bound it lower).
 const R256: usize = 4;
 
@@ -47,24 +49,38 @@ pub(super) unsafe fn run_avx512(
     y: OutPtr,
 ) {
     let base = m.bytes().as_ptr();
-    for g in groups {
-        let grp = base.add(g * m.group_stride);
-        let valid = (m.out_features - g * GROUP_ROWS).min(GROUP_ROWS);
-        // Partial last group: masked stores keep the padding rows out of y.
-        let mask = (((1u32 << valid) - 1) & 0xffff) as __mmask16;
-        let yg = y.0.add(g * GROUP_ROWS);
-        let mut r = rows.start;
-        while rows.end - r >= R512 {
-            tile512::<R512>(m, grp, a, r, yg, mask);
-            r += R512;
+    let mut g = groups.start;
+    while g < groups.end {
+        // Leftover single rows (decode) go G1 groups at a time, sharing the activation loads.
+        let pair = g + G1 <= groups.end;
+        for gg in g..g + if pair { G1 } else { 1 } {
+            let grp = base.add(gg * m.group_stride);
+            let (yg, mask) = group_out(m, y, gg);
+            let mut r = rows.start;
+            while rows.end - r >= R512 {
+                tile512::<R512>(m, grp, a, r, yg, mask);
+                r += R512;
+            }
+            match rows.end - r {
+                2 => tile512::<2>(m, grp, a, r, yg, mask),
+                3 => tile512::<3>(m, grp, a, r, yg, mask),
+                1 if !pair => tile512::<1>(m, grp, a, r, yg, mask),
+                _ => {}
+            }
         }
-        match rows.end - r {
-            1 => tile512::<1>(m, grp, a, r, yg, mask),
-            2 => tile512::<2>(m, grp, a, r, yg, mask),
-            3 => tile512::<3>(m, grp, a, r, yg, mask),
-            _ => {}
+        if pair && (rows.end - rows.start) % R512 == 1 {
+            row512::<G1>(m, base.add(g * m.group_stride), a, rows.end - 1, y, g);
         }
+        g += if pair { G1 } else { 1 };
     }
+}
+
+/// Where group g's 16 outputs go in activation row 0, and the store mask for a partial group.
+#[inline(always)]
+unsafe fn group_out(m: &QuantMatrix, y: OutPtr, g: usize) -> (*mut f32, __mmask16) {
+    let valid = (m.out_features - g * GROUP_ROWS).min(GROUP_ROWS);
+    // Partial last group: masked stores keep the padding rows out of y.
+    ((y.0.add(g * GROUP_ROWS)), (((1u32 << valid) - 1) & 0xffff) as __mmask16)
 }
 
 #[inline]
@@ -86,6 +102,138 @@ unsafe fn tile512<const R: usize>(
     }
 }
 
+/// One activation row `r` against G consecutive groups starting at `g0` (`grp` = its storage).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn row512<const G: usize>(
+    m: &QuantMatrix,
+    grp: *const u8,
+    a: &Acts,
+    r: usize,
+    y: OutPtr,
+    g0: usize,
+) {
+    let acc = match m.format {
+        QuantFormat::Q4_1 => q4_1_row512::<G>(grp, m.group_stride, m.scale_region, a, r),
+        QuantFormat::Q8_0 => q8_0_row512::<G>(grp, m.group_stride, m.scale_region, a, r),
+    };
+    for (g, v) in acc.into_iter().enumerate() {
+        let (yg, mask) = group_out(m, y, g0 + g);
+        _mm512_mask_storeu_ps(yg.add(r * m.out_features), mask, v);
+    }
+}
+
+/// The 8 dword broadcasts of activation row r, block b, held in registers for reuse.
+#[inline(always)]
+unsafe fn xbc512(a: &Acts, r: usize, b: usize) -> [__m512i; 8] {
+    let xb = xdw(a, r, b);
+    [0, 1, 2, 3, 4, 5, 6, 7].map(|k| bc512(xb, k))
+}
+
+/// Q4_1, one activation row × G groups: `q4_1_512::<1>` for each group, but the activation
+/// broadcasts of a block are loaded once for all G groups.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_1_row512<const G: usize>(
+    grp: *const u8,
+    stride: usize,
+    scale_region: usize,
+    a: &Acts,
+    r: usize,
+) -> [__m512; G] {
+    let nb = a.nb;
+    let low = _mm512_set1_epi8(0x0f);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); G];
+    let mut accm = [_mm512_setzero_ps(); G];
+    for b in 0..nb {
+        let x = xbc512(a, r, b);
+        let xi = r * nb + b;
+        let dx = _mm512_set1_ps(*a.d.get_unchecked(xi));
+        let sx = _mm512_set1_ps(*a.s.get_unchecked(xi));
+        for g in 0..G {
+            let gp = grp.add(g * stride);
+            let sp = gp.add(b * 64);
+            let qp = gp.add(scale_region + b * 256);
+            if PF > 0 {
+                prefetch(qp.wrapping_add(PF));
+                prefetch(qp.wrapping_add(PF + 64));
+                prefetch(qp.wrapping_add(PF + 128));
+                prefetch(qp.wrapping_add(PF + 192));
+                prefetch(sp.wrapping_add(PF / 4));
+            }
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(sp.cast()));
+            let mw = _mm512_cvtph_ps(_mm256_load_si256(sp.add(32).cast()));
+            let v0 = _mm512_load_si512(qp.cast());
+            let v1 = _mm512_load_si512(qp.add(64).cast());
+            let v2 = _mm512_load_si512(qp.add(128).cast());
+            let v3 = _mm512_load_si512(qp.add(192).cast());
+            let mut il = _mm512_dpbusd_epi32(zero, _mm512_and_si512(v0, low), x[0]);
+            let mut ih =
+                _mm512_dpbusd_epi32(zero, _mm512_and_si512(_mm512_srli_epi16::<4>(v0), low), x[4]);
+            il = _mm512_dpbusd_epi32(il, _mm512_and_si512(v1, low), x[1]);
+            ih = _mm512_dpbusd_epi32(ih, _mm512_and_si512(_mm512_srli_epi16::<4>(v1), low), x[5]);
+            il = _mm512_dpbusd_epi32(il, _mm512_and_si512(v2, low), x[2]);
+            ih = _mm512_dpbusd_epi32(ih, _mm512_and_si512(_mm512_srli_epi16::<4>(v2), low), x[6]);
+            il = _mm512_dpbusd_epi32(il, _mm512_and_si512(v3, low), x[3]);
+            ih = _mm512_dpbusd_epi32(ih, _mm512_and_si512(_mm512_srli_epi16::<4>(v3), low), x[7]);
+            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(il, ih));
+            acc[g] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, dx), acc[g]);
+            accm[g] = _mm512_fmadd_ps(mw, sx, accm[g]);
+        }
+    }
+    for g in 0..G {
+        acc[g] = _mm512_add_ps(acc[g], accm[g]);
+    }
+    acc
+}
+
+/// Q8_0, one activation row × G groups (see `q4_1_row512`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_0_row512<const G: usize>(
+    grp: *const u8,
+    stride: usize,
+    scale_region: usize,
+    a: &Acts,
+    r: usize,
+) -> [__m512; G] {
+    let nb = a.nb;
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); G];
+    for b in 0..nb {
+        let x = xbc512(a, r, b);
+        let xi = r * nb + b;
+        let dx = _mm512_set1_ps(*a.d.get_unchecked(xi));
+        let cx = _mm512_set1_epi32(*a.c.get_unchecked(xi));
+        for g in 0..G {
+            let gp = grp.add(g * stride);
+            let qp = gp.add(scale_region + b * 512);
+            if PF > 0 {
+                for k in 0..8 {
+                    prefetch(qp.wrapping_add(PF + 64 * k));
+                }
+                if b % 2 == 0 {
+                    prefetch(gp.add(b * 32).wrapping_add(PF / 16));
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_load_si256(gp.add(b * 32).cast()));
+            let w = |k: usize| _mm512_load_si512(qp.add(64 * k).cast());
+            let mut i0 = _mm512_dpbusd_epi32(cx, w(0), x[0]);
+            let mut i1 = _mm512_dpbusd_epi32(zero, w(4), x[4]);
+            i0 = _mm512_dpbusd_epi32(i0, w(1), x[1]);
+            i1 = _mm512_dpbusd_epi32(i1, w(5), x[5]);
+            i0 = _mm512_dpbusd_epi32(i0, w(2), x[2]);
+            i1 = _mm512_dpbusd_epi32(i1, w(6), x[6]);
+            i0 = _mm512_dpbusd_epi32(i0, w(3), x[3]);
+            i1 = _mm512_dpbusd_epi32(i1, w(7), x[7]);
+            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+            acc[g] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, dx), acc[g]);
+        }
+    }
+    acc
+}
+
 /// Broadcast dword `k` (int8 values 4k..4k+4) of an activation block to all 16 lanes.
 #[inline(always)]
 unsafe fn bc512(xb: *const i32, k: usize) -> __m512i {
@@ -96,12 +244,7 @@ unsafe fn bc512(xb: *const i32, k: usize) -> __m512i {
 /// out[r][j] = Σ_b (d[j,b] · dx[r,b] · Σ_i q[j,b,i] · qx[r,b,i]) + m[j,b] · Σx[r,b].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_1_512<const R: usize>(
-    grp: *const u8,
-    scale_region: usize,
-    a: &Acts,
-    r0: usize,
-) -> [__m512; R] {
+unsafe fn q4_1_512<const R: usize>(grp: *const u8, scale_region: usize, a: &Acts, r0: usize) -> [__m512; R] {
     let nb = a.nb;
     let low = _mm512_set1_epi8(0x0f);
     let zero = _mm512_setzero_si512();
@@ -162,12 +305,7 @@ unsafe fn q4_1_512<const R: usize>(
 /// out[r][j] = Σ_b d[j,b] · dx[r,b] · Σ_i q[j,b,i] · qx[r,b,i].
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q8_0_512<const R: usize>(
-    grp: *const u8,
-    scale_region: usize,
-    a: &Acts,
-    r0: usize,
-) -> [__m512; R] {
+unsafe fn q8_0_512<const R: usize>(grp: *const u8, scale_region: usize, a: &Acts, r0: usize) -> [__m512; R] {
     let nb = a.nb;
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); R];
@@ -367,21 +505,10 @@ unsafe fn q8_0_256<const R: usize>(
 /// AVX2 twin of `act::quantize_block` over a whole row, bit for bit (max is exact and
 /// `vcvtps2dq` rounds half to even like `round_ties_even`).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_row_avx2(
-    x: &[f32],
-    q: &mut [i8],
-    d: &mut [f32],
-    s: &mut [f32],
-    c: &mut [i32],
-) {
+pub(super) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], c: &mut [i32]) {
     let sign = _mm256_set1_ps(-0.0);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    let nb = d
-        .len()
-        .min(s.len())
-        .min(c.len())
-        .min(x.len() / 32)
-        .min(q.len() / 32);
+    let nb = d.len().min(s.len()).min(c.len()).min(x.len() / 32).min(q.len() / 32);
     for b in 0..nb {
         let xp = x.as_ptr().add(b * 32);
         let v0 = _mm256_loadu_ps(xp);

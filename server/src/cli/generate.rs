@@ -221,7 +221,8 @@ impl Output {
                 self.text.push_str(&t.text);
                 self.token_ids.push(t.id);
                 if let Some(lp) = t.logprob {
-                    let top: Vec<Value> = t.top_logprobs.iter().map(|c| json!({"id": c.id, "logprob": c.logprob})).collect();
+                    let top: Vec<Value> =
+                        t.top_logprobs.iter().map(|c| json!({"id": c.id, "logprob": c.logprob})).collect();
                     self.logprobs.push(json!({"id": t.id, "logprob": lp, "top_logprobs": top}));
                 }
                 Ok(false)
@@ -242,7 +243,10 @@ impl Output {
 }
 
 /// Reads a request's events to the end.
-pub fn collect(events: &mut UnboundedReceiver<TokenEvent>, mut on_text: impl FnMut(&str)) -> anyhow::Result<Output> {
+pub fn collect(
+    events: &mut UnboundedReceiver<TokenEvent>,
+    mut on_text: impl FnMut(&str),
+) -> anyhow::Result<Output> {
     let mut out = Output::default();
     loop {
         let event = events.blocking_recv().context("the engine stopped before the request finished")?;
@@ -261,7 +265,12 @@ enum Prepared {
 fn prepare(line_no: usize, line: &str, args: &GenerateArgs, base: &Base) -> Prepared {
     let parsed: RequestLine = match serde_json::from_str(line) {
         Ok(r) => r,
-        Err(e) => return Prepared::Rejected { id: Value::Null, error: format!("line {line_no}: malformed request: {e}") },
+        Err(e) => {
+            return Prepared::Rejected {
+                id: Value::Null,
+                error: format!("line {line_no}: malformed request: {e}"),
+            }
+        }
     };
     let id = parsed.id.clone();
     match validate_line(parsed, args, base) {
@@ -306,7 +315,13 @@ fn validate_line(r: RequestLine, args: &GenerateArgs, base: &Base) -> anyhow::Re
 }
 
 enum Slot {
-    Running { id: Value, prompt_ids: Vec<u32>, events: UnboundedReceiver<TokenEvent>, out: Output, logprobs: bool },
+    Running {
+        id: Value,
+        prompt_ids: Vec<u32>,
+        events: UnboundedReceiver<TokenEvent>,
+        out: Output,
+        logprobs: bool,
+    },
     Done(Value),
 }
 

@@ -42,13 +42,18 @@ impl ModelArgs {
     pub fn resolve(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             Some(p) => Ok(p.clone()),
-            None => crate::fetch::default_model().context("no --model given and the default model is unavailable"),
+            None => {
+                crate::fetch::default_model().context("no --model given and the default model is unavailable")
+            }
         }
     }
 
     pub fn init_threads(&self) -> anyhow::Result<()> {
         if let Some(n) = self.threads {
-            rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting --threads")?;
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .build_global()
+                .context("setting --threads")?;
         }
         Ok(())
     }

@@ -93,7 +93,11 @@ impl EngineCore {
     }
 
     /// Queues a request. Fails without side effects when it can never fit.
-    pub fn add(&mut self, req: ValidRequest, events: UnboundedSender<TokenEvent>) -> Result<SeqId, EngineError> {
+    pub fn add(
+        &mut self,
+        req: ValidRequest,
+        events: UnboundedSender<TokenEvent>,
+    ) -> Result<SeqId, EngineError> {
         check_request(&req, self.max_sequence_tokens(), self.model.config().vocab_size)?;
         let id = self.next_id;
         self.next_id += 1;
@@ -137,7 +141,8 @@ impl EngineCore {
 
     /// Runs one step. A failing forward fails the sequences in that batch, not the engine.
     pub fn step(&mut self) -> Result<(), EngineError> {
-        let gone: Vec<SeqId> = self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
+        let gone: Vec<SeqId> =
+            self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
         for id in gone {
             self.cancel(id);
         }
@@ -194,7 +199,10 @@ impl EngineCore {
         }
         for r in &step.rows {
             let seq = self.seqs.get_mut(&r.id).ok_or(EngineError::Internal("planned an unknown sequence"))?;
-            let new = self.blocks.allocate(r.new_blocks).ok_or(EngineError::Internal("planned more blocks than free"))?;
+            let new = self
+                .blocks
+                .allocate(r.new_blocks)
+                .ok_or(EngineError::Internal("planned more blocks than free"))?;
             seq.blocks.extend(new);
         }
         Ok(())
@@ -227,7 +235,8 @@ impl EngineCore {
                 SeqRows { rows: range.clone(), start_pos: seq.computed, block_table: &seq.blocks }
             })
             .collect();
-        let batch = ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seq_rows, logit_rows: &logit_rows };
+        let batch =
+            ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seq_rows, logit_rows: &logit_rows };
         let logits = self.model.forward(&batch, &mut self.kv)?;
         drop(seq_rows);
         let vocab = self.model.config().vocab_size;
@@ -246,7 +255,8 @@ impl EngineCore {
 
     fn emit_next(&mut self, id: SeqId, logits: &mut [f32]) -> Result<(), EngineError> {
         let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
-        let sampled = seq.sampler.sample(logits, &seq.tokens[..seq.prompt_len], &seq.tokens[seq.prompt_len..]);
+        let sampled =
+            seq.sampler.sample(logits, &seq.tokens[..seq.prompt_len], &seq.tokens[seq.prompt_len..]);
         seq.tokens.push(sampled.id);
         seq.first_token_at.get_or_insert_with(Instant::now);
         let is_eos = !seq.stop.ignore_eos && self.tokenizer.eos_token_ids.contains(&sampled.id);
@@ -320,7 +330,9 @@ pub fn check_request(req: &ValidRequest, max_tokens_per_seq: usize, vocab: usize
         return Err(EngineError::InvalidRequest("max_tokens must be at least 1".into()));
     }
     if let Some(bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(EngineError::InvalidRequest(format!("prompt token id {bad} is outside the vocabulary ({vocab})")));
+        return Err(EngineError::InvalidRequest(format!(
+            "prompt token id {bad} is outside the vocabulary ({vocab})"
+        )));
     }
     let needed = req.prompt_ids.len() + req.stop.max_tokens;
     if needed > max_tokens_per_seq {

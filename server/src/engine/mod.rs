@@ -15,7 +15,10 @@ mod stop;
 pub use self::core::{check_request, EngineCore, EngineStats};
 pub use blocks::{blocks_for, BlockAllocator};
 pub use plan::SeqId;
-pub use request::{Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent, TokenLogprob, ValidRequest};
+pub use request::{
+    Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent, TokenLogprob,
+    ValidRequest,
+};
 pub use sampler::{argmax, Sampler};
 
 use crate::model::{KvCacheConfig, Llama, ModelError};
@@ -40,7 +43,11 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_step_tokens: DEFAULT_MAX_STEP_TOKENS, max_running: DEFAULT_MAX_RUNNING, kv_cache: KvCacheConfig::default() }
+        Self {
+            max_step_tokens: DEFAULT_MAX_STEP_TOKENS,
+            max_running: DEFAULT_MAX_RUNNING,
+            kv_cache: KvCacheConfig::default(),
+        }
     }
 }
 
@@ -77,7 +84,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(model: Arc<Llama>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn start(
+        model: Arc<Llama>,
+        tokenizer: Arc<TextTokenizer>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
         let vocab_size = model.config().vocab_size;
         let mut core = EngineCore::new(model, tokenizer, config);
         let max_sequence_tokens = core.max_sequence_tokens();

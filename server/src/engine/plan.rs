@@ -169,10 +169,7 @@ mod tests {
 
     #[test]
     fn decode_rows_come_before_prefill_chunks() {
-        let state = SchedState {
-            running: vec![seq(1, 100, 10, 4), seq(2, 9, 8, 4)],
-            waiting: vec![],
-        };
+        let state = SchedState { running: vec![seq(1, 100, 10, 4), seq(2, 9, 8, 4)], waiting: vec![] };
         let p = plan(&state, &budgets(16, 100));
         assert_eq!(p.rows[0], PlannedRows { id: 2, count: 1, new_blocks: 1 });
         assert_eq!(p.rows[1].id, 1);
@@ -208,10 +205,8 @@ mod tests {
     #[test]
     fn out_of_blocks_preempts_the_newest() {
         // Three decoding sequences, each at a block boundary, no free blocks.
-        let state = SchedState {
-            running: vec![seq(1, 9, 8, 4), seq(2, 9, 8, 4), seq(3, 9, 8, 4)],
-            waiting: vec![],
-        };
+        let state =
+            SchedState { running: vec![seq(1, 9, 8, 4), seq(2, 9, 8, 4), seq(3, 9, 8, 4)], waiting: vec![] };
         let p = plan(&state, &budgets(16, 0));
         assert_eq!(p.preempt, vec![3], "the newest is preempted first");
         assert_eq!(p.rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);

@@ -57,7 +57,10 @@ impl Sampler {
             return Sampled { id, logprob: None, top_logprobs: Vec::new() };
         }
         let n = p.top_logprobs.unwrap_or(0);
-        let top = top_n(logits, n).into_iter().map(|i| TokenLogprob { id: i as u32, logprob: logits[i] - log_z }).collect();
+        let top = top_n(logits, n)
+            .into_iter()
+            .map(|i| TokenLogprob { id: i as u32, logprob: logits[i] - log_z })
+            .collect();
         Sampled { id, logprob: Some(logits[id as usize] - log_z), top_logprobs: top }
     }
 }
@@ -123,7 +126,8 @@ fn truncated_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(usize, f32
     let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
     let order = top_n(logits, k);
     let max = logits[order[0]];
-    let mut probs: Vec<(usize, f32)> = order.iter().map(|&i| (i, ((logits[i] - max) / p.temperature).exp())).collect();
+    let mut probs: Vec<(usize, f32)> =
+        order.iter().map(|&i| (i, ((logits[i] - max) / p.temperature).exp())).collect();
     let total: f32 = probs.iter().map(|&(_, w)| w).sum();
     if p.top_p < 1.0 {
         let mut mass = 0.0;

@@ -22,7 +22,11 @@ pub struct TextStep {
 
 impl TextStop {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { decoder: IncrementalDecoder::new(), stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+        Self {
+            decoder: IncrementalDecoder::new(),
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
     }
 
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<TextStep, TokenizerError> {

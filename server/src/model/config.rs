@@ -135,12 +135,8 @@ impl HfConfig {
                 "rope scaling (rope_scaling / rope_type other than default) is not supported".into(),
             ));
         }
-        let rope_theta = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10_000.0);
+        let rope_theta =
+            self.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(self.rope_theta).unwrap_or(10_000.0);
         let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         ModelConfig {
             architecture,

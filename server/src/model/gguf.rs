@@ -27,16 +27,20 @@ pub fn load(path: &Path, dtype: Dtype) -> Result<(Llama, Metadata), ModelError> 
     // truncation of the file is the same hazard every mmap-based model loader accepts.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::read(path, e))?;
     let config = config_from_metadata(&content)?;
-    let mut source = GgufSource { path: path.to_path_buf(), content: &content, bytes: &mmap, dtype, config: config.clone(), embedding_cache: None };
+    let mut source = GgufSource {
+        path: path.to_path_buf(),
+        content: &content,
+        bytes: &mmap,
+        dtype,
+        config: config.clone(),
+        embedding_cache: None,
+    };
     let model = Llama::load(config, &mut source)?;
     Ok((model, content.metadata))
 }
 
 fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
-    content
-        .metadata
-        .get(key)
-        .ok_or_else(|| ModelError::Config(format!("GGUF metadata has no `{key}`")))
+    content.metadata.get(key).ok_or_else(|| ModelError::Config(format!("GGUF metadata has no `{key}`")))
 }
 
 fn meta_usize(content: &gguf_file::Content, key: &str) -> Result<usize, ModelError> {
@@ -157,22 +161,27 @@ struct Raw<'a> {
 
 impl<'a> GgufSource<'a> {
     fn raw(&self, name: &str) -> Result<Raw<'a>, ModelError> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        let info =
+            self.content.tensor_infos.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let elems = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
         if elems % block != 0 {
-            return Err(ModelError::read(&self.path, format!("tensor `{name}` is not a whole number of blocks")));
+            return Err(ModelError::read(
+                &self.path,
+                format!("tensor `{name}` is not a whole number of blocks"),
+            ));
         }
         let size = elems / block * info.ggml_dtype.type_size();
         let start = (self.content.tensor_data_offset + info.offset) as usize;
         let bytes: &'a [u8] = self.bytes.get(start..start + size).ok_or_else(|| {
             ModelError::read(&self.path, format!("file is truncated: tensor `{name}` runs past its end"))
         })?;
-        Ok(Raw { name: name.to_string(), dtype: info.ggml_dtype, dims: info.shape.dims().to_vec(), bytes: bytes.into() })
+        Ok(Raw {
+            name: name.to_string(),
+            dtype: info.ggml_dtype,
+            dims: info.shape.dims().to_vec(),
+            bytes: bytes.into(),
+        })
     }
 
     fn raw_matrix(&self, hf: &str, out: usize, inp: usize) -> Result<Raw<'a>, ModelError> {
@@ -210,7 +219,9 @@ impl<'a> GgufSource<'a> {
     }
 
     fn weight(&self, raw: Raw) -> Result<Weight, ModelError> {
-        let dense = |t: Tensor| -> Result<Weight, ModelError> { Ok(Weight::Dense(t.to_dtype(self.dtype.dense_dtype())?)) };
+        let dense = |t: Tensor| -> Result<Weight, ModelError> {
+            Ok(Weight::Dense(t.to_dtype(self.dtype.dense_dtype())?))
+        };
         match (self.dtype, raw.dtype) {
             (_, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => dense(self.dequantize(&raw)?),
             (Dtype::Auto, dt) => match quant_format(dt) {
@@ -249,7 +260,8 @@ impl WeightSource for GgufSource<'_> {
 
     fn vector(&mut self, hf_full: &str, len: usize) -> Result<Tensor, ModelError> {
         let (base, suffix) = hf_full.rsplit_once('.').unwrap_or((hf_full, "weight"));
-        let name = gguf_name(base).ok_or_else(|| ModelError::MissingTensor(hf_full.to_string()))? + "." + suffix;
+        let name =
+            gguf_name(base).ok_or_else(|| ModelError::MissingTensor(hf_full.to_string()))? + "." + suffix;
         let raw = self.raw(&name)?;
         if raw.dims != [len] {
             return Err(ModelError::TensorShape { name, found: raw.dims, expected: vec![len] });

@@ -39,7 +39,8 @@ struct HfSource {
 
 impl HfSource {
     fn tensor(&self, name: &str, expected: &[usize]) -> Result<Tensor, ModelError> {
-        let t = self.tensors.load(name, &Device::Cpu).map_err(|_| ModelError::MissingTensor(name.to_string()))?;
+        let t =
+            self.tensors.load(name, &Device::Cpu).map_err(|_| ModelError::MissingTensor(name.to_string()))?;
         if t.dims() != expected {
             return Err(ModelError::TensorShape {
                 name: name.to_string(),
@@ -68,7 +69,11 @@ impl WeightSource for HfSource {
     }
 
     fn lm_head(&mut self, vocab: usize, hidden: usize, tied: bool) -> Result<Linear, ModelError> {
-        let name = if tied && self.tensors.get("lm_head.weight").is_err() { "model.embed_tokens" } else { "lm_head" };
+        let name = if tied && self.tensors.get("lm_head.weight").is_err() {
+            "model.embed_tokens"
+        } else {
+            "lm_head"
+        };
         self.linear(name, vocab, hidden, false)
     }
 }

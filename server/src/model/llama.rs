@@ -197,9 +197,8 @@ impl Llama {
         // (rows, hidden)
         let mut x = self.embed_tokens.forward(batch.tokens, cfg.hidden_size)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_kv = kv
-                .layer_mut(i)
-                .ok_or_else(|| ModelError::Config(format!("KV cache has no layer {i}")))?;
+            let layer_kv =
+                kv.layer_mut(i).ok_or_else(|| ModelError::Config(format!("KV cache has no layer {i}")))?;
             x = layer.forward(&x, batch, layer_kv, &self.rope, cfg)?;
         }
         let ids = Tensor::new(batch.logit_rows, &Device::Cpu)?;

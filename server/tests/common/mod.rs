@@ -22,7 +22,11 @@ pub fn tiny_base(shape: TinyModel) -> (tempfile::TempDir, Base) {
 }
 
 pub fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> ValidRequest {
-    ValidRequest { prompt_ids: prompt, sampling, stop: StopCriteria { max_tokens, stop: vec![], ignore_eos: true } }
+    ValidRequest {
+        prompt_ids: prompt,
+        sampling,
+        stop: StopCriteria { max_tokens, stop: vec![], ignore_eos: true },
+    }
 }
 
 pub fn greedy() -> SamplingParams {
