@@ -1,7 +1,8 @@
 //! Paged-attention benchmark: the fast kernel against the plain-loop reference on decode and
 //! prefill workloads at SmolLM2-135M and 7B shapes, time per call and GFLOP/s.
 //!
-//! `cargo run --release -p lorahost-bench --bin attention [-- --no-ref] [-- --isa avx2]`
+//! `cargo run --release -p lorahost-bench --bin attention [-- --no-ref] [--isa avx2|portable]
+//! [--filter SUBSTRING]` (the filter matches "<model> <workload> bs <block size>").
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,10 @@ struct Work {
 }
 
 fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyhow::Result<()> {
+    let filter = std::env::args().skip_while(|a| a != "--filter").nth(1).unwrap_or_default();
+    if !format!("{} {} bs {block_size}", m.name, w.label).contains(&filter) {
+        return Ok(());
+    }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let geom = KvGeometry { block_size, n_kv_heads: m.n_kv, head_dim: m.d };
     let blocks: Vec<usize> = w.seqs.iter().map(|&(n, p)| (p + n).div_ceil(block_size)).collect();
@@ -52,7 +57,7 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
     let mut cache = LayerKv::new(geom, num_blocks);
     // Interleave the sequences' blocks, as a long-running allocator would.
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..ids.len()).rev() {
+    for i in (1..ids.len()).rev().filter(|_| std::env::var_os("NOSHUF").is_none()) {
         ids.swap(i, rng.below(i + 1));
     }
     let mut tables = Vec::new();
@@ -89,18 +94,22 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
     });
     let fast_out = out.clone();
     let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
+    // K and V bytes a call must read at least once.
+    let bytes: usize = w.seqs.iter().map(|&(n, p)| (p + n) * width * 8).sum();
+    let gb = |t: Duration| bytes as f64 / t.as_secs_f64() / 1e9;
     if with_ref {
         let reference = time(|| {
             paged_attention_reference(&cache, &q, m.n_heads, scale, &seqs, &mut out).expect("reference");
         });
         let diff = fast_out.iter().zip(&out).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         println!(
-            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>6.1} GF/s | ref {:>10} {:>5.2} GF/s | x{:>6.1} | diff {:.1e}",
+            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>5.1} GF/s {:>5.1} GB/s | ref {:>10} {:>5.2} GF/s | x{:>6.1} | diff {:.0e}",
             m.name,
             w.label,
             block_size,
             fmt(fast),
             gf(fast),
+            gb(fast),
             fmt(reference),
             gf(reference),
             reference.as_secs_f64() / fast.as_secs_f64(),
@@ -108,12 +117,13 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
         );
     } else {
         println!(
-            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>6.1} GF/s",
+            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>5.1} GF/s {:>5.1} GB/s",
             m.name,
             w.label,
             block_size,
             fmt(fast),
-            gf(fast)
+            gf(fast),
+            gb(fast)
         );
     }
     Ok(())
@@ -151,7 +161,11 @@ fn main() -> anyhow::Result<()> {
         Some("portable") => Isa::Portable,
         _ => Isa::detect(),
     };
-    println!("isa {isa:?}, {} rayon threads; times are medians per call (one layer)", rayon_threads());
+    println!(
+        "isa {isa:?}, {} threads; times are medians per call (one layer); GB/s = K/V bytes read / time",
+        rayon_threads()
+    );
+    println!("memory read baseline (sum of 256 MiB on all threads): {:.1} GB/s", read_bandwidth());
 
     let decode = |ctx: usize| Work { label: format!("1 decode row, ctx {ctx}"), seqs: vec![(1, ctx - 1)] };
     let mut rng = Rng(42);
@@ -184,4 +198,30 @@ fn main() -> anyhow::Result<()> {
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Plain streaming-read bandwidth of this machine right now, as a roofline for the decodes.
+fn read_bandwidth() -> f64 {
+    let data = vec![1.0f32; 64 << 20];
+    let threads = rayon_threads();
+    let chunk = data.len().div_ceil(threads);
+    let t = time(|| {
+        let total: f32 = std::thread::scope(|s| {
+            let hs: Vec<_> = data.chunks(chunk).map(|c| s.spawn(move || sum_fast(c))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(total);
+    });
+    (data.len() * 4) as f64 / t.as_secs_f64() / 1e9
+}
+
+/// Sum with 16 independent lanes, so the read is not bound by the latency of one add chain.
+fn sum_fast(c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for x in c.chunks_exact(16) {
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+    acc.iter().sum()
 }

@@ -156,6 +156,10 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
         let q_first = t0.saturating_sub(inp.pos0) * n_rep;
         let nqa = nq - q_first;
 
+        // Start fetching the next tile while this one computes: the K/V of one tile come from
+        // several blocks scattered over the pool, which the hardware prefetcher picks up late.
+        prefetch_keys(s, inp, t0 + TILE, (t0 + 2 * TILE).min(kend));
+
         let kstride;
         if direct {
             for (j, p) in kptrs[..nvec].iter_mut().enumerate() {
@@ -192,10 +196,17 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
             }
             kstride = TILE;
         }
-        for (i, p) in vptrs[..tlen].iter_mut().enumerate() {
-            let t = t0 + i;
-            // SAFETY: block id validated, offset inside the block.
-            *p = unsafe { vbase.add(v_head(inp.table[t / bs]) + (t % bs) * d) };
+        // V rows, one block segment at a time (one division per block, not per key).
+        let mut t = t0;
+        while t < t0 + tlen {
+            let off = t % bs;
+            let seg = (bs - off).min(t0 + tlen - t);
+            // SAFETY: block id validated, slots off..off + seg inside the block.
+            let row0 = unsafe { vbase.add(v_head(inp.table[t / bs]) + off * d) };
+            for (i, p) in vptrs[t - t0..t - t0 + seg].iter_mut().enumerate() {
+                *p = unsafe { row0.add(i * d) };
+            }
+            t += seg;
         }
 
         // SAFETY: q_first < nq rows of qs/s/o; K/V pointers valid per the above.
@@ -219,6 +230,38 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
             s.pv_tile(sbuf.add(q_first * TILE), nqa, &vptrs[..tlen], d, obuf.add(q_first * d));
         }
         t0 += TILE;
+    }
+}
+
+/// Prefetches the K and V cache lines of key positions `a..b` of the pass's group.
+#[inline(always)]
+fn prefetch_keys<S: Simd>(s: S, inp: &PassInput, a: usize, b: usize) {
+    let KvGeometry { block_size: bs, n_kv_heads: nkv, head_dim: d } = inp.geom;
+    let g = inp.group;
+    // Floats per cache line.
+    const LINE: usize = 16;
+    let mut t = a;
+    while t < b {
+        let off = t % bs;
+        let seg = (bs - off).min(b - t);
+        let blk = inp.table[t / bs] as usize;
+        let kh = (blk * nkv + g) * d * bs;
+        let k0 = inp.k[kh..kh + d * bs].as_ptr();
+        for k in 0..d {
+            let mut c = off - off % LINE;
+            while c < off + seg {
+                s.prefetch(k0.wrapping_add(k * bs + c));
+                c += LINE;
+            }
+        }
+        let vh = (blk * nkv + g) * bs * d;
+        let v0 = inp.v[vh..vh + bs * d].as_ptr();
+        let mut c = off * d;
+        while c < (off + seg) * d {
+            s.prefetch(v0.wrapping_add(c));
+            c += LINE;
+        }
+        t += seg;
     }
 }
 

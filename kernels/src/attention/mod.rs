@@ -334,11 +334,12 @@ pub fn paged_attention_reference(
     Ok(())
 }
 
-/// Below this many (query head, key) pairs a call runs on the calling thread: waking the pool
-/// costs tens of microseconds, about as much as the whole call.
-const SERIAL_COST: usize = 1 << 15;
+/// Below this cost (query heads x visible keys x head_dim, i.e. multiply-adds of q.k) a call
+/// runs on the calling thread: waking the pool costs some tens of microseconds, about what the
+/// whole call takes.
+const SERIAL_COST: usize = 1 << 21;
 /// A job is split (across its KV heads and then key ranges) only above this cost.
-const MIN_SPLIT_COST: usize = 1 << 14;
+const MIN_SPLIT_COST: usize = 1 << 20;
 /// Minimum keys per key-range split, so a split's fixed costs stay small against its work.
 const MIN_SPLIT_KEYS: usize = 256;
 /// Target number of query vectors (rows x heads of a group) per pass: enough to reuse each
@@ -461,8 +462,12 @@ fn plan_jobs<'a>(ctx: &Ctx, seqs: &[SeqRows<'a>]) -> Vec<Job<'a>> {
             let b = (a + rows_per_job).min(s.rows.end);
             let pos0 = s.start_pos + (a - s.rows.start);
             let n = b - a;
-            // (query head, key) pairs: sum over rows of (position + 1), times heads.
-            let cost = n.saturating_mul(pos0.saturating_add(n.div_ceil(2))).saturating_mul(ctx.n_heads);
+            // (query head, key) pairs, sum over rows of (position + 1) times heads, times the
+            // work per pair.
+            let cost = n
+                .saturating_mul(pos0.saturating_add(n.div_ceil(2)))
+                .saturating_mul(ctx.n_heads)
+                .saturating_mul(ctx.cache.geom.head_dim);
             jobs.push(Job { table: s.block_table, rows: a..b, pos0, cost, splits: 0 });
             a = b;
         }

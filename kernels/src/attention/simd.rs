@@ -35,6 +35,8 @@ pub(super) trait Simd: Copy {
     /// `e^x` per lane, within a few ulp; exactly 0 for `x` below `ln(f32::MIN_POSITIVE)` (so
     /// `-inf` maps to 0 and no denormals are produced).
     fn exp(self, x: Self::V) -> Self::V;
+    /// Hint that the cache line holding `p` will be read soon (no-op where unsupported).
+    fn prefetch(self, p: *const f32);
 
     /// `s[i][t] = sum_k q[i][k] * K^T[k][t]` for `i < nq`, `t < TILE`: `q` rows have stride `d`,
     /// `s` rows stride `TILE`; key vector `j` (lanes `j*LANES..`) is read at `kp[j] + k*kstride`.
@@ -133,6 +135,8 @@ impl Simd for Portable {
     fn exp(self, x: [f32; 8]) -> [f32; 8] {
         std::array::from_fn(|i| if x[i] < EXP_LO { 0.0 } else { x[i].exp() })
     }
+    #[inline(always)]
+    fn prefetch(self, _p: *const f32) {}
 
     #[inline(always)]
     unsafe fn qk_tile(
@@ -246,6 +250,11 @@ mod x86 {
             }
         }
 
+        #[inline(always)]
+        fn prefetch(self, p: *const f32) {
+            // A hint: never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        }
         #[inline(always)]
         unsafe fn qk_tile(
             self,
@@ -362,6 +371,11 @@ mod x86 {
             }
         }
 
+        #[inline(always)]
+        fn prefetch(self, p: *const f32) {
+            // A hint: never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        }
         #[inline(always)]
         unsafe fn qk_tile(
             self,

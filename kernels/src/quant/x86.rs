@@ -19,9 +19,18 @@ const G1: usize = 2;
 const R256: usize = 4;
 
 /// Software prefetch distance in bytes ahead of the weight stream.
-const PF: usize = match option_env!("QPF") {
-    Some(_) => 2048,
-    None => 0,
+const PF: usize = {
+    let v = match option_env!("QPF") {
+        Some(v) => v.as_bytes(),
+        None => b"0",
+    };
+    let mut n = 0;
+    let mut i = 0;
+    while i < v.len() {
+        n = n * 10 + (v[i] - b'0') as usize;
+        i += 1;
+    }
+    n
 };
 
 #[inline(always)]
