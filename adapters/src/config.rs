@@ -58,7 +58,8 @@ pub struct AdapterSpec {
 impl AdapterSpec {
     /// Parses and validates `adapter_config.json`.
     pub fn from_json(bytes: &[u8]) -> Result<Self, AdapterError> {
-        let wire: PeftConfig = serde_json::from_slice(bytes).map_err(|e| AdapterError::Json(e.to_string()))?;
+        let wire: PeftConfig =
+            serde_json::from_slice(bytes).map_err(|e| AdapterError::Json(e.to_string()))?;
         wire.into_spec()
     }
 
@@ -91,7 +92,10 @@ impl PeftConfig {
             return Err(field("lora_alpha", "must be a finite number"));
         }
         if self.fan_in_fan_out {
-            return Err(field("fan_in_fan_out", "true is only used for GPT-2 style Conv1D layers, which lorahost does not serve"));
+            return Err(field(
+                "fan_in_fan_out",
+                "true is only used for GPT-2 style Conv1D layers, which lorahost does not serve",
+            ));
         }
         match self.bias.as_deref() {
             None | Some("none") => {}
@@ -110,7 +114,10 @@ impl PeftConfig {
             return Err(field("use_dora", "DoRA adapters are not supported yet"));
         }
         if let Some(m) = self.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
-            return Err(field("modules_to_save", format!("{m:?}: per-adapter replacement modules are not supported")));
+            return Err(field(
+                "modules_to_save",
+                format!("{m:?}: per-adapter replacement modules are not supported"),
+            ));
         }
         let targets = match self.target_modules {
             Some(serde_json::Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
@@ -118,7 +125,11 @@ impl PeftConfig {
             Some(serde_json::Value::Array(items)) => TargetModules::Names(
                 items
                     .into_iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or_else(|| field("target_modules", "list items must be strings")))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| field("target_modules", "list items must be strings"))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             Some(other) => return Err(field("target_modules", format!("unexpected value {other}"))),
@@ -129,13 +140,18 @@ impl PeftConfig {
         }
         let layers = match self.layers_to_transform {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::Number(n)) => {
-                Some(vec![n.as_u64().ok_or_else(|| field("layers_to_transform", "must be a layer index"))? as usize])
-            }
+            Some(serde_json::Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| field("layers_to_transform", "must be a layer index"))?
+                as usize]),
             Some(serde_json::Value::Array(items)) => Some(
                 items
                     .iter()
-                    .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| field("layers_to_transform", "must list layer indices")))
+                    .map(|v| {
+                        v.as_u64()
+                            .map(|n| n as usize)
+                            .ok_or_else(|| field("layers_to_transform", "must list layer indices"))
+                    })
                     .collect::<Result<_, _>>()?,
             ),
             Some(other) => return Err(field("layers_to_transform", format!("unexpected value {other}"))),
@@ -180,7 +196,10 @@ mod tests {
             (r#"{"target_modules":["q_proj"]}"#, "`r`"),
             (r#"{"r":0,"target_modules":["q_proj"]}"#, "`r`"),
             (r#"{"r":8,"target_modules":["q_proj"],"bias":"all"}"#, "`bias`"),
-            (r#"{"r":8,"target_modules":["q_proj"],"init_lora_weights":"pissa_niter_4"}"#, "`init_lora_weights`"),
+            (
+                r#"{"r":8,"target_modules":["q_proj"],"init_lora_weights":"pissa_niter_4"}"#,
+                "`init_lora_weights`",
+            ),
             (r#"{"r":8,"target_modules":["q_proj"],"fan_in_fan_out":true}"#, "`fan_in_fan_out`"),
             (r#"{"r":8,"target_modules":["q_proj"],"modules_to_save":["lm_head"]}"#, "`modules_to_save`"),
             (r#"{"r":8,"peft_type":"IA3","target_modules":["q_proj"]}"#, "`peft_type`"),

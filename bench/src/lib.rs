@@ -44,13 +44,20 @@ pub struct BatchTiming {
 
 /// Runs `batch` sequences of `prompt_len` prompt tokens and `gen_len` generated tokens (EOS
 /// ignored, greedy) through a fresh engine core.
-pub fn run_batch(base: &Base, config: EngineConfig, batch: usize, prompt_len: usize, gen_len: usize) -> BatchTiming {
+pub fn run_batch(
+    base: &Base,
+    config: EngineConfig,
+    batch: usize,
+    prompt_len: usize,
+    gen_len: usize,
+) -> BatchTiming {
     let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), config);
     let vocab = base.model.config().vocab_size as u32;
     let mut streams: Vec<UnboundedReceiver<TokenEvent>> = Vec::new();
     for b in 0..batch {
         // Distinct prompts so no two sequences are the same.
-        let prompt = (0..prompt_len as u32).map(|i| (i * 31 + b as u32 * 977 + 100) % (vocab - 100) + 50).collect();
+        let prompt =
+            (0..prompt_len as u32).map(|i| (i * 31 + b as u32 * 977 + 100) % (vocab - 100) + 50).collect();
         let req = ValidRequest {
             prompt_ids: prompt,
             sampling: SamplingParams { temperature: 0.0, ..Default::default() },

@@ -29,10 +29,29 @@ fn path(p: &Path) -> &str {
 #[test]
 fn json_output_has_the_contract_fields() {
     let model = tiny_dir(TinyModel::default());
-    let out = lorahost(&["generate", "--model", path(model.path()), "--prompt", "Hello", "--max-tokens", "5", "--ignore-eos", "--json"]);
+    let out = lorahost(&[
+        "generate",
+        "--model",
+        path(model.path()),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    for key in ["text", "token_ids", "prompt_token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "prefill_seconds", "decode_seconds"] {
+    for key in [
+        "text",
+        "token_ids",
+        "prompt_token_ids",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "prefill_seconds",
+        "decode_seconds",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
     assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(5));

@@ -8,7 +8,7 @@ use common::*;
 use lorahost::base::Base;
 use lorahost::chat::ChatMessage;
 use lorahost::engine::{EngineCore, StopCriteria, ValidRequest};
-use lorahost::model::{with_logits, Dtype, ForwardBatch, KvCache, KvCacheConfig};
+use lorahost::model::Dtype;
 use lorahost::tokenizer::TextTokenizer;
 use serde_json::Value;
 use std::sync::OnceLock;
@@ -90,16 +90,7 @@ fn last_position_logits_within_tolerance() {
     let expected = expected["last_logits"].to_vec2::<f32>().expect("2-D logits");
     let prompts = json("prompts.json");
     for (p, want) in prompts["prompts"].as_array().expect("prompts").iter().zip(&expected) {
-        let tokens = ids(&p["prompt_ids"]);
-        let mut kv =
-            KvCache::new(base.model.config(), KvCacheConfig { budget_bytes: 16 << 20, block_size: 16 });
-        let blocks: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
-        let positions: Vec<usize> = (0..tokens.len()).collect();
-        let seqs =
-            [kernels::attention::SeqRows { rows: 0..tokens.len(), start_pos: 0, block_table: &blocks }];
-        let last = [(tokens.len() - 1) as u32];
-        let batch = ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seqs, logit_rows: &last };
-        let got = with_logits(&base.model.forward(&batch, &mut kv).expect("forward")).expect("logits");
+        let got = base.model.last_logits(&ids(&p["prompt_ids"])).expect("forward");
         let max_abs = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_abs < 1e-3, "prompt {}: max |Δlogit| = {max_abs}", p["id"]);
         assert_eq!(lorahost::engine::argmax(&got), lorahost::engine::argmax(want));

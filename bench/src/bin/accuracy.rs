@@ -6,21 +6,13 @@
 
 use lorahost::base::Base;
 use lorahost::chat::ChatMessage;
-use lorahost::engine::{argmax, EngineConfig, EngineCore, SamplingParams, StopCriteria, TokenEvent, ValidRequest};
-use lorahost::model::{with_logits, Dtype, ForwardBatch, KvCache, KvCacheConfig};
+use lorahost::engine::{
+    argmax, EngineConfig, EngineCore, SamplingParams, StopCriteria, TokenEvent, ValidRequest,
+};
+use lorahost::model::Dtype;
 use tokio::sync::mpsc::unbounded_channel;
 
 const GEN: usize = 32;
-
-fn last_logits(base: &Base, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
-    let mut kv = KvCache::new(base.model.config(), KvCacheConfig { budget_bytes: 32 << 20, block_size: 16 });
-    let blocks: Vec<u32> = (0..tokens.len().div_ceil(16) as u32).collect();
-    let positions: Vec<usize> = (0..tokens.len()).collect();
-    let seqs = [kernels::attention::SeqRows { rows: 0..tokens.len(), start_pos: 0, block_table: &blocks }];
-    let last = [(tokens.len() - 1) as u32];
-    let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logit_rows: &last };
-    Ok(with_logits(&base.model.forward(&batch, &mut kv)?)?)
-}
 
 fn greedy(base: &Base, prompt: &[u32]) -> anyhow::Result<Vec<u32>> {
     let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), EngineConfig::default());
@@ -50,7 +42,12 @@ fn main() -> anyhow::Result<()> {
         "The three primary colors are",
         "import numpy as np\n\nx = np.",
     ];
-    let chats = ["What is the capital of France?", "Write a short poem about autumn leaves.", "Give me three tips for learning Rust.", "What is 17 + 25?"];
+    let chats = [
+        "What is the capital of France?",
+        "Write a short poem about autumn leaves.",
+        "Give me three tips for learning Rust.",
+        "What is 17 + 25?",
+    ];
     let mut prompts: Vec<(String, Vec<u32>)> = Vec::new();
     for p in raw {
         prompts.push((format!("raw: {p:?}"), exact.tokenizer.encode(p)?));
@@ -65,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     let mut same_top1 = 0;
     let mut prefix_sum = 0;
     for (name, ids) in &prompts {
-        let (a, b) = (last_logits(&exact, ids)?, last_logits(&auto, ids)?);
+        let (a, b) = (exact.model.last_logits(ids)?, auto.model.last_logits(ids)?);
         let max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         worst = worst.max(max_abs);
         let top1 = argmax(&a) == argmax(&b);

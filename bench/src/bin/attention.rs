@@ -57,7 +57,7 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
     let mut cache = LayerKv::new(geom, num_blocks);
     // Interleave the sequences' blocks, as a long-running allocator would.
     let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..ids.len()).rev().filter(|_| std::env::var_os("NOSHUF").is_none()) {
+    for i in (1..ids.len()).rev() {
         ids.swap(i, rng.below(i + 1));
     }
     let mut tables = Vec::new();
@@ -81,6 +81,10 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
         row += n;
     }
     let q = rng.vec(row * m.n_heads * m.d);
+    // This step's own K/V rows, rewritten in place (same cost as the real write).
+    let step_k = rng.vec(row * width);
+    let step_v = rng.vec(row * width);
+    let write = time(|| write_kv(&mut cache, &step_k, &step_v, &seqs).expect("write_kv"));
     let mut out = vec![0.0; q.len()];
     let scale = 1.0 / (m.d as f32).sqrt();
 
@@ -89,9 +93,10 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
         w.seqs.iter().map(|&(n, p)| (0..n).map(|r| p + r + 1).sum::<usize>()).sum::<usize>() * m.n_heads;
     let flops = (4 * m.d * pairs) as f64;
 
-    let fast = time(|| {
+    let (fast, cores) = time_cpu(|| {
         paged_attention_with(isa, &cache, &q, m.n_heads, scale, &seqs, &mut out).expect("attention");
     });
+    let cores = cores.map_or(String::new(), |c| format!(" on {c:.1} cores"));
     let fast_out = out.clone();
     let gf = |t: Duration| flops / t.as_secs_f64() / 1e9;
     // K and V bytes a call must read at least once.
@@ -103,44 +108,67 @@ fn run(m: &Model, w: &Work, block_size: usize, isa: Isa, with_ref: bool) -> anyh
         });
         let diff = fast_out.iter().zip(&out).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         println!(
-            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>5.1} GF/s {:>5.1} GB/s | ref {:>10} {:>5.2} GF/s | x{:>6.1} | diff {:.0e}",
+            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>5.1} GF/s {:>5.1} GB/s{} | ref {:>10} {:>5.2} GF/s | x{:>6.1} | diff {:.0e} | write_kv {}",
             m.name,
             w.label,
             block_size,
             fmt(fast),
             gf(fast),
             gb(fast),
+            cores,
             fmt(reference),
             gf(reference),
             reference.as_secs_f64() / fast.as_secs_f64(),
-            diff
+            diff,
+            fmt(write)
         );
     } else {
         println!(
-            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>5.1} GF/s {:>5.1} GB/s",
+            "{:<18} {:<34} bs {:>2} | fast {:>10} {:>5.1} GF/s {:>5.1} GB/s{} | write_kv {}",
             m.name,
             w.label,
             block_size,
             fmt(fast),
             gf(fast),
-            gb(fast)
+            gb(fast),
+            cores,
+            fmt(write)
         );
     }
     Ok(())
 }
 
 /// Median time per call: one warm-up, then calls until ~0.5 s (at least 3, at most 200).
-fn time(mut f: impl FnMut()) -> Duration {
+fn time(f: impl FnMut()) -> Duration {
+    time_cpu(f).0
+}
+
+/// [`time`] and the average number of cores the process kept busy meanwhile (CPU time / wall
+/// time; on a shared machine this shows how much of it the kernel actually got).
+fn time_cpu(mut f: impl FnMut()) -> (Duration, Option<f64>) {
     f();
     let mut times = Vec::new();
+    let cpu0 = cpu_seconds();
     let start = Instant::now();
     while times.len() < 3 || (start.elapsed() < Duration::from_millis(500) && times.len() < 200) {
         let t = Instant::now();
         f();
         times.push(t.elapsed());
     }
+    let wall = start.elapsed().as_secs_f64();
+    let cores = cpu0.zip(cpu_seconds()).map(|(a, b)| (b - a) / wall);
     times.sort();
-    times[times.len() / 2]
+    (times[times.len() / 2], cores)
+}
+
+/// User + system CPU time of this process (Linux `/proc/self/stat`, clock ticks of 10 ms).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 fn fmt(t: Duration) -> String {

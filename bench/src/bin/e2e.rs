@@ -43,18 +43,23 @@ fn main() -> anyhow::Result<()> {
         run_batch(&base, config, 1, 16, 8);
         let mut record = |name: String, values: Vec<f64>| {
             let s = summarize(values.clone());
-            println!("{}", json!({"dtype": format!("{dtype:?}"), "measure": name, "tokens_per_s": values, "median": s.median}));
+            println!(
+                "{}",
+                json!({"dtype": format!("{dtype:?}"), "measure": name, "tokens_per_s": values, "median": s.median})
+            );
             table.push(format!("| {dtype:?} | {name} | {s} |"));
         };
         for prompt in [128, 1024] {
-            let v = (0..args.reps).map(|_| run_batch(&base, config, 1, prompt, 1).prefill_tokens_per_s).collect();
+            let v =
+                (0..args.reps).map(|_| run_batch(&base, config, 1, prompt, 1).prefill_tokens_per_s).collect();
             record(format!("prompt processing, {prompt}-token prompt"), v);
         }
         let v = (0..args.reps).map(|_| run_batch(&base, config, 1, 1, 129).decode_tokens_per_s).collect();
         record("single-stream decode, 128 tokens".into(), v);
         for &b in &args.batch {
             let config = EngineConfig { max_step_tokens: 512, max_running: b.max(1), ..Default::default() };
-            let v = (0..args.reps).map(|_| run_batch(&base, config, b, 128, 128).decode_tokens_per_s).collect();
+            let v =
+                (0..args.reps).map(|_| run_batch(&base, config, b, 128, 128).decode_tokens_per_s).collect();
             record(format!("aggregate decode, {b} sequences (128 prompt + 128 generated each)"), v);
         }
     }

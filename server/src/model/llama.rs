@@ -7,7 +7,7 @@ use super::kv_cache::KvCache;
 use super::linear::{with_f32_slice, Embedding, Linear};
 use super::ModelError;
 use candle_core::{Device, Tensor};
-use kernels::attention::{paged_attention, write_kv, Rope, SeqRows};
+use kernels::attention::{paged_attention, write_kv, LayerKv, Rope, SeqRows};
 
 /// Where layer weights come from; implemented by the GGUF and Hugging Face loaders so the layer
 /// code below has one naming scheme (Hugging Face names).
@@ -30,6 +30,13 @@ pub struct ForwardBatch<'a> {
     pub seqs: &'a [SeqRows<'a>],
     /// Rows whose logits are wanted (usually the last row of each sequence that samples).
     pub logit_rows: &'a [u32],
+}
+
+/// What every layer needs besides its input: the step's rows and the shared rope table.
+struct StepCtx<'a> {
+    batch: &'a ForwardBatch<'a>,
+    rope: &'a Rope,
+    cfg: &'a ModelConfig,
 }
 
 struct RmsNorm {
@@ -89,14 +96,8 @@ impl Attention {
     }
 
     /// `x: (rows, hidden)` → `(rows, hidden)`; writes this step's K/V into the layer's blocks.
-    fn forward(
-        &self,
-        x: &Tensor,
-        batch: &ForwardBatch,
-        kv: &mut kernels::attention::LayerKv,
-        rope: &Rope,
-        cfg: &ModelConfig,
-    ) -> Result<Tensor, ModelError> {
+    fn forward(&self, x: &Tensor, kv: &mut LayerKv, ctx: &StepCtx) -> Result<Tensor, ModelError> {
+        let (batch, rope, cfg) = (ctx.batch, ctx.rope, ctx.cfg);
         let (rows, _) = x.dims2()?;
         // (rows, n_heads * head_dim) and (rows, n_kv_heads * head_dim)
         let mut q = with_f32_slice(&self.q_proj.forward(x)?, <[f32]>::to_vec)?;
@@ -139,16 +140,9 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        batch: &ForwardBatch,
-        kv: &mut kernels::attention::LayerKv,
-        rope: &Rope,
-        cfg: &ModelConfig,
-    ) -> Result<Tensor, ModelError> {
+    fn forward(&self, x: &Tensor, kv: &mut LayerKv, ctx: &StepCtx) -> Result<Tensor, ModelError> {
         let residual = x;
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, batch, kv, rope, cfg)?;
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, kv, ctx)?;
         let x = (h + residual)?;
         let residual = &x;
         Ok((self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)? + residual)?)
@@ -196,14 +190,33 @@ impl Llama {
         }
         // (rows, hidden)
         let mut x = self.embed_tokens.forward(batch.tokens, cfg.hidden_size)?;
+        let ctx = StepCtx { batch, rope: &self.rope, cfg };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_kv =
                 kv.layer_mut(i).ok_or_else(|| ModelError::Config(format!("KV cache has no layer {i}")))?;
-            x = layer.forward(&x, batch, layer_kv, &self.rope, cfg)?;
+            x = layer.forward(&x, layer_kv, &ctx)?;
         }
         let ids = Tensor::new(batch.logit_rows, &Device::Cpu)?;
         // (logit_rows, hidden)
         let x = x.index_select(&ids, 0)?;
         self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    /// Logits at the last position of one prompt, computed in a scratch KV cache sized for it
+    /// (reference checks and accuracy measurements).
+    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Config("empty prompt".into()));
+        }
+        let block_size = super::kv_cache::DEFAULT_BLOCK_SIZE;
+        let blocks_needed = tokens.len().div_ceil(block_size);
+        let budget = blocks_needed * KvCache::block_bytes(&self.config, block_size);
+        let mut kv = KvCache::new(&self.config, super::KvCacheConfig { budget_bytes: budget, block_size });
+        let blocks: Vec<u32> = (0..blocks_needed as u32).collect();
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let seqs = [SeqRows { rows: 0..tokens.len(), start_pos: 0, block_table: &blocks }];
+        let last = [(tokens.len() - 1) as u32];
+        let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logit_rows: &last };
+        super::with_logits(&self.forward(&batch, &mut kv)?)
     }
 }
