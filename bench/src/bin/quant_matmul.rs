@@ -1,6 +1,6 @@
 //! Quantized matmul benchmark: `kernels::quant::QuantMatrix::matmul` on SmolLM2-135M shapes.
 //!
-//! `cargo run --release -p lorahost-bench --bin quant_matmul [-- --quick] [-- --no-scalar]`
+//! `cargo run --release -p lorahost-bench --bin quant_matmul [-- --quick --no-scalar --path avx2]`
 //!
 //! Prints, per shape and activation row count, the median time per call of the fast path and of
 //! the scalar path (same algorithm, no SIMD), with weight GB/s and GFLOP/s. "hot" numbers reuse
@@ -116,7 +116,16 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let no_scalar = args.iter().any(|a| a == "--no-scalar");
     let budget = Duration::from_millis(if quick { 100 } else { 400 });
-    let fast = MatmulPath::best();
+    // `--path avx2|scalar` benchmarks another kernel path as the "fast" column.
+    let fast = match args.iter().position(|a| a == "--path").and_then(|i| args.get(i + 1)) {
+        Some(p) if p == "avx2" => MatmulPath::Avx2,
+        Some(p) if p == "scalar" => MatmulPath::Scalar,
+        _ => MatmulPath::best(),
+    };
+    if !fast.is_available() {
+        eprintln!("{fast:?} is not available on this CPU");
+        return;
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("quant_matmul: fast path {fast:?}, {cpus} CPUs (rayon global pool); medians per call");
 

@@ -1,10 +1,12 @@
-//! The fast attention pass: one KV head group, a run of query rows of one sequence, a range of
-//! key positions; flash-attention style (online softmax over tiles of [`TILE`] keys) so scores
-//! never exist for more than one tile and every K/V tile is reused by all queries of the group.
+//! The fast attention pass: a range of KV head groups, a run of query rows of one sequence, a
+//! range of key positions; flash-attention style (online softmax over tiles of [`TILE`] keys) so
+//! scores never exist for more than one tile and every K/V tile is reused by all queries of its
+//! group. Tiles are the outer loop and groups the inner one, so a pass over several groups
+//! streams each block's K (and V) of all heads, which is contiguous in the pool.
 //!
 //! A pass leaves unnormalised state (`o`, running max `m`, running sum `l`) per query vector;
 //! the caller either normalises it into the output or merges it with passes over other key
-//! ranges of the same queries (split-K for long single-row decodes).
+//! ranges of the same queries (split-K for long decodes).
 
 use std::ops::Range;
 
@@ -29,7 +31,8 @@ pub(super) struct PassInput<'a> {
     pub n_rep: usize,
     pub scale: f32,
     pub table: &'a [u32],
-    pub group: usize,
+    /// KV head groups of this pass.
+    pub groups: Range<usize>,
     /// Absolute query rows (indices into `q`'s rows).
     pub rows: Range<usize>,
     /// Sequence position of `rows.start`.
@@ -39,8 +42,16 @@ pub(super) struct PassInput<'a> {
     pub keys: Range<usize>,
 }
 
-/// Per-pass buffers, reused across passes of one job. After a pass, query vector `i` (row
-/// `i / n_rep`, head `i % n_rep` of the group) has `o[i*d..][..d]`, `m[i]`, `l[i]`.
+impl PassInput<'_> {
+    /// Query vectors per group: rows x heads of a group.
+    pub fn nq(&self) -> usize {
+        self.rows.len() * self.n_rep
+    }
+}
+
+/// Per-pass buffers, reused across passes of one job. After a pass, query vector `i` of the
+/// `gi`-th group of the pass (row `i / n_rep`, head `i % n_rep` of the group) is at index
+/// `x = gi * nq + i`: `o[x*d..][..d]`, `m[x]`, `l[x]`.
 #[derive(Default)]
 pub(super) struct PassState {
     pub o: Vec<f32>,
@@ -114,18 +125,20 @@ unsafe fn pass_avx2(t: Avx2, inp: &PassInput, st: &mut PassState) {
 unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
     let KvGeometry { block_size: bs, n_kv_heads: nkv, head_dim: d } = inp.geom;
     let n_rep = inp.n_rep;
-    let g = inp.group;
     let nrows = inp.rows.len();
-    let nq = nrows * n_rep;
-    st.reset(nq, d);
+    let nq = inp.nq();
+    let ng = inp.groups.len();
+    st.reset(ng * nq, d);
 
-    // Gather this group's query heads, pre-scaled so the scores come out of QK directly.
+    // Gather the groups' query heads, pre-scaled so the scores come out of QK directly.
     let row_stride = inp.n_heads * d;
-    for (r, i) in inp.rows.clone().enumerate() {
-        let src = &inp.q[i * row_stride + g * n_rep * d..][..n_rep * d];
-        let dst = &mut st.qs[r * n_rep * d..][..n_rep * d];
-        for (x, &y) in dst.iter_mut().zip(src) {
-            *x = y * inp.scale;
+    for (gi, g) in inp.groups.clone().enumerate() {
+        for (r, i) in inp.rows.clone().enumerate() {
+            let src = &inp.q[i * row_stride + g * n_rep * d..][..n_rep * d];
+            let dst = &mut st.qs[(gi * nq + r * n_rep) * d..][..n_rep * d];
+            for (x, &y) in dst.iter_mut().zip(src) {
+                *x = y * inp.scale;
+            }
         }
     }
 
@@ -138,44 +151,86 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
     let direct = bs % S::LANES == 0;
     let kbase = inp.k.as_ptr();
     let vbase = inp.v.as_ptr();
-    let k_head = |blk: u32| (blk as usize * nkv + g) * d * bs;
-    let v_head = |blk: u32| (blk as usize * nkv + g) * bs * d;
+    let k_head = |blk: u32, g: usize| (blk as usize * nkv + g) * d * bs;
+    let v_head = |blk: u32, g: usize| (blk as usize * nkv + g) * bs * d;
+
+    // A step is (tile start, group), tiles outer. Pointers are kept for this step and the
+    // next: the next step's lines are prefetched from inside this step's FMA loops (spread
+    // out, so the prefetches neither stall the loads nor arrive too late), since the K/V of a
+    // tile come from blocks scattered over the pool, where the hardware prefetcher alone ramps
+    // up too late.
     let mut kptrs = [std::ptr::null::<f32>(); TILE];
     let mut vptrs = [std::ptr::null::<f32>(); TILE];
+    let mut next_k = [std::ptr::null::<f32>(); TILE];
+    let mut next_v = [std::ptr::null::<f32>(); TILE];
+    // Key vector j of group g's tile at t0 with tlen keys. Vectors wholly past the tile alias
+    // vector 0: computed, then masked.
+    let fill_k = |t0: usize, tlen: usize, g: usize, out: &mut [*const f32]| {
+        for (j, p) in out.iter_mut().enumerate() {
+            let t = t0 + j * S::LANES;
+            let t = if t < t0 + tlen { t } else { t0 };
+            // SAFETY: block id validated, offset inside the block.
+            *p = unsafe { kbase.add(k_head(inp.table[t / bs], g) + t % bs) };
+        }
+    };
+    // V rows, one block segment at a time (one division per block, not per key).
+    let fill_v = |t0: usize, tlen: usize, g: usize, out: &mut [*const f32]| {
+        let mut t = t0;
+        while t < t0 + tlen {
+            let off = t % bs;
+            let seg = (bs - off).min(t0 + tlen - t);
+            // SAFETY: block id validated, slots off..off + seg inside the block.
+            let row0 = unsafe { vbase.add(v_head(inp.table[t / bs], g) + off * d) };
+            for (i, p) in out[t - t0..t - t0 + seg].iter_mut().enumerate() {
+                *p = unsafe { row0.add(i * d) };
+            }
+            t += seg;
+        }
+    };
+    let step_after = |t0: usize, gi: usize| if gi + 1 < ng { (t0, gi + 1) } else { (t0 + TILE, 0) };
 
     let qs = st.qs.as_ptr();
     let sbuf = st.s.as_mut_ptr();
     let obuf = st.o.as_mut_ptr();
     let kpack = st.kpack.as_mut_ptr();
 
-    let mut t0 = inp.keys.start;
-    while t0 < kend {
+    let (mut t0, mut gi) = (inp.keys.start, 0);
+    if t0 < kend && ng > 0 {
         let tlen = TILE.min(kend - t0);
+        if direct {
+            fill_k(t0, tlen, inp.groups.start, &mut kptrs[..nvec]);
+        }
+        fill_v(t0, tlen, inp.groups.start, &mut vptrs[..tlen]);
+    }
+    while t0 < kend && ng > 0 {
+        let g = inp.groups.start + gi;
+        let tlen = TILE.min(kend - t0);
+        let (nt0, ngi) = step_after(t0, gi);
+        let next_len = kend.saturating_sub(nt0).min(TILE);
+        let ng_abs = inp.groups.start + ngi;
         // Rows whose position is below t0 see none of this tile; since positions increase with
         // the row, the active queries are a suffix.
         let q_first = t0.saturating_sub(inp.pos0) * n_rep;
         let nqa = nq - q_first;
+        let x0 = gi * nq + q_first;
 
-        // Start fetching the next tile while this one computes: the K/V of one tile come from
-        // several blocks scattered over the pool, which the hardware prefetcher picks up late.
-        prefetch_keys(s, inp, t0 + TILE, (t0 + 2 * TILE).min(kend));
-
+        if next_len > 0 {
+            fill_v(nt0, next_len, ng_abs, &mut next_v[..next_len]);
+        }
         let kstride;
+        let pf_k: &[*const f32];
         if direct {
-            for (j, p) in kptrs[..nvec].iter_mut().enumerate() {
-                let t = t0 + j * S::LANES;
-                // Vectors wholly past the tile alias vector 0: computed, then masked.
-                let t = if t < t0 + tlen { t } else { t0 };
-                // SAFETY: block id validated, offset inside the block.
-                *p = unsafe { kbase.add(k_head(inp.table[t / bs]) + t % bs) };
+            if next_len > 0 {
+                fill_k(nt0, next_len, ng_abs, &mut next_k[..nvec]);
             }
+            pf_k = &next_k[..if next_len > 0 { nvec } else { 0 }];
             kstride = bs;
         } else {
             let mut t = t0;
             while t < t0 + tlen {
                 let off = t % bs;
                 let seg = (bs - off).min(t0 + tlen - t);
-                let src = k_head(inp.table[t / bs]) + off;
+                let src = k_head(inp.table[t / bs], g) + off;
                 for k in 0..d {
                     // SAFETY: the source row segment lies inside one validated block; the
                     // destination inside kpack row k. Raw copies keep `kpack` (a pointer
@@ -194,58 +249,49 @@ unsafe fn pass_impl<S: Simd>(s: S, inp: &PassInput, st: &mut PassState) {
                 // SAFETY: inside kpack ([d][TILE]).
                 *p = unsafe { kpack.add(j * S::LANES) };
             }
+            // Packing reads the next step's K rows in short segments: fetch them in one go.
+            prefetch_k_rows(s, inp, ng_abs, nt0, nt0 + next_len);
+            pf_k = &[];
             kstride = TILE;
         }
-        // V rows, one block segment at a time (one division per block, not per key).
-        let mut t = t0;
-        while t < t0 + tlen {
-            let off = t % bs;
-            let seg = (bs - off).min(t0 + tlen - t);
-            // SAFETY: block id validated, slots off..off + seg inside the block.
-            let row0 = unsafe { vbase.add(v_head(inp.table[t / bs]) + off * d) };
-            for (i, p) in vptrs[t - t0..t - t0 + seg].iter_mut().enumerate() {
-                *p = unsafe { row0.add(i * d) };
-            }
-            t += seg;
-        }
 
-        // SAFETY: q_first < nq rows of qs/s/o; K/V pointers valid per the above.
+        // SAFETY: x0 + nqa <= ng * nq rows of qs/s/o; K/V pointers valid per the above;
+        // prefetch pointers are only hints.
         unsafe {
-            s.qk_tile(qs.add(q_first * d), nqa, d, &kptrs[..nvec], kstride, sbuf.add(q_first * TILE));
+            s.qk_tile(qs.add(x0 * d), nqa, d, &kptrs[..nvec], kstride, pf_k, sbuf.add(x0 * TILE));
         }
         for qi in q_first..nq {
             let limit = (inp.pos0 + qi / n_rep + 1).min(kend);
             let valid = (limit - t0).min(TILE);
-            // SAFETY: row qi of s has TILE entries; row qi of o has d entries.
+            let x = gi * nq + qi;
+            // SAFETY: row x of s has TILE entries; row x of o has d entries.
             unsafe {
-                let row = sbuf.add(qi * TILE);
+                let row = sbuf.add(x * TILE);
                 for t in valid..TILE {
                     *row.add(t) = f32::NEG_INFINITY;
                 }
-                softmax_update(s, row, &mut st.m[qi], &mut st.l[qi], obuf.add(qi * d), d);
+                softmax_update(s, row, &mut st.m[x], &mut st.l[x], obuf.add(x * d), d);
             }
         }
         // SAFETY: as for qk_tile; vptrs[..tlen] are valid V rows.
         unsafe {
-            s.pv_tile(sbuf.add(q_first * TILE), nqa, &vptrs[..tlen], d, obuf.add(q_first * d));
+            s.pv_tile(sbuf.add(x0 * TILE), nqa, &vptrs[..tlen], &next_v[..next_len], d, obuf.add(x0 * d));
         }
-        t0 += TILE;
+        std::mem::swap(&mut kptrs, &mut next_k);
+        std::mem::swap(&mut vptrs, &mut next_v);
+        (t0, gi) = (nt0, ngi);
     }
 }
 
-/// Prefetches the K and V cache lines of key positions `a..b` of the pass's group.
+/// Prefetches the K cache lines of key positions `a..b` of group `g`.
 #[inline(always)]
-fn prefetch_keys<S: Simd>(s: S, inp: &PassInput, a: usize, b: usize) {
+fn prefetch_k_rows<S: Simd>(s: S, inp: &PassInput, g: usize, a: usize, b: usize) {
     let KvGeometry { block_size: bs, n_kv_heads: nkv, head_dim: d } = inp.geom;
-    let g = inp.group;
-    // Floats per cache line.
-    const LINE: usize = 16;
     let mut t = a;
     while t < b {
         let off = t % bs;
         let seg = (bs - off).min(b - t);
-        let blk = inp.table[t / bs] as usize;
-        let kh = (blk * nkv + g) * d * bs;
+        let kh = (inp.table[t / bs] as usize * nkv + g) * d * bs;
         let k0 = inp.k[kh..kh + d * bs].as_ptr();
         for k in 0..d {
             let mut c = off - off % LINE;
@@ -254,16 +300,12 @@ fn prefetch_keys<S: Simd>(s: S, inp: &PassInput, a: usize, b: usize) {
                 c += LINE;
             }
         }
-        let vh = (blk * nkv + g) * bs * d;
-        let v0 = inp.v[vh..vh + bs * d].as_ptr();
-        let mut c = off * d;
-        while c < (off + seg) * d {
-            s.prefetch(v0.wrapping_add(c));
-            c += LINE;
-        }
         t += seg;
     }
 }
+
+/// Floats per cache line (64 bytes), the prefetch granularity.
+const LINE: usize = 16;
 
 /// Online-softmax step for one query over one tile of scores: updates the running max `m` and
 /// sum `l`, rescales the accumulator `o` when the max grew, and replaces the scores by
@@ -336,6 +378,8 @@ macro_rules! dispatch_rem {
 ///
 /// # Safety
 /// See [`Simd::qk_tile`]; additionally `KB` divides `kp.len()` and `QB <= 6`.
+// Raw pointers and extents of a register-blocked kernel; a struct would only obscure them.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(super) unsafe fn qk_tile_impl<S: Simd, const QB: usize, const KB: usize>(
     s: S,
@@ -344,22 +388,27 @@ pub(super) unsafe fn qk_tile_impl<S: Simd, const QB: usize, const KB: usize>(
     d: usize,
     kp: &[*const f32],
     kstride: usize,
+    pf: &[*const f32],
     out: *mut f32,
 ) {
     let mut kc = 0;
     while kc < kp.len() {
         let ptrs: [*const f32; KB] = std::array::from_fn(|j| kp[kc + j]);
+        // Only the first query block prefetches: later blocks find the lines already coming.
+        let mut pfp: Option<[*const f32; KB]> = (!pf.is_empty()).then(|| std::array::from_fn(|j| pf[kc + j]));
         let mut qi = 0;
         // SAFETY (all blocks): query rows qi.. < nq and key vectors kc.. < kp.len().
         while qi + QB <= nq {
-            unsafe {
-                qk_block::<S, QB, KB>(s, q.add(qi * d), d, &ptrs, kstride, out.add(qi * TILE + kc * S::LANES))
-            };
+            let op = unsafe { out.add(qi * TILE + kc * S::LANES) };
+            unsafe { qk_block::<S, QB, KB>(s, q.add(qi * d), d, &ptrs, kstride, pfp.take(), op) };
             qi += QB;
         }
         if qi < nq {
             let (qp, op) = unsafe { (q.add(qi * d), out.add(qi * TILE + kc * S::LANES)) };
-            unsafe { dispatch_rem!(nq - qi, qk_block, KB, (s, qp, d, &ptrs, kstride, op), [1, 2, 3, 4], 5) };
+            let pfp = pfp.take();
+            unsafe {
+                dispatch_rem!(nq - qi, qk_block, KB, (s, qp, d, &ptrs, kstride, pfp, op), [1, 2, 3, 4], 5)
+            };
         }
         kc += KB;
     }
@@ -377,11 +426,17 @@ unsafe fn qk_block<S: Simd, const QB: usize, const KB: usize>(
     d: usize,
     kp: &[*const f32; KB],
     kstride: usize,
+    pf: Option<[*const f32; KB]>,
     out: *mut f32,
 ) {
     let mut acc = [[s.zero(); KB]; QB];
     // SAFETY (all blocks): within the extents stated above.
     for k in 0..d {
+        if let Some(pf) = pf {
+            for p in pf {
+                s.prefetch(p.wrapping_add(k * kstride));
+            }
+        }
         let kv: [S::V; KB] = std::array::from_fn(|j| unsafe { s.load(kp[j].add(k * kstride)) });
         for (i, a) in acc.iter_mut().enumerate() {
             let b = s.splat(unsafe { *q.add(i * d + k) });
@@ -407,6 +462,7 @@ pub(super) unsafe fn pv_tile_impl<S: Simd, const QV: usize, const DV: usize>(
     p: *const f32,
     nq: usize,
     vp: &[*const f32],
+    pf: &[*const f32],
     d: usize,
     o: *mut f32,
 ) {
@@ -414,11 +470,11 @@ pub(super) unsafe fn pv_tile_impl<S: Simd, const QV: usize, const DV: usize>(
     let mut d0 = 0;
     // SAFETY (all blocks): query rows < nq, columns d0.. < d, keys < vp.len().
     while d0 + DV * S::LANES <= d {
-        unsafe { pv_rows::<S, QV, DV>(s, p, nq, vp, d, d0, o) };
+        unsafe { pv_rows::<S, QV, DV>(s, p, nq, vp, pf, d, d0, o) };
         d0 += DV * S::LANES;
     }
     while d0 + S::LANES <= d {
-        unsafe { pv_rows::<S, QV, 1>(s, p, nq, vp, d, d0, o) };
+        unsafe { pv_rows::<S, QV, 1>(s, p, nq, vp, pf, d, d0, o) };
         d0 += S::LANES;
     }
     if d0 < d {
@@ -434,25 +490,30 @@ pub(super) unsafe fn pv_tile_impl<S: Simd, const QV: usize, const DV: usize>(
 }
 
 /// All query rows for one column chunk `d0..d0 + DV*LANES`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv_rows<S: Simd, const QV: usize, const DV: usize>(
     s: S,
     p: *const f32,
     nq: usize,
     vp: &[*const f32],
+    pf: &[*const f32],
     d: usize,
     d0: usize,
     o: *mut f32,
 ) {
     let mut qi = 0;
+    // Only the first query block prefetches the next tile's rows.
+    let mut pf = pf;
     // SAFETY (all blocks): forwarded extents.
     while qi + QV <= nq {
-        unsafe { pv_block::<S, QV, DV>(s, p.add(qi * TILE), vp, d0, o.add(qi * d + d0), d) };
+        unsafe { pv_block::<S, QV, DV>(s, p.add(qi * TILE), vp, pf, d0, o.add(qi * d + d0), d) };
+        pf = &[];
         qi += QV;
     }
     if qi < nq {
         let (pp, op) = unsafe { (p.add(qi * TILE), o.add(qi * d + d0)) };
-        unsafe { dispatch_rem!(nq - qi, pv_block, DV, (s, pp, vp, d0, op, d), [1, 2], 3) };
+        unsafe { dispatch_rem!(nq - qi, pv_block, DV, (s, pp, vp, pf, d0, op, d), [1, 2], 3) };
     }
 }
 
@@ -466,6 +527,7 @@ unsafe fn pv_block<S: Simd, const QV: usize, const DV: usize>(
     s: S,
     p: *const f32,
     vp: &[*const f32],
+    pf: &[*const f32],
     d0: usize,
     o: *mut f32,
     d: usize,
@@ -474,6 +536,11 @@ unsafe fn pv_block<S: Simd, const QV: usize, const DV: usize>(
     let mut acc: [[S::V; DV]; QV] =
         std::array::from_fn(|i| std::array::from_fn(|j| unsafe { s.load(o.add(i * d + j * S::LANES)) }));
     for (t, &v) in vp.iter().enumerate() {
+        if let Some(&n) = pf.get(t) {
+            for c in (0..DV * S::LANES).step_by(LINE) {
+                s.prefetch(n.wrapping_add(d0 + c));
+            }
+        }
         let vv: [S::V; DV] = std::array::from_fn(|j| unsafe { s.load(v.add(d0 + j * S::LANES)) });
         for (i, a) in acc.iter_mut().enumerate() {
             let w = s.splat(unsafe { *p.add(i * TILE + t) });

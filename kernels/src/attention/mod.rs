@@ -19,6 +19,17 @@
 //! width (16 with AVX-512, 8 otherwise) and otherwise packs each tile of 64 keys first; any block
 //! size is correct, multiples of 16 are fastest.
 //!
+//! # How the fast kernel works
+//! Flash-attention style: keys are visited in tiles of 64 with an online softmax, so scores only
+//! ever exist for one tile, and each tile of K/V is used by every query that shares its KV head
+//! (GQA heads and, in a prefill chunk, up to ~48 query vectors of consecutive rows). Work items
+//! are row chunks of one sequence: a prefill chunk is compute-bound and goes one KV head at a
+//! time; decode rows are memory-bound and walk all KV heads tile by tile, streaming each block's
+//! pool region contiguously, with the next tile prefetched during the current one. Long decodes
+//! that would leave threads idle are split over key ranges and merged (split-K). Vector code is
+//! chosen at run time (AVX-512F, AVX2+FMA, portable; see [`Isa`]); small calls stay on the
+//! calling thread, larger ones use the rayon pool.
+//!
 //! [`paged_attention_reference`] is the plain-loop specification and test oracle.
 
 mod kernel;
@@ -187,7 +198,7 @@ pub fn write_kv(cache: &mut LayerKv, k: &[f32], v: &[f32], seqs: &[SeqRows]) -> 
     let geom = cache.geom;
     geom.check()?;
     let width = geom.n_kv_heads * geom.head_dim;
-    if k.len() != v.len() || k.len() % width != 0 {
+    if k.len() != v.len() || !k.len().is_multiple_of(width) {
         return Err(KernelError::Shape(format!(
             "write_kv: k has {} and v {} floats, expected equal multiples of n_kv_heads*head_dim = {width}",
             k.len(),
@@ -195,20 +206,32 @@ pub fn write_kv(cache: &mut LayerKv, k: &[f32], v: &[f32], seqs: &[SeqRows]) -> 
         )));
     }
     check_seqs(geom, cache.num_blocks, k.len() / width, seqs, true)?;
-    let d = geom.head_dim;
+    let (d, bs) = (geom.head_dim, geom.block_size);
     for s in seqs {
-        for (r, i) in s.rows.clone().enumerate() {
+        // One block segment at a time: the rows of a segment fill consecutive slots, so K (which
+        // is transposed in the block) is written as runs of `seg` contiguous floats per (head,
+        // dim), reading a small L1-resident window of rows, instead of one scattered float per
+        // cache line.
+        let mut r = 0;
+        while r < s.rows.len() {
             let p = s.start_pos + r;
-            let blk = s.block_table[p / geom.block_size] as usize;
-            let slot = p % geom.block_size;
+            let (blk, off) = (s.block_table[p / bs] as usize, p % bs);
+            let seg = (bs - off).min(s.rows.len() - r);
+            let row0 = s.rows.start + r;
             for g in 0..geom.n_kv_heads {
-                let src = i * width + g * d;
-                for (dim, &x) in k[src..src + d].iter().enumerate() {
-                    cache.k[geom.k_index(blk, g, dim, slot)] = x;
+                for dim in 0..d {
+                    let dst = &mut cache.k[geom.k_index(blk, g, dim, off)..][..seg];
+                    for (j, x) in dst.iter_mut().enumerate() {
+                        *x = k[(row0 + j) * width + g * d + dim];
+                    }
                 }
-                let dst = geom.v_index(blk, g, slot);
-                cache.v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                for j in 0..seg {
+                    let src = (row0 + j) * width + g * d;
+                    let at = geom.v_index(blk, g, off + j);
+                    cache.v[at..at + d].copy_from_slice(&v[src..src + d]);
+                }
             }
+            r += seg;
         }
     }
     Ok(())
@@ -342,6 +365,8 @@ const SERIAL_COST: usize = 1 << 21;
 const MIN_SPLIT_COST: usize = 1 << 20;
 /// Minimum keys per key-range split, so a split's fixed costs stay small against its work.
 const MIN_SPLIT_KEYS: usize = 256;
+/// Jobs with at most this many query vectors per group run all groups in one pass.
+const ALL_GROUPS_MAX_QUERIES: usize = 8;
 /// Target number of query vectors (rows x heads of a group) per pass: enough to reuse each
 /// K/V tile many times, few enough that scores, accumulators and queries stay in L1/L2.
 const QUERIES_PER_PASS: usize = 48;
@@ -360,14 +385,14 @@ fn check_attention(
 ) -> Result<AttnShape, KernelError> {
     let geom = cache.geom;
     geom.check()?;
-    if n_heads == 0 || n_heads % geom.n_kv_heads != 0 {
+    if n_heads == 0 || !n_heads.is_multiple_of(geom.n_kv_heads) {
         return Err(KernelError::Shape(format!(
             "n_heads {n_heads} is not a non-zero multiple of n_kv_heads {}",
             geom.n_kv_heads
         )));
     }
     let width = n_heads * geom.head_dim;
-    if q_len % width != 0 || out_len != q_len {
+    if !q_len.is_multiple_of(width) || out_len != q_len {
         return Err(KernelError::Shape(format!(
             "q has {q_len} and out {out_len} floats, expected equal multiples of n_heads*head_dim = {width}"
         )));
@@ -435,13 +460,18 @@ struct Ctx<'a> {
 }
 
 /// A run of rows of one sequence, all KV head groups. `splits == 0`: run serially on one thread;
-/// otherwise each group runs as its own task and its keys are split into `splits` ranges.
+/// otherwise the work runs as rayon tasks, the keys split into `splits` ranges.
 struct Job<'a> {
     table: &'a [u32],
     rows: Range<usize>,
     pos0: usize,
     cost: usize,
     splits: usize,
+    /// Few queries per group (decode rows): one pass walks all groups tile by tile, streaming
+    /// each block's K/V of all heads contiguously, and tasks split keys only. Otherwise each
+    /// group is its own pass (its queries reuse every tile; state stays in cache), and tasks
+    /// split groups first.
+    all_groups: bool,
 }
 
 impl Job<'_> {
@@ -468,7 +498,8 @@ fn plan_jobs<'a>(ctx: &Ctx, seqs: &[SeqRows<'a>]) -> Vec<Job<'a>> {
                 .saturating_mul(pos0.saturating_add(n.div_ceil(2)))
                 .saturating_mul(ctx.n_heads)
                 .saturating_mul(ctx.cache.geom.head_dim);
-            jobs.push(Job { table: s.block_table, rows: a..b, pos0, cost, splits: 0 });
+            let all_groups = n * ctx.n_rep <= ALL_GROUPS_MAX_QUERIES;
+            jobs.push(Job { table: s.block_table, rows: a..b, pos0, cost, splits: 0, all_groups });
             a = b;
         }
     }
@@ -481,13 +512,14 @@ fn plan_jobs<'a>(ctx: &Ctx, seqs: &[SeqRows<'a>]) -> Vec<Job<'a>> {
         if threads > 1 && j.cost > target && j.cost >= MIN_SPLIT_COST {
             let parts = j.cost.div_ceil(target);
             let max_splits = (j.kend() / MIN_SPLIT_KEYS).max(1);
-            j.splits = parts.div_ceil(n_kv).clamp(1, max_splits);
+            let per_range = if j.all_groups { 1 } else { n_kv };
+            j.splits = parts.div_ceil(per_range).clamp(1, max_splits);
         }
     }
     jobs
 }
 
-fn pass_input<'a>(ctx: &Ctx<'a>, job: &Job<'a>, group: usize, keys: Range<usize>) -> PassInput<'a> {
+fn pass_input<'a>(ctx: &Ctx<'a>, job: &Job<'a>, groups: Range<usize>, keys: Range<usize>) -> PassInput<'a> {
     PassInput {
         k: &ctx.cache.k,
         v: &ctx.cache.v,
@@ -497,23 +529,41 @@ fn pass_input<'a>(ctx: &Ctx<'a>, job: &Job<'a>, group: usize, keys: Range<usize>
         n_rep: ctx.n_rep,
         scale: ctx.scale,
         table: job.table,
-        group,
+        groups,
         rows: job.rows.clone(),
         pos0: job.pos0,
         keys,
     }
 }
 
-/// All groups of a job on this thread, normalised straight into `dst` (the job's rows of out).
+/// The passes of a job: all groups at once, or one group each.
+fn job_groups(ctx: &Ctx, job: &Job) -> Vec<Range<usize>> {
+    let n_kv = ctx.cache.geom.n_kv_heads;
+    if job.all_groups {
+        std::iter::once(0..n_kv).collect()
+    } else {
+        (0..n_kv).map(|g| g..g + 1).collect()
+    }
+}
+
+/// Offset in the job's rows of out of query vector `qi` (of `nq` per group) of group `g`.
+fn out_at(ctx: &Ctx, g: usize, qi: usize) -> usize {
+    let d = ctx.cache.geom.head_dim;
+    (qi / ctx.n_rep) * ctx.n_heads * d + (g * ctx.n_rep + qi % ctx.n_rep) * d
+}
+
+/// A whole job on this thread, normalised straight into `dst` (the job's rows of out).
 fn run_job_serial(ctx: &Ctx, job: &Job, dst: &mut [f32], st: &mut PassState) {
     let d = ctx.cache.geom.head_dim;
-    for g in 0..ctx.cache.geom.n_kv_heads {
-        run_pass(ctx.isa, &pass_input(ctx, job, g, 0..job.kend()), st);
-        for (qi, (o, &l)) in st.o.chunks_exact(d).zip(&st.l).enumerate() {
+    for groups in job_groups(ctx, job) {
+        let inp = pass_input(ctx, job, groups.clone(), 0..job.kend());
+        let nq = inp.nq();
+        run_pass(ctx.isa, &inp, st);
+        for (x, (o, &l)) in st.o.chunks_exact(d).zip(&st.l).enumerate() {
             let inv = 1.0 / l;
-            let at = (qi / ctx.n_rep) * ctx.n_heads * d + (g * ctx.n_rep + qi % ctx.n_rep) * d;
-            for (x, &y) in dst[at..at + d].iter_mut().zip(o) {
-                *x = y * inv;
+            let at = out_at(ctx, groups.start + x / nq, x % nq);
+            for (y, &z) in dst[at..at + d].iter_mut().zip(o) {
+                *y = z * inv;
             }
         }
     }
@@ -521,54 +571,58 @@ fn run_job_serial(ctx: &Ctx, job: &Job, dst: &mut [f32], st: &mut PassState) {
 
 /// Unnormalised result of one pass over a key range.
 struct Partial {
-    group: usize,
+    groups: Range<usize>,
+    nq: usize,
     o: Vec<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
 }
 
-/// Each group (and key range) as its own rayon task, then a merge of the key-range partials.
+/// The job's passes and key ranges as rayon tasks, then a merge of the key-range partials.
 fn run_job_parallel(ctx: &Ctx, job: &Job, dst: &mut [f32]) {
     let d = ctx.cache.geom.head_dim;
     let kend = job.kend();
     let chunk = kend.div_ceil(job.splits).next_multiple_of(TILE);
     let ranges: Vec<Range<usize>> = (0..kend).step_by(chunk).map(|a| a..(a + chunk).min(kend)).collect();
-    let tasks: Vec<(usize, Range<usize>)> =
-        (0..ctx.cache.geom.n_kv_heads).flat_map(|g| ranges.iter().map(move |r| (g, r.clone()))).collect();
+    let tasks: Vec<(Range<usize>, Range<usize>)> = job_groups(ctx, job)
+        .into_iter()
+        .flat_map(|g| ranges.iter().map(move |r| (g.clone(), r.clone())))
+        .collect();
     let partials: Vec<Partial> = tasks
         .into_par_iter()
-        .map(|(g, keys)| {
+        .map(|(groups, keys)| {
             let mut st = PassState::default();
-            run_pass(ctx.isa, &pass_input(ctx, job, g, keys), &mut st);
+            let inp = pass_input(ctx, job, groups.clone(), keys);
+            run_pass(ctx.isa, &inp, &mut st);
             Partial {
-                group: g,
+                groups,
+                nq: inp.nq(),
                 o: std::mem::take(&mut st.o),
                 m: std::mem::take(&mut st.m),
                 l: std::mem::take(&mut st.l),
             }
         })
         .collect();
-    // Partials are grouped by group, key ranges in order.
-    for parts in partials.chunk_by(|a, b| a.group == b.group) {
-        let g = parts[0].group;
-        let nq = parts[0].l.len();
-        for qi in 0..nq {
+    // Tasks of the same groups are adjacent, key ranges in order.
+    for parts in partials.chunk_by(|a, b| a.groups == b.groups) {
+        let (groups, nq) = (parts[0].groups.clone(), parts[0].nq);
+        for x in 0..groups.len() * nq {
             // Ranges past a row's position saw nothing (m = -inf) and carry no weight.
-            let mx = parts.iter().map(|p| p.m[qi]).fold(f32::NEG_INFINITY, f32::max);
-            let at = (qi / ctx.n_rep) * ctx.n_heads * d + (g * ctx.n_rep + qi % ctx.n_rep) * d;
+            let mx = parts.iter().map(|p| p.m[x]).fold(f32::NEG_INFINITY, f32::max);
+            let at = out_at(ctx, groups.start + x / nq, x % nq);
             let o = &mut dst[at..at + d];
             o.fill(0.0);
             let mut l = 0.0;
-            for p in parts.iter().filter(|p| p.m[qi] != f32::NEG_INFINITY) {
-                let w = (p.m[qi] - mx).exp();
-                l += p.l[qi] * w;
-                for (x, &y) in o.iter_mut().zip(&p.o[qi * d..(qi + 1) * d]) {
-                    *x += w * y;
+            for p in parts.iter().filter(|p| p.m[x] != f32::NEG_INFINITY) {
+                let w = (p.m[x] - mx).exp();
+                l += p.l[x] * w;
+                for (y, &z) in o.iter_mut().zip(&p.o[x * d..(x + 1) * d]) {
+                    *y += w * z;
                 }
             }
             let inv = 1.0 / l;
-            for x in o.iter_mut() {
-                *x *= inv;
+            for y in o.iter_mut() {
+                *y *= inv;
             }
         }
     }

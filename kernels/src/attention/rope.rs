@@ -25,7 +25,11 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for `head_dim` (must be even and non-zero for [`Rope::apply`] to accept it) and
-    /// base `theta`, precomputed for positions `0..max_positions`.
+    /// base `theta`, precomputed for positions `0..max_positions` (`max_positions * head_dim`
+    /// floats).
+    ///
+    /// # Panics
+    /// If the table size overflows `usize`.
     pub fn new(head_dim: usize, theta: f32, max_positions: usize) -> Self {
         let half = head_dim / 2;
         let inv_freq = (0..half)
@@ -40,14 +44,18 @@ impl Rope {
 
     /// A rope with explicit inverse frequencies (e.g. the Llama-3 scaled ones a checkpoint's
     /// `rope_scaling` yields); `head_dim = 2 * inv_freq.len()`.
+    ///
+    /// # Panics
+    /// If the table size overflows `usize`.
     pub fn from_inv_freq(inv_freq: Vec<f32>, max_positions: usize) -> Self {
         Self::from_inv_freq_with_dim(2 * inv_freq.len(), inv_freq, max_positions)
     }
 
     fn from_inv_freq_with_dim(head_dim: usize, inv_freq: Vec<f32>, max_positions: usize) -> Self {
         let half = inv_freq.len();
-        let mut cos = vec![0.0; max_positions * half];
-        let mut sin = vec![0.0; max_positions * half];
+        let n = max_positions.checked_mul(half).expect("rope table size overflows usize");
+        let mut cos = vec![0.0; n];
+        let mut sin = vec![0.0; n];
         if half > 0 {
             for (pos, (c, s)) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)).enumerate() {
                 fill_angles(&inv_freq, pos, c, s);
@@ -74,7 +82,7 @@ impl Rope {
     /// `x[j] = a*cos - b*sin`, `x[j + head_dim/2] = b*cos + a*sin`.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, positions: &[usize]) -> Result<(), KernelError> {
         let d = self.head_dim;
-        if d == 0 || d % 2 != 0 {
+        if d == 0 || !d.is_multiple_of(2) {
             return Err(KernelError::Shape(format!("rope head_dim must be even and non-zero, got {d}")));
         }
         let width = n_heads * d;

@@ -40,9 +40,12 @@ pub(super) trait Simd: Copy {
 
     /// `s[i][t] = sum_k q[i][k] * K^T[k][t]` for `i < nq`, `t < TILE`: `q` rows have stride `d`,
     /// `s` rows stride `TILE`; key vector `j` (lanes `j*LANES..`) is read at `kp[j] + k*kstride`.
+    /// `pf` is empty or has one pointer per key vector of the next tile (same stride), whose
+    /// lines are prefetched along the way.
     ///
     /// # Safety
     /// All pointers valid for the described extents; `kp.len() == TILE / LANES`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn qk_tile(
         self,
         q: *const f32,
@@ -50,15 +53,25 @@ pub(super) trait Simd: Copy {
         d: usize,
         kp: &[*const f32],
         kstride: usize,
+        pf: &[*const f32],
         s: *mut f32,
     );
 
     /// `o[i][..d] += sum_t p[i][t] * V[t][..d]` for `i < nq`, `t < vp.len()`: `p` rows have
-    /// stride `TILE`, `o` rows stride `d`, `vp[t]` points at the `d` values of key `t`.
+    /// stride `TILE`, `o` rows stride `d`, `vp[t]` points at the `d` values of key `t`. The rows
+    /// at `pf` (the next tile's, any number) are prefetched along the way.
     ///
     /// # Safety
     /// All pointers valid for the described extents; `vp.len() <= TILE`.
-    unsafe fn pv_tile(self, p: *const f32, nq: usize, vp: &[*const f32], d: usize, o: *mut f32);
+    unsafe fn pv_tile(
+        self,
+        p: *const f32,
+        nq: usize,
+        vp: &[*const f32],
+        pf: &[*const f32],
+        d: usize,
+        o: *mut f32,
+    );
 }
 
 /// Cephes `expf` constants: range reduction by `ln 2` split in two parts, then a degree-6
@@ -73,7 +86,7 @@ const P1: f32 = 1.398_199_9e-3;
 const P2: f32 = 8.333_452e-3;
 const P3: f32 = 4.166_579_6e-2;
 const P4: f32 = 1.666_666_5e-1;
-const P5: f32 = 5.000_000_1e-1;
+const P5: f32 = 0.5;
 
 /// Portable backend: an 8-lane array "vector" that LLVM maps onto whatever SIMD the baseline
 /// target has (SSE2 on x86-64). Used when no runtime-detected feature is present and as a
@@ -146,15 +159,24 @@ impl Simd for Portable {
         d: usize,
         kp: &[*const f32],
         kstride: usize,
+        pf: &[*const f32],
         s: *mut f32,
     ) {
         // SAFETY: forwarded contract.
-        unsafe { qk_tile_impl::<Self, 4, 2>(self, q, nq, d, kp, kstride, s) }
+        unsafe { qk_tile_impl::<Self, 4, 2>(self, q, nq, d, kp, kstride, pf, s) }
     }
     #[inline(always)]
-    unsafe fn pv_tile(self, p: *const f32, nq: usize, vp: &[*const f32], d: usize, o: *mut f32) {
+    unsafe fn pv_tile(
+        self,
+        p: *const f32,
+        nq: usize,
+        vp: &[*const f32],
+        pf: &[*const f32],
+        d: usize,
+        o: *mut f32,
+    ) {
         // SAFETY: forwarded contract.
-        unsafe { pv_tile_impl::<Self, 4, 1>(self, p, nq, vp, d, o) }
+        unsafe { pv_tile_impl::<Self, 4, 1>(self, p, nq, vp, pf, d, o) }
     }
 }
 
@@ -263,13 +285,22 @@ mod x86 {
             d: usize,
             kp: &[*const f32],
             kstride: usize,
+            pf: &[*const f32],
             s: *mut f32,
         ) {
-            unsafe { qk_tile_impl::<Self, 6, 4>(self, q, nq, d, kp, kstride, s) }
+            unsafe { qk_tile_impl::<Self, 6, 4>(self, q, nq, d, kp, kstride, pf, s) }
         }
         #[inline(always)]
-        unsafe fn pv_tile(self, p: *const f32, nq: usize, vp: &[*const f32], d: usize, o: *mut f32) {
-            unsafe { pv_tile_impl::<Self, 4, 4>(self, p, nq, vp, d, o) }
+        unsafe fn pv_tile(
+            self,
+            p: *const f32,
+            nq: usize,
+            vp: &[*const f32],
+            pf: &[*const f32],
+            d: usize,
+            o: *mut f32,
+        ) {
+            unsafe { pv_tile_impl::<Self, 4, 4>(self, p, nq, vp, pf, d, o) }
         }
     }
 
@@ -384,18 +415,27 @@ mod x86 {
             d: usize,
             kp: &[*const f32],
             kstride: usize,
+            pf: &[*const f32],
             s: *mut f32,
         ) {
-            unsafe { qk_tile_impl::<Self, 6, 2>(self, q, nq, d, kp, kstride, s) }
+            unsafe { qk_tile_impl::<Self, 6, 2>(self, q, nq, d, kp, kstride, pf, s) }
         }
         #[inline(always)]
-        unsafe fn pv_tile(self, p: *const f32, nq: usize, vp: &[*const f32], d: usize, o: *mut f32) {
-            unsafe { pv_tile_impl::<Self, 4, 2>(self, p, nq, vp, d, o) }
+        unsafe fn pv_tile(
+            self,
+            p: *const f32,
+            nq: usize,
+            vp: &[*const f32],
+            pf: &[*const f32],
+            d: usize,
+            o: *mut f32,
+        ) {
+            unsafe { pv_tile_impl::<Self, 4, 2>(self, p, nq, vp, pf, d, o) }
         }
     }
 }
 
 // Compile-time check that every backend's vector width divides the tile.
 const _: () = {
-    assert!(TILE % 16 == 0 && TILE % 8 == 0);
+    assert!(TILE.is_multiple_of(16) && TILE.is_multiple_of(8));
 };

@@ -1,12 +1,12 @@
 //! Per-call activation quantization: f32 rows → int8 per 32-element block, with the per-block
 //! scale and the two block sums the weight formats need.
 
-use rayon::prelude::*;
-
-use super::{MatmulPath, BLOCK_ELEMS};
+use super::{par, MatmulPath, BLOCK_ELEMS};
 
 /// Below this many activation elements quantization stays on the calling thread.
 const PARALLEL_MIN_ELEMS: usize = 1 << 16;
+/// Activation elements per quantization chunk (~2 µs of work).
+const CHUNK_ELEMS: usize = 1 << 13;
 
 /// Quantized activations of one matmul call, `[rows, nb]` blocks.
 ///
@@ -27,11 +27,43 @@ pub(super) struct Acts {
     pub nb: usize,
 }
 
-/// One activation row's output buffers zipped with its input, as the row iterators yield them.
-type RowBufs<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [f32]), (&'a mut [i32], &'a [f32]));
+/// Base pointers of the `Acts` buffers, shared by the quantization chunks (disjoint rows).
+#[derive(Clone, Copy)]
+struct RowPtrs {
+    q: *mut i8,
+    d: *mut f32,
+    s: *mut f32,
+    c: *mut i32,
+}
+
+// SAFETY: every chunk writes only its own rows (see `Acts::quantize`).
+unsafe impl Send for RowPtrs {}
+unsafe impl Sync for RowPtrs {}
+
+impl RowPtrs {
+    /// The buffers of activation row `r`.
+    ///
+    /// # Safety
+    /// Row `r` must lie inside the buffers, and nothing else may access it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row<'a>(
+        &self,
+        r: usize,
+        n: usize,
+    ) -> (&'a mut [i8], &'a mut [f32], &'a mut [f32], &'a mut [i32]) {
+        let nb = n / BLOCK_ELEMS;
+        (
+            std::slice::from_raw_parts_mut(self.q.add(r * n), n),
+            std::slice::from_raw_parts_mut(self.d.add(r * nb), nb),
+            std::slice::from_raw_parts_mut(self.s.add(r * nb), nb),
+            std::slice::from_raw_parts_mut(self.c.add(r * nb), nb),
+        )
+    }
+}
 
 impl Acts {
-    /// Fills the buffers from `x` (`rows × in_features`, already shape-checked).
+    /// Fills the buffers from `x` (`rows × in_features`, already shape-checked). Big batches are
+    /// split over rows with the matmul's own scheduler, so the caller never blocks on a worker.
     pub fn quantize(&mut self, path: MatmulPath, x: &[f32], rows: usize, in_features: usize) {
         let nb = in_features / BLOCK_ELEMS;
         self.nb = nb;
@@ -39,22 +71,26 @@ impl Acts {
         self.d.resize(rows * nb, 0.0);
         self.s.resize(rows * nb, 0.0);
         self.c.resize(rows * nb, 0);
-        let work = |(((q, d), s), (c, x)): RowBufs<'_>| quantize_row(path, x, q, d, s, c);
-        if rows > 1 && rows * in_features >= PARALLEL_MIN_ELEMS {
-            self.q
-                .par_chunks_mut(in_features)
-                .zip(self.d.par_chunks_mut(nb))
-                .zip(self.s.par_chunks_mut(nb))
-                .zip(self.c.par_chunks_mut(nb).zip(x.par_chunks(in_features)))
-                .for_each(work);
+        let p = RowPtrs {
+            q: self.q.as_mut_ptr(),
+            d: self.d.as_mut_ptr(),
+            s: self.s.as_mut_ptr(),
+            c: self.c.as_mut_ptr(),
+        };
+        let chunk_rows = (CHUNK_ELEMS / in_features).max(1);
+        let helpers = if rows * in_features >= PARALLEL_MIN_ELEMS {
+            rayon::current_num_threads().saturating_sub(1)
         } else {
-            self.q
-                .chunks_mut(in_features)
-                .zip(self.d.chunks_mut(nb))
-                .zip(self.s.chunks_mut(nb))
-                .zip(self.c.chunks_mut(nb).zip(x.chunks(in_features)))
-                .for_each(work);
-        }
+            0
+        };
+        par::for_each_chunk(rows.div_ceil(chunk_rows), helpers, &|t| {
+            for r in t * chunk_rows..((t + 1) * chunk_rows).min(rows) {
+                // SAFETY: row r lies inside the buffers resized above, and no other chunk
+                // touches it; `for_each_chunk` returns only when every chunk is done.
+                let (q, d, s, c) = unsafe { p.row(r, in_features) };
+                quantize_row(path, &x[r * in_features..(r + 1) * in_features], q, d, s, c);
+            }
+        });
     }
 }
 

@@ -6,7 +6,7 @@ use std::ops::Range;
 use half::f16;
 
 use super::act::Acts;
-use super::{OutPtr, QuantFormat, QuantMatrix, BLOCK_ELEMS, GROUP_ROWS, LINE};
+use super::{group_block_offsets, OutPtr, QuantFormat, QuantMatrix, BLOCK_ELEMS, GROUP_ROWS, LINE};
 
 /// Sixteen f16 scales stored side by side, as f32.
 fn scales16(bytes: &[u8]) -> [f32; GROUP_ROWS] {
@@ -34,7 +34,8 @@ pub(super) unsafe fn run(m: &QuantMatrix, a: &Acts, groups: Range<usize>, rows: 
             for b in 0..nb {
                 let xi = r * nb + b;
                 let xq = &a.q[xi * BLOCK_ELEMS..(xi + 1) * BLOCK_ELEMS];
-                let qp = &grp[m.scale_region + b * GROUP_ROWS * pb..][..GROUP_ROWS * pb];
+                let (so, po) = group_block_offsets(m.format, b);
+                let qp = &grp[po..po + GROUP_ROWS * pb];
                 let mut isum = [0i32; GROUP_ROWS];
                 for (k, vec) in qp.chunks_exact(LINE).enumerate() {
                     for (j, lane) in vec.chunks_exact(4).enumerate() {
@@ -50,7 +51,7 @@ pub(super) unsafe fn run(m: &QuantMatrix, a: &Acts, groups: Range<usize>, rows: 
                         }
                     }
                 }
-                let sc = &grp[b * m.format.group_scale_bytes()..];
+                let sc = &grp[so..];
                 let dw = scales16(&sc[..32]);
                 match m.format {
                     QuantFormat::Q4_1 => {
