@@ -16,6 +16,8 @@ pub struct TinyModel {
     pub vocab: usize,
     pub max_positions: usize,
     pub seed: u64,
+    /// Write a Qwen2 model (q/k/v biases) instead of a Llama one.
+    pub qwen2: bool,
 }
 
 impl Default for TinyModel {
@@ -29,6 +31,7 @@ impl Default for TinyModel {
             vocab: 49152,
             max_positions: 2048,
             seed: 1,
+            qwen2: false,
         }
     }
 }
@@ -55,6 +58,11 @@ impl TinyModel {
             t.insert(format!("{p}.self_attn.k_proj.weight"), rand(&[self.kv_heads * hd, h], s_h)?);
             t.insert(format!("{p}.self_attn.v_proj.weight"), rand(&[self.kv_heads * hd, h], s_h)?);
             t.insert(format!("{p}.self_attn.o_proj.weight"), rand(&[h, self.heads * hd], s_h)?);
+            if self.qwen2 {
+                t.insert(format!("{p}.self_attn.q_proj.bias"), rand(&[self.heads * hd], 0.5)?);
+                t.insert(format!("{p}.self_attn.k_proj.bias"), rand(&[self.kv_heads * hd], 0.5)?);
+                t.insert(format!("{p}.self_attn.v_proj.bias"), rand(&[self.kv_heads * hd], 0.5)?);
+            }
             t.insert(format!("{p}.mlp.gate_proj.weight"), rand(&[i, h], s_h)?);
             t.insert(format!("{p}.mlp.up_proj.weight"), rand(&[i, h], s_h)?);
             t.insert(format!("{p}.mlp.down_proj.weight"), rand(&[h, i], s_i)?);
@@ -66,9 +74,11 @@ impl TinyModel {
     }
 
     pub fn config_json(&self) -> serde_json::Value {
+        let (arch, model_type) =
+            if self.qwen2 { ("Qwen2ForCausalLM", "qwen2") } else { ("LlamaForCausalLM", "llama") };
         serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [arch],
+            "model_type": model_type,
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,

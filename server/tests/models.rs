@@ -1,0 +1,55 @@
+//! Model loading beyond the default GGUF: Qwen2's q/k/v biases and configs that must be refused.
+
+mod common;
+
+use common::{fixtures, tiny_base};
+use lorahost::base::Base;
+use lorahost::model::Dtype;
+use lorahost::testing::TinyModel;
+
+#[test]
+fn qwen2_biases_are_loaded_and_used() {
+    let shape = TinyModel { qwen2: true, ..Default::default() };
+    let (dir, base) = tiny_base(shape);
+    let prompt = [10, 20, 30, 40];
+    let with_bias = base.model.last_logits(&prompt).expect("forward");
+    // Zero the biases: the logits must change, so the biases were really applied.
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("load");
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with(".bias") {
+            *t = t.zeros_like().expect("zeros");
+        }
+    }
+    candle_core::safetensors::save(&tensors, &path).expect("save");
+    let zeroed = Base::load(dir.path(), Dtype::F32).expect("reload");
+    let without = zeroed.model.last_logits(&prompt).expect("forward");
+    let diff = with_bias.iter().zip(&without).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff > 1e-3, "biases had no effect ({diff})");
+}
+
+#[test]
+fn unsupported_configs_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    TinyModel::default().write_hf_dir(dir.path(), &fixtures().join("base")).expect("write");
+    let config = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let cases = [
+        ("\"silu\"", "\"gelu\"", "hidden_act"),
+        ("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3", "num_key_value_heads"),
+        ("\"llama\"", "\"falcon\"", "falcon"),
+    ];
+    for (from, to, named) in cases {
+        assert!(original.contains(from), "fixture lacks {from}");
+        std::fs::write(&config, original.replace(from, to)).expect("write");
+        let err = match Base::load(dir.path(), Dtype::F32) {
+            Ok(_) => panic!("{to} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(named), "{to}: {err}");
+    }
+    std::fs::write(&config, original).expect("restore");
+    std::fs::remove_file(dir.path().join("model.safetensors")).expect("rm");
+    let err = Base::load(dir.path(), Dtype::F32).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("safetensors"), "{err}");
+}
