@@ -150,10 +150,14 @@ mod tests {
 
     #[test]
     fn trims_blocks_like_transformers() {
-        let t =
-            ChatTemplate::new("{% for m in messages %}\n  {{ m.content.strip() }}|\n{% endfor %}", "", "")
-                .unwrap();
+        // Expected output is jinja2's with trim_blocks and lstrip_blocks (as transformers sets).
+        let src =
+            "{% for m in messages %}\n  {% if true %}{{ m.content.strip() }}|\n  {% endif %}\n{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
         assert_eq!(t.render(&[msg("user", " a "), msg("user", "b")]).unwrap(), "a|\nb|\n");
+        let t =
+            ChatTemplate::new("{% for m in messages %}\n  {{ m.content }}|\n{% endfor %}", "", "").unwrap();
+        assert_eq!(t.render(&[msg("user", "a"), msg("user", "b")]).unwrap(), "  a|\n  b|\n");
     }
 
     #[test]

@@ -136,3 +136,37 @@ pub fn extract_verified(archive: &Path, member: &str, sha256: &str, out: &Path) 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zip_with(member: &str, data: &[u8]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut zip = zip::ZipWriter::new(file.reopen().unwrap());
+        let options =
+            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        zip.start_file(member, options).unwrap();
+        zip.write_all(data).unwrap();
+        zip.finish().unwrap();
+        file
+    }
+
+    #[test]
+    fn extracts_only_a_verified_file() {
+        let data = b"model bytes";
+        let archive = zip_with("pkg/model.gguf", data);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("model.gguf");
+        let good = hex(&Sha256::digest(data));
+        extract_verified(archive.path(), "pkg/model.gguf", &good, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+
+        let out2 = dir.path().join("other.gguf");
+        let err = extract_verified(archive.path(), "pkg/model.gguf", &"0".repeat(64), &out2).unwrap_err();
+        assert!(matches!(err, FetchError::Corrupt(_)), "{err}");
+        assert!(!out2.exists(), "a file that fails verification is removed");
+        let err = extract_verified(archive.path(), "pkg/missing.gguf", &good, &out2).unwrap_err();
+        assert!(matches!(err, FetchError::Corrupt(_)));
+    }
+}
