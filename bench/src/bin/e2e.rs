@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use lorahost::base::Base;
 use lorahost::engine::EngineConfig;
-use lorahost::model::Dtype;
+use lorahost::model::{Dtype, KvCache, KvCacheConfig, DEFAULT_BLOCK_SIZE};
 use lorahost_bench::{run_batch, summarize};
 use serde_json::json;
 
@@ -57,7 +57,14 @@ fn main() -> anyhow::Result<()> {
         let v = (0..args.reps).map(|_| run_batch(&base, config, 1, 1, 129).decode_tokens_per_s).collect();
         record("single-stream decode, 128 tokens".into(), v);
         for &b in &args.batch {
-            let config = EngineConfig { max_step_tokens: 512, max_running: b.max(1), ..Default::default() };
+            // KV room for every sequence at once (as llama-batched-bench gets `-c B*256`), so the
+            // measurement is not of preemption.
+            let kv_cache = KvCacheConfig {
+                budget_bytes: (b * 256).div_ceil(DEFAULT_BLOCK_SIZE)
+                    * KvCache::block_bytes(base.model.config(), DEFAULT_BLOCK_SIZE),
+                block_size: DEFAULT_BLOCK_SIZE,
+            };
+            let config = EngineConfig { max_step_tokens: 512, max_running: b.max(1), kv_cache };
             let v =
                 (0..args.reps).map(|_| run_batch(&base, config, b, 128, 128).decode_tokens_per_s).collect();
             record(format!("aggregate decode, {b} sequences (128 prompt + 128 generated each)"), v);
