@@ -29,6 +29,16 @@ pub struct PeftConfig {
     #[serde(default)]
     pub alpha_pattern: BTreeMap<String, f64>,
     pub layers_to_transform: Option<serde_json::Value>,
+    pub layers_pattern: Option<serde_json::Value>,
+    pub exclude_modules: Option<serde_json::Value>,
+    #[serde(default)]
+    pub lora_bias: bool,
+    #[serde(default)]
+    pub use_qalora: bool,
+    pub layer_replication: Option<serde_json::Value>,
+    pub target_parameters: Option<serde_json::Value>,
+    pub trainable_token_indices: Option<serde_json::Value>,
+    pub alora_invocation_tokens: Option<serde_json::Value>,
 }
 
 /// Which modules an adapter targets.
@@ -48,7 +58,11 @@ pub struct AdapterSpec {
     pub rank: usize,
     pub alpha: f64,
     pub use_rslora: bool,
+    /// DoRA: each site also carries a magnitude vector.
+    pub use_dora: bool,
     pub targets: TargetModules,
+    /// Modules excluded from `targets` (PEFT `exclude_modules`).
+    pub exclude: Option<TargetModules>,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
     /// Layers the adapter applies to; `None` means all.
@@ -110,9 +124,6 @@ impl PeftConfig {
                 ));
             }
         }
-        if self.use_dora {
-            return Err(field("use_dora", "DoRA adapters are not supported yet"));
-        }
         if let Some(m) = self.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
             return Err(field(
                 "modules_to_save",
@@ -120,21 +131,35 @@ impl PeftConfig {
             ));
         }
         let targets = match self.target_modules {
-            Some(serde_json::Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
-            Some(serde_json::Value::String(s)) => TargetModules::Regex(s),
-            Some(serde_json::Value::Array(items)) => TargetModules::Names(
-                items
-                    .into_iter()
-                    .map(|v| {
-                        v.as_str()
-                            .map(str::to_string)
-                            .ok_or_else(|| field("target_modules", "list items must be strings"))
-                    })
-                    .collect::<Result<_, _>>()?,
-            ),
-            Some(other) => return Err(field("target_modules", format!("unexpected value {other}"))),
+            Some(v) => parse_targets("target_modules", v)?,
             None => return Err(field("target_modules", "missing")),
         };
+        let exclude = match self.exclude_modules {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(parse_targets("exclude_modules", v)?),
+        };
+        match &self.layers_pattern {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::String(p)) if p == "layers" => {}
+            Some(serde_json::Value::Array(a)) if a.iter().all(|p| p.as_str() == Some("layers")) => {}
+            Some(other) => {
+                return Err(field(
+                    "layers_pattern",
+                    format!("{other}: the base's decoder layers are `layers`"),
+                ))
+            }
+        }
+        let unsupported: [(&'static str, bool); 6] = [
+            ("lora_bias", self.lora_bias),
+            ("use_qalora", self.use_qalora),
+            ("layer_replication", is_set(&self.layer_replication)),
+            ("target_parameters", is_set(&self.target_parameters)),
+            ("trainable_token_indices", is_set(&self.trainable_token_indices)),
+            ("alora_invocation_tokens", is_set(&self.alora_invocation_tokens)),
+        ];
+        if let Some((name, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(field(name, "this PEFT option is not supported"));
+        }
         if let Some(bad) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
             return Err(field("rank_pattern", format!("rank of `{}` must be at least 1", bad.0)));
         }
@@ -160,11 +185,33 @@ impl PeftConfig {
             rank,
             alpha,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
             targets,
+            exclude,
             rank_pattern: self.rank_pattern,
             alpha_pattern: self.alpha_pattern,
             layers,
         })
+    }
+}
+
+fn is_set(v: &Option<serde_json::Value>) -> bool {
+    v.as_ref().is_some_and(|v| !v.is_null())
+}
+
+fn parse_targets(name: &'static str, value: serde_json::Value) -> Result<TargetModules, AdapterError> {
+    match value {
+        serde_json::Value::String(s) if s == "all-linear" => Ok(TargetModules::AllLinear),
+        serde_json::Value::String(s) => Ok(TargetModules::Regex(s)),
+        serde_json::Value::Array(items) => Ok(TargetModules::Names(
+            items
+                .into_iter()
+                .map(|v| {
+                    v.as_str().map(str::to_string).ok_or_else(|| field(name, "list items must be strings"))
+                })
+                .collect::<Result<_, _>>()?,
+        )),
+        other => Err(field(name, format!("unexpected value {other}"))),
     }
 }
 
@@ -205,6 +252,10 @@ mod tests {
             (r#"{"r":8,"peft_type":"IA3","target_modules":["q_proj"]}"#, "`peft_type`"),
             (r#"{"r":8}"#, "`target_modules`"),
             (r#"{"r":8,"target_modules":["q_proj"],"rank_pattern":{"q_proj":0}}"#, "`rank_pattern`"),
+            (r#"{"r":8,"target_modules":["q_proj"],"lora_bias":true}"#, "`lora_bias`"),
+            (r#"{"r":8,"target_modules":["q_proj"],"layer_replication":[[0,4]]}"#, "`layer_replication`"),
+            (r#"{"r":8,"target_modules":["q_proj"],"layers_pattern":"h"}"#, "`layers_pattern`"),
+            (r#"{"r":8,"target_modules":["q_proj"],"exclude_modules":7}"#, "`exclude_modules`"),
         ];
         for (json, name) in cases {
             let err = spec(json).unwrap_err().to_string();

@@ -4,11 +4,15 @@
 //! Loading the weights, validation against a resident base, the on-disk store and the cache
 //! tiers build on these types.
 
+pub mod cache;
 mod config;
 mod id;
+mod peft;
+pub mod store;
 
 pub use config::{AdapterSpec, PeftConfig, TargetModules};
 pub use id::AdapterId;
+pub use peft::{write_adapter_dir, BaseShape, LoraAdapter, LoraSite, ModuleShape, CONFIG_FILE, WEIGHTS_FILE};
 
 /// Why an adapter was rejected. Every message names the offending field or key.
 #[derive(Debug, thiserror::Error)]
@@ -17,4 +21,10 @@ pub enum AdapterError {
     Json(String),
     #[error("adapter_config.json: field `{field}`: {reason}")]
     Field { field: &'static str, reason: String },
+    #[error("adapter_model.safetensors: `{key}`: {reason}")]
+    Key { key: String, reason: String },
+    #[error("{0}")]
+    Format(String),
+    #[error("cannot read adapter: {0}")]
+    Io(String),
 }

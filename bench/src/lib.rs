@@ -2,8 +2,10 @@
 //! end-to-end benchmarks use. Benchmarks report ratios against a baseline run in the same
 //! process or script, never absolute pass/fail thresholds.
 
+use adapters::LoraAdapter;
 use lorahost::base::Base;
 use lorahost::engine::{EngineConfig, EngineCore, SamplingParams, StopCriteria, TokenEvent, ValidRequest};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -51,6 +53,18 @@ pub fn run_batch(
     prompt_len: usize,
     gen_len: usize,
 ) -> BatchTiming {
+    run_batch_with_adapters(base, config, batch, prompt_len, gen_len, &[])
+}
+
+/// `run_batch` where sequence `i` uses `adapters[i % adapters.len()]` (none when empty).
+pub fn run_batch_with_adapters(
+    base: &Base,
+    config: EngineConfig,
+    batch: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    adapters: &[Arc<LoraAdapter>],
+) -> BatchTiming {
     let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), config);
     let vocab = base.model.config().vocab_size as u32;
     let mut streams: Vec<UnboundedReceiver<TokenEvent>> = Vec::new();
@@ -62,6 +76,7 @@ pub fn run_batch(
             prompt_ids: prompt,
             sampling: SamplingParams { temperature: 0.0, ..Default::default() },
             stop: StopCriteria { max_tokens: gen_len, stop: vec![], ignore_eos: true },
+            adapter: (!adapters.is_empty()).then(|| adapters[b % adapters.len()].clone()),
         };
         let (tx, rx) = unbounded_channel();
         if let Err(e) = core.add(req, tx) {
@@ -103,4 +118,37 @@ pub fn run_batch(
         decode_tokens_per_s: tokens_after_start as f64 / decode.max(1e-9),
         wall: end.duration_since(start),
     }
+}
+
+/// `n` random PEFT adapters of `rank` on every projection of `base`, built the way a loaded
+/// adapter is (written to a temp directory and read back, so they pass validation).
+pub fn random_adapters(base: &Base, n: usize, rank: usize) -> anyhow::Result<Vec<Arc<LoraAdapter>>> {
+    let shape = base.model.base_shape();
+    let dir = tempfile::tempdir()?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut rng = lorahost::testing::SplitMix(1000 + i as u64);
+        let mut sites = Vec::new();
+        for layer in 0..shape.num_layers {
+            for (module, m) in shape.modules.iter().enumerate() {
+                let a = (0..rank * m.in_features).map(|_| rng.uniform() * 0.02).collect();
+                let b = (0..m.out_features * rank).map(|_| rng.uniform() * 0.02).collect();
+                sites.push(adapters::LoraSite {
+                    layer,
+                    module,
+                    rank,
+                    scale: 1.0,
+                    a,
+                    b,
+                    magnitude: None,
+                    dora_factor: None,
+                });
+            }
+        }
+        let config = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": "all-linear"});
+        let path = dir.path().join(format!("adapter-{i}"));
+        adapters::write_adapter_dir(&path, &config, &sites, &shape)?;
+        out.push(Arc::new(LoraAdapter::load_dir(&path, &shape)?));
+    }
+    Ok(out)
 }

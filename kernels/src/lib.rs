@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod error;
+pub mod lora;
 pub mod quant;
 
 pub use error::KernelError;

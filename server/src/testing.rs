@@ -51,7 +51,8 @@ impl TinyModel {
         let (h, i) = (self.hidden, self.intermediate);
         let s_h = 1.0 / (h as f32).sqrt();
         let s_i = 1.0 / (i as f32).sqrt();
-        t.insert("model.embed_tokens.weight".into(), rand(&[self.vocab, h], 1.0)?);
+        // Small embeddings, so the layers (and adapters) shape the output rather than the input token.
+        t.insert("model.embed_tokens.weight".into(), rand(&[self.vocab, h], 0.1)?);
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             t.insert(format!("{p}.self_attn.q_proj.weight"), rand(&[self.heads * hd, h], s_h)?);
@@ -113,6 +114,49 @@ impl TinyModel {
                 std::fs::copy(&src, dir.join(name))?;
             }
         }
+        Ok(())
+    }
+}
+
+impl TinyModel {
+    /// Writes a random PEFT LoRA adapter for this model: `rank`, `alpha`, the given module names
+    /// (`q_proj`, ...), every layer. B is non-zero so the adapter changes the output.
+    pub fn write_adapter(
+        &self,
+        dir: &Path,
+        rank: usize,
+        alpha: f64,
+        targets: &[&str],
+        seed: u64,
+    ) -> anyhow::Result<()> {
+        let cfg = crate::model::HfConfig::from_json(&self.config_json())?.into_config()?;
+        let shape = crate::model::base_shape(&cfg);
+        let mut rng = SplitMix(seed);
+        let mut sites = Vec::new();
+        for layer in 0..self.layers {
+            for (module, m) in shape.modules.iter().enumerate() {
+                if !targets.iter().any(|t| m.path.ends_with(t)) {
+                    continue;
+                }
+                let a = (0..rank * m.in_features).map(|_| rng.uniform() * 0.3).collect();
+                let b = (0..m.out_features * rank).map(|_| rng.uniform() * 0.3).collect();
+                let scale = (alpha / rank as f64) as f32;
+                sites.push(adapters::LoraSite {
+                    layer,
+                    module,
+                    rank,
+                    scale,
+                    a,
+                    b,
+                    magnitude: None,
+                    dora_factor: None,
+                });
+            }
+        }
+        let config = serde_json::json!({
+            "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets, "bias": "none",
+        });
+        adapters::write_adapter_dir(dir, &config, &sites, &shape)?;
         Ok(())
     }
 }

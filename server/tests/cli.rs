@@ -103,7 +103,7 @@ fn bad_request_lines_fail_alone() {
     let lines = [
         r#"{"id": "good", "prompt": "Hello there", "max_tokens": 3, "ignore_eos": true}"#,
         r#"{"id": "broken", "prompt": "#,
-        r#"{"id": "adapter", "prompt": "x", "adapter": "some-adapter"}"#,
+        r#"{"id": "adapter", "prompt": "x", "adapter": 42}"#,
         r#"{"id": "typo", "prompt": "x", "max_token": 3}"#,
         r#"{"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "ignore_eos": true, "temperature": 0.7, "seed": 4}"#,
     ];
@@ -126,10 +126,61 @@ fn bad_request_lines_fail_alone() {
 }
 
 #[test]
-fn adapter_flag_is_rejected_clearly() {
-    let out = lorahost(&["generate", "--adapter", "/tmp/x", "--prompt", "x", "--model", "/nonexistent"]);
+fn adapters_from_the_command_line_and_from_request_lines() {
+    let shape = TinyModel::default();
+    let model = tiny_dir(shape);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let adapter = dir.path().join("my-adapter");
+    shape.write_adapter(&adapter, 8, 16.0, &["q_proj", "v_proj", "down_proj"], 3).expect("adapter");
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["generate", "--model", path(model.path()), "--prompt", "Hello", "--max-tokens", "6"];
+        args.extend_from_slice(&["--ignore-eos", "--json"]);
+        args.extend_from_slice(extra);
+        let out = lorahost(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["token_ids"].clone()
+    };
+    let with_adapter = run(&["--adapter", path(&adapter)]);
+    assert_ne!(with_adapter, run(&[]), "the adapter changes the tokens");
+
+    let requests = dir.path().join("requests.jsonl");
+    let line = |id: &str, adapter: &str| {
+        format!(
+            r#"{{"id": "{id}", "prompt": "Hello", "max_tokens": 6, "ignore_eos": true, "adapter": {adapter}}}"#
+        )
+    };
+    let quoted = format!("{:?}", path(&adapter));
+    let missing = format!("{:?}", path(&dir.path().join("missing")));
+    let lines = [line("a", &quoted), line("base", "null"), line("missing", &missing), line("a2", &quoted)];
+    std::fs::write(&requests, lines.join("\n")).expect("write");
+    let out = lorahost(&["generate", "--model", path(model.path()), "--requests", path(&requests)]);
+    assert!(!out.status.success(), "the missing adapter fails its line");
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    assert_eq!(results[0]["token_ids"], with_adapter, "same tokens as --adapter, in a mixed batch");
+    assert_eq!(results[3]["token_ids"], with_adapter);
+    assert_eq!(results[1]["token_ids"], run(&[]));
+    assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("missing")), "{}", results[2]);
+}
+
+#[test]
+fn bad_adapters_are_refused_with_the_reason() {
+    let shape = TinyModel::default();
+    let model = tiny_dir(shape);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let adapter = dir.path().join("bad");
+    shape.write_adapter(&adapter, 4, 8.0, &["q_proj"], 1).expect("adapter");
+    let config = adapter.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config).expect("config").replace("\"r\": 4", "\"r\": 5");
+    std::fs::write(&config, text).expect("write");
+    let out =
+        lorahost(&["generate", "--model", path(model.path()), "--prompt", "x", "--adapter", path(&adapter)]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("adapter"), "{}", stderr(&out));
+    assert!(stderr(&out).contains(".lora_") && stderr(&out).contains("shape"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"));
 }
 
 #[test]

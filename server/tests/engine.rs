@@ -135,3 +135,52 @@ fn requests_that_cannot_fit_are_rejected_without_side_effects() {
     assert!(matches!(core.add(request(vec![60_000], 10, greedy()), tx), Err(EngineError::InvalidRequest(_))));
     assert!(!core.has_work());
 }
+
+fn tiny_adapter(
+    shape: TinyModel,
+    base: &lorahost::base::Base,
+    rank: usize,
+    targets: &[&str],
+    seed: u64,
+) -> std::sync::Arc<adapters::LoraAdapter> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("adapter");
+    shape.write_adapter(&path, rank, 2.0 * rank as f64, targets, seed).expect("write adapter");
+    std::sync::Arc::new(
+        adapters::LoraAdapter::load_dir(&path, &base.model.base_shape()).expect("load adapter"),
+    )
+}
+
+#[test]
+fn mixed_adapter_batches_match_each_request_alone() {
+    let shape = TinyModel::default();
+    let (_dir, base) = tiny_base(shape);
+    let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let adapters = [
+        tiny_adapter(shape, &base, 4, &["q_proj", "v_proj"], 11),
+        tiny_adapter(shape, &base, 16, &all, 12),
+        tiny_adapter(shape, &base, 1, &["down_proj"], 13),
+    ];
+    let mut reqs = workload();
+    for (i, r) in reqs.iter_mut().enumerate() {
+        // Base, a, b, c, a, b: several sequences share an adapter, one runs on the base.
+        r.adapter = if i == 0 { None } else { Some(adapters[(i - 1) % adapters.len()].clone()) };
+    }
+    let expected: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&base, r)).collect();
+    let base_only: Vec<Vec<u32>> =
+        reqs.iter().map(|r| alone(&base, &ValidRequest { adapter: None, ..r.clone() })).collect();
+    assert!(expected.iter().zip(&base_only).skip(1).all(|(a, b)| a != b), "each adapter changes the output");
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 4, 24));
+    let mut streams = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        streams.push(submit(&mut core, r.clone()));
+        if i % 2 == 1 {
+            core.step().expect("step");
+        }
+    }
+    run_to_end(&mut core);
+    for (i, rx) in streams.iter_mut().enumerate() {
+        assert_eq!(drain_tokens(rx), expected[i], "request {i}");
+    }
+}

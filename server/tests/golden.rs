@@ -90,7 +90,7 @@ fn last_position_logits_within_tolerance() {
     let expected = expected["last_logits"].to_vec2::<f32>().expect("2-D logits");
     let prompts = json("prompts.json");
     for (p, want) in prompts["prompts"].as_array().expect("prompts").iter().zip(&expected) {
-        let got = base.model.last_logits(&ids(&p["prompt_ids"])).expect("forward");
+        let got = base.model.last_logits(&ids(&p["prompt_ids"]), None).expect("forward");
         let max_abs = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_abs < 1e-3, "prompt {}: max |Δlogit| = {max_abs}", p["id"]);
         assert_eq!(lorahost::engine::argmax(&got), lorahost::engine::argmax(want));
@@ -119,6 +119,7 @@ fn greedy_generations_match_exactly_in_one_batch() {
             prompt_ids: prompt.clone(),
             sampling: greedy(),
             stop: StopCriteria { max_tokens: full.len(), stop: vec![], ignore_eos: true },
+            adapter: None,
         };
         let at_eos = ValidRequest {
             stop: StopCriteria { ignore_eos: false, ..ignore.stop.clone() },

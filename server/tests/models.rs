@@ -12,7 +12,7 @@ fn qwen2_biases_are_loaded_and_used() {
     let shape = TinyModel { qwen2: true, ..Default::default() };
     let (dir, base) = tiny_base(shape);
     let prompt = [10, 20, 30, 40];
-    let with_bias = base.model.last_logits(&prompt).expect("forward");
+    let with_bias = base.model.last_logits(&prompt, None).expect("forward");
     // Zero the biases: the logits must change, so the biases were really applied.
     let path = dir.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("load");
@@ -23,7 +23,7 @@ fn qwen2_biases_are_loaded_and_used() {
     }
     candle_core::safetensors::save(&tensors, &path).expect("save");
     let zeroed = Base::load(dir.path(), Dtype::F32).expect("reload");
-    let without = zeroed.model.last_logits(&prompt).expect("forward");
+    let without = zeroed.model.last_logits(&prompt, None).expect("forward");
     let diff = with_bias.iter().zip(&without).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(diff > 1e-3, "biases had no effect ({diff})");
 }

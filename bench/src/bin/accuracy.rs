@@ -21,6 +21,7 @@ fn greedy(base: &Base, prompt: &[u32]) -> anyhow::Result<Vec<u32>> {
         prompt_ids: prompt.to_vec(),
         sampling: SamplingParams { temperature: 0.0, ..Default::default() },
         stop: StopCriteria { max_tokens: GEN, stop: vec![], ignore_eos: true },
+        adapter: None,
     };
     core.add(req, tx)?;
     while core.has_work() {
@@ -62,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let mut same_top1 = 0;
     let mut prefix_sum = 0;
     for (name, ids) in &prompts {
-        let (a, b) = (exact.model.last_logits(ids)?, auto.model.last_logits(ids)?);
+        let (a, b) = (exact.model.last_logits(ids, None)?, auto.model.last_logits(ids, None)?);
         let max_abs = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         worst = worst.max(max_abs);
         let top1 = argmax(&a) == argmax(&b);

@@ -30,7 +30,7 @@ use half::f16;
 use crate::KernelError;
 
 mod act;
-mod par;
+pub(crate) mod par;
 mod scalar;
 #[cfg(test)]
 mod tests;

@@ -74,7 +74,7 @@ impl Shared {
 
 /// Runs `job(c)` for every c in 0..total, on the calling thread plus up to `helpers` rayon
 /// workers; returns when all chunks are done (their writes visible to the caller).
-pub(super) fn for_each_chunk(total: usize, helpers: usize, job: &(dyn Fn(usize) + Sync)) {
+pub(crate) fn for_each_chunk(total: usize, helpers: usize, job: &(dyn Fn(usize) + Sync)) {
     let helpers = helpers.min(total.saturating_sub(1));
     if helpers == 0 || total >= u32::MAX as usize {
         (0..total).for_each(job);

@@ -6,12 +6,15 @@ use super::{EngineArgs, ModelArgs};
 use crate::base::Base;
 use crate::chat::ChatMessage;
 use crate::engine::{Engine, FinishReason, SamplingParams, StopCriteria, TokenEvent, ValidRequest};
+use adapters::LoraAdapter;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -22,14 +25,15 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// A PEFT adapter directory to apply (multi-LoRA serving is not available in this build).
+    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt text.
     #[arg(long, required_unless_present = "requests", conflicts_with = "requests")]
     pub prompt: Option<String>,
-    /// JSONL file of requests: `id`, `prompt` or `messages`, optional `adapter` (null) and
-    /// sampling fields; one JSON result line per request, in input order.
+    /// JSONL file of requests: `id`, `prompt` or `messages`, optional `adapter` (a PEFT
+    /// directory, or null for the base) and sampling fields; one JSON result line per request,
+    /// in input order.
     #[arg(long)]
     pub requests: Option<PathBuf>,
     /// Render the prompt as one user message with the model's chat template.
@@ -105,12 +109,7 @@ enum StopField {
     Many(Vec<String>),
 }
 
-const NO_ADAPTERS: &str = "adapters are not supported by this build of lorahost yet: `adapter` must be null";
-
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    if args.adapter.is_some() {
-        bail!("--adapter: {NO_ADAPTERS}");
-    }
     // Read and check the requests before loading anything heavy.
     let lines = match &args.requests {
         Some(path) => Some(read_lines(path)?),
@@ -120,9 +119,38 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let path = args.model.resolve()?;
     let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
     let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), args.engine.config()?)?;
+    let mut adapters = Adapters::new(&base);
     match lines {
-        Some(lines) => run_batch(&args, &base, &engine, lines),
-        None => run_single(&args, &base, &engine),
+        Some(lines) => run_batch(&args, &base, &engine, &mut adapters, lines),
+        None => run_single(&args, &base, &engine, &mut adapters),
+    }
+}
+
+/// Adapters loaded for this run, each once, validated against the base.
+struct Adapters {
+    model: Arc<crate::model::Llama>,
+    shape: adapters::BaseShape,
+    loaded: HashMap<PathBuf, Arc<LoraAdapter>>,
+}
+
+impl Adapters {
+    fn new(base: &Base) -> Self {
+        Self { model: base.model.clone(), shape: base.model.base_shape(), loaded: HashMap::new() }
+    }
+
+    fn load(&mut self, dir: &Path) -> anyhow::Result<Arc<LoraAdapter>> {
+        if let Some(a) = self.loaded.get(dir) {
+            return Ok(a.clone());
+        }
+        if !dir.is_dir() {
+            bail!("adapter `{}` is not a directory (a PEFT adapter directory is expected)", dir.display());
+        }
+        let mut adapter =
+            LoraAdapter::load_dir(dir, &self.shape).with_context(|| format!("adapter {}", dir.display()))?;
+        self.model.prepare_adapter(&mut adapter).with_context(|| format!("adapter {}", dir.display()))?;
+        let adapter = Arc::new(adapter);
+        self.loaded.insert(dir.to_path_buf(), adapter.clone());
+        Ok(adapter)
     }
 }
 
@@ -155,7 +183,12 @@ impl SamplingArgs {
     }
 }
 
-fn run_single(args: &GenerateArgs, base: &Base, engine: &Engine) -> anyhow::Result<()> {
+fn run_single(
+    args: &GenerateArgs,
+    base: &Base,
+    engine: &Engine,
+    adapters: &mut Adapters,
+) -> anyhow::Result<()> {
     let Some(prompt) = &args.prompt else { bail!("give --prompt or --requests") };
     let prompt_ids = if args.chat {
         base.chat_prompt(&[ChatMessage { role: "user".into(), content: prompt.clone() }])?
@@ -164,7 +197,11 @@ fn run_single(args: &GenerateArgs, base: &Base, engine: &Engine) -> anyhow::Resu
     };
     let sampling = args.sampling.params();
     sampling.validate().map_err(anyhow::Error::msg)?;
-    let req = ValidRequest { prompt_ids, sampling, stop: args.sampling.stop() };
+    let adapter = match &args.adapter {
+        Some(dir) => Some(adapters.load(dir)?),
+        None => None,
+    };
+    let req = ValidRequest { prompt_ids, sampling, stop: args.sampling.stop(), adapter };
     let mut events = engine.submit(req.clone())?;
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
@@ -262,7 +299,13 @@ enum Prepared {
     Rejected { id: Value, error: String },
 }
 
-fn prepare(line_no: usize, line: &str, args: &GenerateArgs, base: &Base) -> Prepared {
+fn prepare(
+    line_no: usize,
+    line: &str,
+    args: &GenerateArgs,
+    base: &Base,
+    adapters: &mut Adapters,
+) -> Prepared {
     let parsed: RequestLine = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
@@ -273,16 +316,23 @@ fn prepare(line_no: usize, line: &str, args: &GenerateArgs, base: &Base) -> Prep
         }
     };
     let id = parsed.id.clone();
-    match validate_line(parsed, args, base) {
+    match validate_line(parsed, args, base, adapters) {
         Ok((req, logprobs)) => Prepared::Ready { id, req, logprobs },
         Err(e) => Prepared::Rejected { id, error: format!("line {line_no}: {e}") },
     }
 }
 
-fn validate_line(r: RequestLine, args: &GenerateArgs, base: &Base) -> anyhow::Result<(ValidRequest, bool)> {
-    if r.adapter.as_ref().is_some_and(|a| !a.is_null()) {
-        bail!("{NO_ADAPTERS}");
-    }
+fn validate_line(
+    r: RequestLine,
+    args: &GenerateArgs,
+    base: &Base,
+    adapters: &mut Adapters,
+) -> anyhow::Result<(ValidRequest, bool)> {
+    let adapter = match &r.adapter {
+        None | Some(Value::Null) => None,
+        Some(Value::String(dir)) => Some(adapters.load(Path::new(dir))?),
+        Some(other) => bail!("`adapter` must be a string or null, got {other}"),
+    };
     let prompt_ids = match (&r.prompt, &r.messages) {
         (Some(p), None) => base.tokenizer.encode(p)?,
         (None, Some(m)) => base.chat_prompt(m)?,
@@ -311,7 +361,7 @@ fn validate_line(r: RequestLine, args: &GenerateArgs, base: &Base) -> anyhow::Re
         ignore_eos: r.ignore_eos.unwrap_or(d.ignore_eos),
     };
     let logprobs = sampling.top_logprobs.is_some();
-    Ok((ValidRequest { prompt_ids, sampling, stop }, logprobs))
+    Ok((ValidRequest { prompt_ids, sampling, stop, adapter }, logprobs))
 }
 
 enum Slot {
@@ -325,14 +375,20 @@ enum Slot {
     Done(Value),
 }
 
-fn run_batch(args: &GenerateArgs, base: &Base, engine: &Engine, lines: Vec<String>) -> anyhow::Result<()> {
+fn run_batch(
+    args: &GenerateArgs,
+    base: &Base,
+    engine: &Engine,
+    adapters: &mut Adapters,
+    lines: Vec<String>,
+) -> anyhow::Result<()> {
     let mut slots = Vec::new();
     let mut failures = 0usize;
     for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let slot = match prepare(i + 1, line, args, base) {
+        let slot = match prepare(i + 1, line, args, base, adapters) {
             Prepared::Ready { id, req, logprobs } => {
                 let prompt_ids = req.prompt_ids.clone();
                 match engine.submit(req) {

@@ -8,8 +8,9 @@ use super::request::{Completion, FinishReason, GeneratedToken, StopCriteria, Tok
 use super::sampler::Sampler;
 use super::stop::TextStop;
 use super::{EngineConfig, EngineError};
-use crate::model::{ForwardBatch, KvCache, Llama};
+use crate::model::{ForwardBatch, KvCache, Llama, LoraBatch};
 use crate::tokenizer::TextTokenizer;
+use adapters::{AdapterId, LoraAdapter};
 use kernels::attention::SeqRows;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,6 +28,7 @@ struct Sequence {
     text: TextStop,
     stop: StopCriteria,
     events: UnboundedSender<TokenEvent>,
+    adapter: Option<Arc<LoraAdapter>>,
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
     preemptions: usize,
@@ -110,6 +112,7 @@ impl EngineCore {
             text: TextStop::new(req.stop.stop.clone()),
             stop: req.stop,
             events,
+            adapter: req.adapter,
             admitted_at: None,
             first_token_at: None,
             preemptions: 0,
@@ -209,13 +212,20 @@ impl EngineCore {
     }
 
     fn run_rows(&mut self, step: &StepPlan) -> Result<(), EngineError> {
+        // Rows of one adapter must be contiguous for the segmented LoRA kernel: order the
+        // sequences by adapter (base first), keeping the plan's order within each group.
+        let adapter_of = |id: &SeqId| self.seqs.get(id).and_then(|s| s.adapter.as_ref().map(|a| a.id));
+        let mut order: Vec<&super::plan::PlannedRows> = step.rows.iter().collect();
+        order.sort_by_key(|r| adapter_of(&r.id));
         let total = step.total_rows();
         let mut tokens = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
         let mut logit_rows = Vec::new();
         let mut samplers = Vec::new();
-        let mut ranges = Vec::with_capacity(step.rows.len());
-        for r in &step.rows {
+        let mut ranges = Vec::with_capacity(order.len());
+        let mut lora_segments: Vec<(std::ops::Range<usize>, &LoraAdapter)> = Vec::new();
+        let mut last_adapter: Option<AdapterId> = None;
+        for r in &order {
             let seq = &self.seqs[&r.id];
             let start = tokens.len();
             tokens.extend_from_slice(&seq.tokens[seq.computed..seq.computed + r.count]);
@@ -225,9 +235,16 @@ impl EngineCore {
                 logit_rows.push((tokens.len() - 1) as u32);
                 samplers.push(r.id);
             }
+            if let Some(adapter) = &seq.adapter {
+                match lora_segments.last_mut() {
+                    Some((rows, _)) if last_adapter == Some(adapter.id) => rows.end = tokens.len(),
+                    _ => lora_segments.push((start..tokens.len(), adapter)),
+                }
+                last_adapter = Some(adapter.id);
+            }
         }
-        let seq_rows: Vec<SeqRows> = step
-            .rows
+        let lora = LoraBatch::new(lora_segments);
+        let seq_rows: Vec<SeqRows> = order
             .iter()
             .zip(&ranges)
             .map(|(r, range)| {
@@ -235,10 +252,15 @@ impl EngineCore {
                 SeqRows { rows: range.clone(), start_pos: seq.computed, block_table: &seq.blocks }
             })
             .collect();
-        let batch =
-            ForwardBatch { tokens: &tokens, positions: &positions, seqs: &seq_rows, logit_rows: &logit_rows };
+        let batch = ForwardBatch {
+            tokens: &tokens,
+            positions: &positions,
+            seqs: &seq_rows,
+            logit_rows: &logit_rows,
+            lora: &lora,
+        };
         let logits = self.model.forward(&batch, &mut self.kv)?;
-        drop(seq_rows);
+        drop((seq_rows, lora));
         let vocab = self.model.config().vocab_size;
         let mut logits = crate::model::with_logits(&logits)?;
         for r in &step.rows {

@@ -58,6 +58,8 @@ pub struct ValidRequest {
     pub prompt_ids: Vec<u32>,
     pub sampling: SamplingParams,
     pub stop: StopCriteria,
+    /// The adapter the request runs with (validated against the base); `None` is the base.
+    pub adapter: Option<std::sync::Arc<adapters::LoraAdapter>>,
 }
 
 /// Why a sequence ended.

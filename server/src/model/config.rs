@@ -110,6 +110,10 @@ pub struct HfRopeParameters {
 }
 
 impl HfConfig {
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, ModelError> {
+        serde_json::from_value(value.clone()).map_err(|e| ModelError::Config(e.to_string()))
+    }
+
     pub fn into_config(self) -> Result<ModelConfig, ModelError> {
         let name = match (&self.model_type, &self.architectures) {
             (Some(t), _) => t.clone(),

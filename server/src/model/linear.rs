@@ -62,6 +62,24 @@ impl Linear {
         }
     }
 
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
+    /// The weight as f32 `[out, in]`, row-major (exact for every form).
+    pub fn dequantized_weight(&self) -> Result<Vec<f32>, ModelError> {
+        match &self.weight {
+            Weight::Dense(w) => with_f32_slice(&w.to_dtype(DType::F32)?, <[f32]>::to_vec),
+            Weight::Quant(w) => Ok(w.dequantize()),
+            Weight::Candle(QMatMul::QTensor(q)) => {
+                with_f32_slice(&q.dequantize(&Device::Cpu)?, <[f32]>::to_vec)
+            }
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                with_f32_slice(&t.to_dtype(DType::F32)?, <[f32]>::to_vec)
+            }
+        }
+    }
+
     /// Bytes the weight occupies in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {

@@ -5,7 +5,9 @@
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{with_f32_slice, Embedding, Linear};
+use super::lora::{LoraBatch, LoraLinear, ModuleId};
 use super::ModelError;
+use adapters::LoraAdapter;
 use candle_core::{Device, Tensor};
 use kernels::attention::{paged_attention, write_kv, LayerKv, Rope, SeqRows};
 
@@ -30,6 +32,8 @@ pub struct ForwardBatch<'a> {
     pub seqs: &'a [SeqRows<'a>],
     /// Rows whose logits are wanted (usually the last row of each sequence that samples).
     pub logit_rows: &'a [u32],
+    /// Which rows use which adapter.
+    pub lora: &'a LoraBatch<'a>,
 }
 
 /// What every layer needs besides its input: the step's rows and the shared rope table.
@@ -55,16 +59,16 @@ impl RmsNorm {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
 }
 
 struct DecoderLayer {
@@ -85,13 +89,17 @@ pub struct Llama {
 }
 
 impl Attention {
-    fn load(src: &mut dyn WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    fn load(src: &mut dyn WeightSource, layer: usize, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let p = format!("model.layers.{layer}.self_attn");
         let (h, bias) = (cfg.hidden_size, cfg.architecture.qkv_bias());
+        let mut proj = |name: &str, out, inp, bias, module| -> Result<LoraLinear, ModelError> {
+            Ok(LoraLinear::new(src.linear(&format!("{p}.{name}"), out, inp, bias)?, layer, module))
+        };
         Ok(Self {
-            q_proj: src.linear(&format!("{p}.q_proj"), cfg.q_size(), h, bias)?,
-            k_proj: src.linear(&format!("{p}.k_proj"), cfg.kv_size(), h, bias)?,
-            v_proj: src.linear(&format!("{p}.v_proj"), cfg.kv_size(), h, bias)?,
-            o_proj: src.linear(&format!("{p}.o_proj"), h, cfg.q_size(), false)?,
+            q_proj: proj("q_proj", cfg.q_size(), h, bias, ModuleId::Q)?,
+            k_proj: proj("k_proj", cfg.kv_size(), h, bias, ModuleId::K)?,
+            v_proj: proj("v_proj", cfg.kv_size(), h, bias, ModuleId::V)?,
+            o_proj: proj("o_proj", h, cfg.q_size(), false, ModuleId::O)?,
         })
     }
 
@@ -100,9 +108,10 @@ impl Attention {
         let (batch, rope, cfg) = (ctx.batch, ctx.rope, ctx.cfg);
         let (rows, _) = x.dims2()?;
         // (rows, n_heads * head_dim) and (rows, n_kv_heads * head_dim)
-        let mut q = with_f32_slice(&self.q_proj.forward(x)?, <[f32]>::to_vec)?;
-        let mut k = with_f32_slice(&self.k_proj.forward(x)?, <[f32]>::to_vec)?;
-        let v = with_f32_slice(&self.v_proj.forward(x)?, <[f32]>::to_vec)?;
+        let lora = batch.lora;
+        let mut q = with_f32_slice(&self.q_proj.forward(x, lora)?, <[f32]>::to_vec)?;
+        let mut k = with_f32_slice(&self.k_proj.forward(x, lora)?, <[f32]>::to_vec)?;
+        let v = with_f32_slice(&self.v_proj.forward(x, lora)?, <[f32]>::to_vec)?;
         rope.apply(&mut q, cfg.num_heads, batch.positions)?;
         rope.apply(&mut k, cfg.num_kv_heads, batch.positions)?;
         write_kv(kv, &k, &v, batch.seqs)?;
@@ -110,33 +119,38 @@ impl Attention {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         paged_attention(kv, &q, cfg.num_heads, scale, batch.seqs, &mut out)?;
         let out = Tensor::from_vec(out, (rows, cfg.q_size()), &Device::Cpu)?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward(&out, lora)
     }
 }
 
 impl Mlp {
-    fn load(src: &mut dyn WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    fn load(src: &mut dyn WeightSource, layer: usize, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let p = format!("model.layers.{layer}.mlp");
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut proj = |name: &str, out, inp, module| -> Result<LoraLinear, ModelError> {
+            Ok(LoraLinear::new(src.linear(&format!("{p}.{name}"), out, inp, false)?, layer, module))
+        };
         Ok(Self {
-            gate_proj: src.linear(&format!("{p}.gate_proj"), i, h, false)?,
-            up_proj: src.linear(&format!("{p}.up_proj"), i, h, false)?,
-            down_proj: src.linear(&format!("{p}.down_proj"), h, i, false)?,
+            gate_proj: proj("gate_proj", i, h, ModuleId::GATE)?,
+            up_proj: proj("up_proj", i, h, ModuleId::UP)?,
+            down_proj: proj("down_proj", h, i, ModuleId::DOWN)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, lora: &LoraBatch) -> Result<Tensor, ModelError> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, lora)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)
     }
 }
 
 impl DecoderLayer {
-    fn load(src: &mut dyn WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self, ModelError> {
+    fn load(src: &mut dyn WeightSource, layer: usize, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        let p = format!("model.layers.{layer}");
         Ok(Self {
             input_layernorm: RmsNorm::load(src, &format!("{p}.input_layernorm"), cfg)?,
-            self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg)?,
+            self_attn: Attention::load(src, layer, cfg)?,
             post_attention_layernorm: RmsNorm::load(src, &format!("{p}.post_attention_layernorm"), cfg)?,
-            mlp: Mlp::load(src, &format!("{p}.mlp"), cfg)?,
+            mlp: Mlp::load(src, layer, cfg)?,
         })
     }
 
@@ -145,7 +159,7 @@ impl DecoderLayer {
         let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, kv, ctx)?;
         let x = (h + residual)?;
         let residual = &x;
-        Ok((self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)? + residual)?)
+        Ok((self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, ctx.batch.lora)? + residual)?)
     }
 }
 
@@ -153,7 +167,7 @@ impl Llama {
     pub fn load(config: ModelConfig, src: &mut dyn WeightSource) -> Result<Self, ModelError> {
         let embed_tokens = src.embedding(config.vocab_size, config.hidden_size)?;
         let layers = (0..config.num_layers)
-            .map(|i| DecoderLayer::load(src, &format!("model.layers.{i}"), &config))
+            .map(|i| DecoderLayer::load(src, i, &config))
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(src, "model.norm", &config)?;
         let lm_head = src.lm_head(config.vocab_size, config.hidden_size, config.tie_word_embeddings)?;
@@ -165,6 +179,54 @@ impl Llama {
         &self.config
     }
 
+    /// The projection an adapter site refers to.
+    fn projection(&self, layer: usize, module: ModuleId) -> Option<&LoraLinear> {
+        let l = self.layers.get(layer)?;
+        let (a, m) = (&l.self_attn, &l.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            .get(module.0)
+            .copied()
+    }
+
+    /// Makes a validated adapter ready for this base: computes DoRA's per-row factor
+    /// `m / ‖W + scale · B A‖` (PEFT's weight norm, in f32) once, at load, so serving it in a
+    /// mixed batch costs one multiply per output.
+    pub fn prepare_adapter(&self, adapter: &mut LoraAdapter) -> Result<(), ModelError> {
+        if !adapter.needs_dora_factors() {
+            return Ok(());
+        }
+        adapter.set_dora_factors(|site| {
+            let proj = self.projection(site.layer, ModuleId(site.module)).ok_or_else(|| {
+                ModelError::Config(format!("adapter site in layer {} is out of range", site.layer))
+            })?;
+            if proj.base().has_bias() {
+                return Err(ModelError::Config("DoRA on a projection with a bias is not supported".into()));
+            }
+            let (out, inp) = (proj.base().out_features(), proj.base().in_features());
+            let w = proj.base().dequantized_weight()?;
+            let magnitude = site.magnitude.as_deref().unwrap_or_default();
+            let mut factor = Vec::with_capacity(out);
+            let mut row = vec![0f32; inp];
+            for o in 0..out {
+                row.copy_from_slice(&w[o * inp..(o + 1) * inp]);
+                for r in 0..site.rank {
+                    let b = site.scale * site.b[o * site.rank + r];
+                    for (x, a) in row.iter_mut().zip(&site.a[r * inp..(r + 1) * inp]) {
+                        *x += b * a;
+                    }
+                }
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+                factor.push(magnitude.get(o).copied().unwrap_or(0.0) / norm.max(f32::MIN_POSITIVE));
+            }
+            Ok(factor)
+        })
+    }
+
+    /// The shapes adapters must fit to run on this model.
+    pub fn base_shape(&self) -> adapters::BaseShape {
+        super::lora::base_shape(&self.config)
+    }
+
     /// Bytes held by the weights of the linear layers (the bulk of the model).
     pub fn weight_bytes(&self) -> usize {
         let per_layer = |l: &DecoderLayer| {
@@ -172,7 +234,7 @@ impl Llama {
             let m = &l.mlp;
             [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
                 .iter()
-                .map(|l| l.weight_bytes())
+                .map(|l| l.base().weight_bytes())
                 .sum::<usize>()
         };
         self.layers.iter().map(per_layer).sum::<usize>() + self.lm_head.weight_bytes()
@@ -204,7 +266,7 @@ impl Llama {
 
     /// Logits at the last position of one prompt, computed in a scratch KV cache sized for it
     /// (reference checks and accuracy measurements).
-    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+    pub fn last_logits(&self, tokens: &[u32], lora: Option<&LoraAdapter>) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Config("empty prompt".into()));
         }
@@ -216,7 +278,12 @@ impl Llama {
         let positions: Vec<usize> = (0..tokens.len()).collect();
         let seqs = [SeqRows { rows: 0..tokens.len(), start_pos: 0, block_table: &blocks }];
         let last = [(tokens.len() - 1) as u32];
-        let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logit_rows: &last };
+        let lora = match lora {
+            Some(adapter) => LoraBatch::new(vec![(0..tokens.len(), adapter)]),
+            None => LoraBatch::none(),
+        };
+        let batch =
+            ForwardBatch { tokens, positions: &positions, seqs: &seqs, logit_rows: &last, lora: &lora };
         super::with_logits(&self.forward(&batch, &mut kv)?)
     }
 }

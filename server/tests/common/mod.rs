@@ -26,6 +26,7 @@ pub fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) ->
         prompt_ids: prompt,
         sampling,
         stop: StopCriteria { max_tokens, stop: vec![], ignore_eos: true },
+        adapter: None,
     }
 }
 

@@ -1,0 +1,612 @@
+//! The host tier: a byte-budgeted LRU of loaded adapters, keyed by `AdapterId`, with leases that
+//! pin what running sequences use.
+//!
+//! It owns residency (which values are loaded), the byte budget, eviction, load coalescing and
+//! the loader threads. It does not know what a value is (it is generic over [`CacheValue`]; the
+//! server stores its parsed, validated adapters), where values come from (the `loader` closure,
+//! typically reading `crate::store` and validating against the base), or names and tenants (ids
+//! are content hashes, so two names with the same bytes share one entry and an entry never goes
+//! stale).
+//!
+//! # Policies
+//! - **Loads** run on `CacheConfig::loader_threads` background threads, never on the caller's:
+//!   [`HostCache::try_acquire`] never blocks on I/O. Concurrent misses on one id share one load.
+//!   A loader that panics counts as a failed load.
+//! - **Failures** are remembered: for `CacheConfig::retry_failed_after` after a failed load,
+//!   acquires of that id return `Failed(message)` without retrying (so a broken adapter costs
+//!   one load, not one per request); the first acquire after that starts a new load.
+//!   [`HostCache::invalidate`] forgets a failure at once.
+//! - **Eviction** is least-recently-acquired first, among values no lease pins, and runs when a
+//!   load completes and when a last lease drops, until `resident_bytes <= budget_bytes`. A lease
+//!   is a pin: a pinned value is never evicted.
+//! - **Over budget**: if the pinned values alone exceed the budget, the cache holds them anyway
+//!   and reports it (`CacheStats::over_budget`); it gets back under budget as leases drop. A value
+//!   that just finished loading is never evicted by its own load's eviction pass (its requester
+//!   has not had the chance to lease it yet), but is the first candidate of the next pass if still
+//!   unleased. So a value larger than the whole budget is loaded, served while leased, and
+//!   evicted when its last lease drops.
+//! - **Invalidation** ([`HostCache::invalidate`], for deleted adapters): an unpinned value goes at
+//!   once, a pinned one when its last lease drops; an in-flight load's result is dropped.
+//!
+//! # Adding a device tier
+//! The tier is generic over the value and has no host-specific logic, so a GPU slot tier can be a
+//! second instance, `HostCache<DeviceAdapter>`, whose loader acquires the host lease
+//! (`host.acquire_blocking`), uploads from it and releases it, and whose `bytes()` is the device
+//! memory (or slot size) the value occupies; its budget is the device memory set aside for
+//! adapters. The engine then leases from the device tier per step, `Lease`, `Acquire` and
+//! `CacheStats` are the same types for both tiers, and `/metrics` reports each tier's stats.
+//!
+//! # Locking
+//! Entries live in a `DashMap` (status and pin count per id); resident ids in an LRU list with
+//! the byte total, behind one mutex. Whoever takes both takes the LRU mutex first; hits and lease
+//! drops touch only the entry's shard until they need the LRU. Values are dropped after the locks
+//! are released.
+
+mod stats;
+
+pub use stats::{CacheStats, LatencyHistogram, LOAD_LATENCY_BOUNDS_SECONDS};
+
+use crate::AdapterId;
+use dashmap::DashMap;
+use lru::LruCache;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+/// The default host-tier budget.
+pub const DEFAULT_BUDGET_BYTES: usize = 2 << 30;
+/// The default number of loader threads: loads are I/O and parsing, and a few in parallel hide
+/// a slow one.
+pub const DEFAULT_LOADER_THREADS: usize = 2;
+/// The default time a failed load is remembered before an acquire retries it.
+pub const DEFAULT_RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
+
+/// What the cache holds.
+pub trait CacheValue: Send + Sync + 'static {
+    /// The memory the value occupies in this tier, counted against the budget. Read once, when
+    /// the value is inserted, so it must not change afterwards.
+    fn bytes(&self) -> usize;
+}
+
+/// Loads the value of an id; runs on a loader thread. The error is a message for the requester.
+pub type Loader<V> = Arc<dyn Fn(AdapterId) -> Result<V, String> + Send + Sync>;
+
+/// Sizes and threads of a cache tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Resident bytes the tier aims to stay under (see the module docs for when it cannot).
+    pub budget_bytes: usize,
+    /// Background threads running the loader; 0 is taken as 1.
+    pub loader_threads: usize,
+    /// How long a failed load is remembered before an acquire retries it.
+    pub retry_failed_after: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            budget_bytes: DEFAULT_BUDGET_BYTES,
+            loader_threads: DEFAULT_LOADER_THREADS,
+            retry_failed_after: DEFAULT_RETRY_FAILED_AFTER,
+        }
+    }
+}
+
+/// Why a blocking acquire gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("adapter {id}: loading failed: {message}")]
+    LoadFailed { id: AdapterId, message: String },
+    #[error("adapter {id}: still loading after {waited:?}")]
+    Timeout { id: AdapterId, waited: Duration },
+    #[error("cannot start an adapter loader thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// The answer of a non-blocking acquire.
+pub enum Acquire<V: CacheValue> {
+    /// Resident; the lease pins it.
+    Ready(Lease<V>),
+    /// A load is in flight (this call may have started it); ask again later.
+    Loading,
+    /// The last load failed less than `retry_failed_after` ago.
+    Failed(String),
+}
+
+impl<V: CacheValue> std::fmt::Debug for Acquire<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Acquire::Ready(lease) => f.debug_tuple("Ready").field(lease).finish(),
+            Acquire::Loading => f.write_str("Loading"),
+            Acquire::Failed(message) => f.debug_tuple("Failed").field(message).finish(),
+        }
+    }
+}
+
+/// Where an id stands in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Residency {
+    Absent,
+    Loading,
+    Resident { pins: usize, bytes: usize },
+    Failed { message: String },
+}
+
+/// What [`HostCache::invalidate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidated {
+    /// Nothing was cached for the id.
+    Absent,
+    /// The value was resident and unpinned, and is gone.
+    Evicted,
+    /// The value is pinned; it goes when its last lease drops.
+    OnRelease,
+    /// A load was in flight; its result will be dropped.
+    LoadCancelled,
+    /// A remembered failure was forgotten.
+    FailureCleared,
+}
+
+/// A cache tier; cloning gives another handle to the same cache. Loader threads stop once every
+/// handle and every lease is gone.
+pub struct HostCache<V: CacheValue> {
+    inner: Arc<Inner<V>>,
+}
+
+impl<V: CacheValue> Clone for HostCache<V> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+impl<V: CacheValue> std::fmt::Debug for HostCache<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCache").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+/// A pin on a resident value: while any lease on an id lives, its value is not evicted.
+/// Cloning pins again; dropping unpins. Dereferences to the value.
+pub struct Lease<V: CacheValue> {
+    id: AdapterId,
+    value: Arc<V>,
+    inner: Arc<Inner<V>>,
+}
+
+impl<V: CacheValue> Lease<V> {
+    pub fn id(&self) -> AdapterId {
+        self.id
+    }
+
+    pub fn value(&self) -> &Arc<V> {
+        &self.value
+    }
+}
+
+impl<V: CacheValue> std::ops::Deref for Lease<V> {
+    type Target = V;
+
+    fn deref(&self) -> &V {
+        &self.value
+    }
+}
+
+impl<V: CacheValue> Clone for Lease<V> {
+    fn clone(&self) -> Self {
+        // A leased entry cannot be removed, so it is there to pin again.
+        if let Some(mut entry) = self.inner.entries.get_mut(&self.id) {
+            entry.pins += 1;
+        }
+        Self { id: self.id, value: self.value.clone(), inner: self.inner.clone() }
+    }
+}
+
+impl<V: CacheValue> Drop for Lease<V> {
+    fn drop(&mut self) {
+        self.inner.release(self.id);
+    }
+}
+
+impl<V: CacheValue> std::fmt::Debug for Lease<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).field("bytes", &self.value.bytes()).finish()
+    }
+}
+
+struct Inner<V: CacheValue> {
+    config: CacheConfig,
+    entries: DashMap<AdapterId, Entry<V>>,
+    /// Resident ids in recency order with the byte total. Taken before any `entries` shard.
+    resident: Mutex<Resident>,
+    /// Load requests for the loader threads; dropped with `Inner`, which stops them.
+    jobs: mpsc::Sender<Job>,
+    /// Tells loads apart, so a load cancelled by `invalidate` cannot fill a later one's entry.
+    next_ticket: AtomicU64,
+    /// Completed loads, for `acquire_blocking` to wait on.
+    completions: Mutex<u64>,
+    completed: Condvar,
+    counters: Counters,
+}
+
+struct Entry<V> {
+    state: State<V>,
+    pins: usize,
+    /// Set by `invalidate` on a pinned value: remove it when the last lease drops.
+    evict_on_release: bool,
+}
+
+/// A load request: the id and the ticket of the `Loading` entry it is for.
+type Job = (AdapterId, u64);
+
+enum State<V> {
+    Loading { ticket: u64 },
+    Ready { value: Arc<V>, bytes: usize },
+    Failed { message: String, at: Instant },
+}
+
+struct Resident {
+    /// Every `Ready` entry, most recently acquired first, with its bytes.
+    lru: LruCache<AdapterId, usize>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+    loads: AtomicU64,
+    load_failures: AtomicU64,
+    skipped_loads: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+    latency: Mutex<LatencyHistogram>,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The state behind every mutex here stays consistent across a panic (no invariant spans an
+/// unwind point), so a poisoned lock is used as is.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<V: CacheValue> HostCache<V> {
+    /// Starts the loader threads. `loader` runs on them, never on a caller's thread.
+    pub fn new(config: CacheConfig, loader: Loader<V>) -> Result<Self, CacheError> {
+        let (jobs, queue) = mpsc::channel();
+        let threads = config.loader_threads.max(1);
+        let inner = Arc::new(Inner {
+            config,
+            entries: DashMap::new(),
+            resident: Mutex::new(Resident { lru: LruCache::unbounded(), bytes: 0 }),
+            jobs,
+            next_ticket: AtomicU64::new(0),
+            completions: Mutex::new(0),
+            completed: Condvar::new(),
+            counters: Counters::default(),
+        });
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads {
+            let (queue, loader, cache) = (queue.clone(), loader.clone(), Arc::downgrade(&inner));
+            std::thread::Builder::new()
+                .name(format!("adapter-loader-{i}"))
+                .spawn(move || run_loader(&queue, &loader, &cache))
+                .map_err(CacheError::Spawn)?;
+        }
+        Ok(Self { inner })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// Non-blocking: `Ready` with a lease if the value is resident (a hit, which also makes it
+    /// the most recently used); otherwise starts a load if none is in flight (a miss) and returns
+    /// `Loading`; `Failed` while a failed load is remembered (see the module docs).
+    pub fn try_acquire(&self, id: AdapterId) -> Acquire<V> {
+        self.acquire(id, true)
+    }
+
+    /// `try_acquire`, where `retry_failed: false` reports a remembered failure even after the
+    /// retry window (for a blocking acquire that has just waited for that very load).
+    fn acquire(&self, id: AdapterId, retry_failed: bool) -> Acquire<V> {
+        enum Found<V> {
+            Hit(Arc<V>),
+            /// A load is in flight; with its ticket if this call started it.
+            Pending(Option<u64>),
+            Failed(String),
+        }
+        let inner = &self.inner;
+        let found = match inner.entries.entry(id) {
+            dashmap::Entry::Occupied(mut occupied) => {
+                let entry = occupied.get_mut();
+                match &entry.state {
+                    State::Ready { value, .. } => {
+                        let value = value.clone();
+                        entry.pins += 1;
+                        Found::Hit(value)
+                    }
+                    State::Loading { .. } => Found::Pending(None),
+                    State::Failed { message, at }
+                        if !retry_failed || at.elapsed() < inner.config.retry_failed_after =>
+                    {
+                        Found::Failed(message.clone())
+                    }
+                    State::Failed { .. } => {
+                        let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+                        entry.state = State::Loading { ticket };
+                        Found::Pending(Some(ticket))
+                    }
+                }
+            }
+            dashmap::Entry::Vacant(vacant) => {
+                let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+                vacant.insert(Entry { state: State::Loading { ticket }, pins: 0, evict_on_release: false });
+                Found::Pending(Some(ticket))
+            }
+        };
+        match found {
+            Found::Hit(value) => {
+                bump(&inner.counters.hits);
+                lock(&inner.resident).lru.promote(&id);
+                Acquire::Ready(Lease { id, value, inner: inner.clone() })
+            }
+            Found::Pending(Some(ticket)) => {
+                bump(&inner.counters.misses);
+                if inner.jobs.send((id, ticket)).is_err() {
+                    // Unreachable while `inner` lives (the loaders exit only once it is gone),
+                    // but an entry must never stay `Loading` with no load behind it.
+                    let failed = Err("no adapter loader thread is running".into());
+                    inner.complete((id, ticket), failed, Duration::ZERO);
+                }
+                Acquire::Loading
+            }
+            Found::Pending(None) => {
+                bump(&inner.counters.coalesced);
+                Acquire::Loading
+            }
+            Found::Failed(message) => Acquire::Failed(message),
+        }
+    }
+
+    /// Blocking convenience for the CLI and tests: acquires, waiting up to `timeout` for a load.
+    /// A failed load ends the wait with its error (only the first attempt may retry a
+    /// remembered failure, as `try_acquire` does).
+    pub fn acquire_blocking(&self, id: AdapterId, timeout: Duration) -> Result<Lease<V>, CacheError> {
+        // `None`: a timeout too long to represent, which is no timeout.
+        let deadline = Instant::now().checked_add(timeout);
+        let mut first = true;
+        loop {
+            let seen = *lock(&self.inner.completions);
+            match self.acquire(id, std::mem::take(&mut first)) {
+                Acquire::Ready(lease) => return Ok(lease),
+                Acquire::Failed(message) => return Err(CacheError::LoadFailed { id, message }),
+                Acquire::Loading => {}
+            }
+            let mut completions = lock(&self.inner.completions);
+            while *completions == seen {
+                let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+                if left.is_zero() {
+                    return Err(CacheError::Timeout { id, waited: timeout });
+                }
+                completions = self
+                    .inner
+                    .completed
+                    .wait_timeout(completions, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+    }
+
+    /// Where `id` stands, without touching recency or counters.
+    pub fn residency(&self, id: AdapterId) -> Residency {
+        match self.inner.entries.get(&id) {
+            None => Residency::Absent,
+            Some(entry) => match &entry.state {
+                State::Loading { .. } => Residency::Loading,
+                State::Ready { bytes, .. } => Residency::Resident { pins: entry.pins, bytes: *bytes },
+                State::Failed { message, .. } => Residency::Failed { message: message.clone() },
+            },
+        }
+    }
+
+    /// Drops what is cached for `id` (its adapter was deleted): at once if unpinned, when the last
+    /// lease drops if pinned. Ids are content hashes, so call it only once no name refers to the
+    /// id any more (`FsStore::is_referenced`); otherwise it merely costs a reload.
+    pub fn invalidate(&self, id: AdapterId) -> Invalidated {
+        let inner = &self.inner;
+        let mut resident = lock(&inner.resident);
+        let outcome = match inner.entries.remove_if(&id, |_, e| e.pins == 0) {
+            Some((_, entry)) => match entry.state {
+                State::Ready { value, bytes } => {
+                    resident.lru.pop(&id);
+                    resident.bytes -= bytes;
+                    bump(&inner.counters.invalidations);
+                    drop(resident);
+                    drop(value);
+                    return Invalidated::Evicted;
+                }
+                State::Loading { .. } => Invalidated::LoadCancelled,
+                State::Failed { .. } => Invalidated::FailureCleared,
+            },
+            None => match inner.entries.get_mut(&id) {
+                Some(mut entry) => {
+                    entry.evict_on_release = true;
+                    Invalidated::OnRelease
+                }
+                None => Invalidated::Absent,
+            },
+        };
+        drop(resident);
+        if outcome == Invalidated::LoadCancelled {
+            // Waiters on the cancelled load retry (and start a fresh load if still wanted).
+            inner.notify_completion();
+        }
+        outcome
+    }
+
+    /// A snapshot of the counters and the current residency.
+    pub fn stats(&self) -> CacheStats {
+        let inner = &self.inner;
+        let c = &inner.counters;
+        let resident = lock(&inner.resident);
+        let (mut pinned, mut pinned_bytes, mut loading) = (0, 0, 0);
+        for entry in inner.entries.iter() {
+            match &entry.state {
+                State::Ready { bytes, .. } if entry.pins > 0 => {
+                    pinned += 1;
+                    pinned_bytes += bytes;
+                }
+                State::Loading { .. } => loading += 1,
+                _ => {}
+            }
+        }
+        CacheStats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            coalesced: c.coalesced.load(Ordering::Relaxed),
+            loads: c.loads.load(Ordering::Relaxed),
+            load_failures: c.load_failures.load(Ordering::Relaxed),
+            skipped_loads: c.skipped_loads.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            resident: resident.lru.len(),
+            resident_bytes: resident.bytes,
+            budget_bytes: inner.config.budget_bytes,
+            pinned,
+            pinned_bytes,
+            loading,
+            load_latency: lock(&c.latency).clone(),
+        }
+    }
+}
+
+/// A loader thread: takes jobs off the queue, loads, publishes. Skips a job whose load was
+/// cancelled before it started. Exits when the cache is gone.
+fn run_loader<V: CacheValue>(queue: &Mutex<mpsc::Receiver<Job>>, loader: &Loader<V>, cache: &Weak<Inner<V>>) {
+    loop {
+        let Ok(job) = lock(queue).recv() else { return };
+        match cache.upgrade() {
+            Some(inner) if inner.is_current(job) => {}
+            Some(inner) => {
+                bump(&inner.counters.skipped_loads);
+                continue;
+            }
+            None => return,
+        }
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| loader(job.0)))
+            .unwrap_or_else(|_| Err("the adapter loader panicked".to_string()));
+        let Some(inner) = cache.upgrade() else { return };
+        inner.complete(job, result, started.elapsed());
+    }
+}
+
+impl<V: CacheValue> Inner<V> {
+    /// Publishes a load's result, then evicts down to the budget. Every load is counted, also
+    /// one whose result is dropped because its entry was invalidated meanwhile.
+    fn complete(&self, (id, ticket): Job, result: Result<V, String>, took: Duration) {
+        match &result {
+            Ok(_) => {
+                bump(&self.counters.loads);
+                lock(&self.counters.latency).record(took);
+            }
+            Err(_) => bump(&self.counters.load_failures),
+        }
+        let mut dropped = Vec::new();
+        let mut resident = lock(&self.resident);
+        // Another ticket, or no entry: the load was cancelled by `invalidate`; drop the result.
+        if let Some(mut entry) = self
+            .entries
+            .get_mut(&id)
+            .filter(|e| matches!(e.state, State::Loading { ticket: t } if t == ticket))
+        {
+            match result {
+                Ok(value) => {
+                    let bytes = value.bytes();
+                    entry.state = State::Ready { value: Arc::new(value), bytes };
+                    drop(entry);
+                    resident.lru.put(id, bytes);
+                    resident.bytes += bytes;
+                    self.evict_to_budget(&mut resident, Some(id), &mut dropped);
+                }
+                Err(message) => entry.state = State::Failed { message, at: Instant::now() },
+            }
+        }
+        drop(resident);
+        drop(dropped);
+        self.notify_completion();
+    }
+
+    /// Whether the `Loading` entry `job` was queued for is still waiting for it.
+    fn is_current(&self, (id, ticket): Job) -> bool {
+        self.entries.get(&id).is_some_and(|e| matches!(e.state, State::Loading { ticket: t } if t == ticket))
+    }
+
+    fn notify_completion(&self) {
+        *lock(&self.completions) += 1;
+        self.completed.notify_all();
+    }
+
+    /// Removes unpinned values, least recently used first (sparing `spare`), until the total is
+    /// within budget or nothing more can go. Removed values are moved to `dropped`, for the
+    /// caller to drop after unlocking.
+    fn evict_to_budget(&self, resident: &mut Resident, spare: Option<AdapterId>, dropped: &mut Vec<Arc<V>>) {
+        if resident.bytes <= self.config.budget_bytes {
+            return;
+        }
+        let oldest_first: Vec<AdapterId> = resident.lru.iter().rev().map(|(id, _)| *id).collect();
+        for id in oldest_first {
+            if resident.bytes <= self.config.budget_bytes {
+                break;
+            }
+            if Some(id) == spare {
+                continue;
+            }
+            // The pin check and the removal are one step under the entry's shard lock, which a
+            // hit takes to pin: a value is never removed while leased.
+            if let Some((_, Entry { state: State::Ready { value, bytes }, .. })) =
+                self.entries.remove_if(&id, |_, e| e.pins == 0)
+            {
+                resident.lru.pop(&id);
+                resident.bytes -= bytes;
+                bump(&self.counters.evictions);
+                dropped.push(value);
+            }
+        }
+    }
+
+    /// Unpins once; on the last lease, removes an invalidated value and evicts down to budget.
+    fn release(&self, id: AdapterId) {
+        let last = match self.entries.get_mut(&id) {
+            Some(mut entry) => {
+                entry.pins -= 1;
+                entry.pins == 0
+            }
+            None => false,
+        };
+        if !last {
+            return;
+        }
+        let mut dropped = Vec::new();
+        let mut resident = lock(&self.resident);
+        // Re-checked under the LRU lock: `invalidate` may have flagged it meanwhile, and a new
+        // lease may have pinned it again.
+        if let Some((_, Entry { state: State::Ready { value, bytes }, .. })) =
+            self.entries.remove_if(&id, |_, e| e.pins == 0 && e.evict_on_release)
+        {
+            resident.lru.pop(&id);
+            resident.bytes -= bytes;
+            bump(&self.counters.invalidations);
+            dropped.push(value);
+        }
+        self.evict_to_budget(&mut resident, None, &mut dropped);
+        drop(resident);
+        drop(dropped);
+    }
+}

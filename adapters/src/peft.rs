@@ -1,0 +1,550 @@
+//! PEFT LoRA weights: reading `adapter_model.safetensors` against a resident base (every key,
+//! shape, dtype and value checked before anything is used) and writing adapters in the same
+//! format. The result, `LoraAdapter`, holds f32 `A`/`B` per (layer, module) site with its scale.
+
+use super::config::{AdapterSpec, TargetModules};
+use super::{AdapterError, AdapterId};
+use regex::Regex;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// File names of a PEFT adapter directory.
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PICKLE_FILE: &str = "adapter_model.bin";
+/// The prefix PEFT puts before a module path when it saves.
+const KEY_PREFIX: &str = "base_model.model.";
+
+/// A linear layer of the base that adapters may target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleShape {
+    /// Path inside a decoder layer, e.g. `self_attn.q_proj`.
+    pub path: String,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+/// What an adapter must fit: the base's layer count and its targetable linear layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseShape {
+    pub num_layers: usize,
+    pub modules: Vec<ModuleShape>,
+}
+
+impl BaseShape {
+    /// The module path of layer `layer`, as PEFT names it (`model.layers.3.self_attn.q_proj`).
+    pub fn module_name(&self, layer: usize, module: usize) -> String {
+        format!("model.layers.{layer}.{}", self.modules[module].path)
+    }
+}
+
+/// One adapted linear layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSite {
+    pub layer: usize,
+    /// Index into `BaseShape::modules`.
+    pub module: usize,
+    pub rank: usize,
+    /// The factor on `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f32,
+    /// `[rank, in_features]`, row-major.
+    pub a: Vec<f32>,
+    /// `[out_features, rank]`, row-major.
+    pub b: Vec<f32>,
+    /// DoRA magnitude `m`, `[out_features]`, as PEFT saves it.
+    pub magnitude: Option<Vec<f32>>,
+    /// DoRA factor `m / ‖W + scale·B A‖` per output row, computed against the base by
+    /// `LoraAdapter::set_dora_factors` before the adapter is used.
+    pub dora_factor: Option<Vec<f32>>,
+}
+
+/// A validated adapter, ready for the kernels.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub id: AdapterId,
+    pub spec: AdapterSpec,
+    sites: Vec<LoraSite>,
+    index: HashMap<(usize, usize), usize>,
+}
+
+impl LoraAdapter {
+    /// Reads and validates a PEFT adapter directory.
+    pub fn load_dir(dir: &Path, base: &BaseShape) -> Result<Self, AdapterError> {
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !weights_path.is_file() && dir.join(PICKLE_FILE).is_file() {
+            return Err(AdapterError::Format(format!(
+                "{}: only {WEIGHTS_FILE} is accepted; {PICKLE_FILE} (pickle) is never loaded, convert it with safetensors",
+                dir.display()
+            )));
+        }
+        let read = |p: &Path| std::fs::read(p).map_err(|e| AdapterError::Io(format!("{}: {e}", p.display())));
+        let config = read(&dir.join(CONFIG_FILE))?;
+        let weights = read(&weights_path)?;
+        Self::from_bytes(&config, &weights, base)
+    }
+
+    /// Validates an adapter given as the bytes of its two files.
+    pub fn from_bytes(config: &[u8], weights: &[u8], base: &BaseShape) -> Result<Self, AdapterError> {
+        let spec = AdapterSpec::from_json(config)?;
+        let plan = SitePlan::new(&spec, base)?;
+        let tensors = SafeTensors::deserialize(weights).map_err(|e| {
+            AdapterError::Format(format!("{WEIGHTS_FILE} is not a valid safetensors file: {e}"))
+        })?;
+        let mut found: BTreeMap<(usize, usize), [Option<Vec<f32>>; 3]> = BTreeMap::new();
+        for (key, view) in tensors.tensors() {
+            let (layer, module, part) = parse_key(&key, base)?;
+            let Some(&(rank, _)) = plan.sites.get(&(layer, module)) else {
+                return Err(AdapterError::Key {
+                    key,
+                    reason: "this module is not targeted by adapter_config.json".into(),
+                });
+            };
+            let m = &base.modules[module];
+            let expected = match part {
+                Part::A => vec![rank, m.in_features],
+                Part::B => vec![m.out_features, rank],
+                Part::Magnitude if spec.use_dora => vec![m.out_features],
+                Part::Magnitude => {
+                    return Err(AdapterError::Key {
+                        key,
+                        reason: "a DoRA magnitude, but use_dora is false".into(),
+                    })
+                }
+            };
+            if view.shape() != expected.as_slice() {
+                return Err(AdapterError::Key {
+                    key,
+                    reason: format!(
+                        "shape {:?}, expected {expected:?} for the base and this rank",
+                        view.shape()
+                    ),
+                });
+            }
+            let values = to_f32(&key, view.dtype(), view.data())?;
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                return Err(AdapterError::Key { key, reason: format!("holds a non-finite value ({bad})") });
+            }
+            found.entry((layer, module)).or_default()[part as usize] = Some(values);
+        }
+        let mut sites = Vec::with_capacity(plan.sites.len());
+        for (&(layer, module), &(rank, scale)) in &plan.sites {
+            let name = base.module_name(layer, module);
+            let [a, b, magnitude] = found.remove(&(layer, module)).unwrap_or_default();
+            let missing = |suffix: &str| AdapterError::Key {
+                key: format!("{KEY_PREFIX}{name}.{suffix}"),
+                reason: "missing".into(),
+            };
+            let a = a.ok_or_else(|| missing("lora_A.weight"))?;
+            let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+            if spec.use_dora && magnitude.is_none() {
+                return Err(missing("lora_magnitude_vector"));
+            }
+            sites.push(LoraSite { layer, module, rank, scale, a, b, magnitude, dora_factor: None });
+        }
+        let index = sites.iter().enumerate().map(|(i, s)| ((s.layer, s.module), i)).collect();
+        Ok(Self { id: AdapterId::of_files(config, weights), spec, sites, index })
+    }
+
+    /// The adapter's weights at one site, if it adapts that layer and module.
+    pub fn site(&self, layer: usize, module: usize) -> Option<&LoraSite> {
+        self.index.get(&(layer, module)).map(|&i| &self.sites[i])
+    }
+
+    pub fn sites(&self) -> &[LoraSite] {
+        &self.sites
+    }
+
+    /// Whether DoRA factors still have to be computed against the base.
+    pub fn needs_dora_factors(&self) -> bool {
+        self.sites.iter().any(|s| s.magnitude.is_some() && s.dora_factor.is_none())
+    }
+
+    /// Computes each DoRA site's factor with `factor(site)`, which knows the base weights.
+    pub fn set_dora_factors<E>(
+        &mut self,
+        mut factor: impl FnMut(&LoraSite) -> Result<Vec<f32>, E>,
+    ) -> Result<(), E> {
+        for site in self.sites.iter_mut().filter(|s| s.magnitude.is_some()) {
+            site.dora_factor = Some(factor(site)?);
+        }
+        Ok(())
+    }
+
+    /// Memory the weights take.
+    pub fn bytes(&self) -> usize {
+        let floats = |s: &LoraSite| {
+            s.a.len()
+                + s.b.len()
+                + s.magnitude.as_ref().map_or(0, Vec::len)
+                + s.dora_factor.as_ref().map_or(0, Vec::len)
+        };
+        self.sites.iter().map(|s| floats(s) * std::mem::size_of::<f32>()).sum()
+    }
+}
+
+/// Writes a PEFT adapter directory: `adapter_config.json` (as given) and
+/// `adapter_model.safetensors` with PEFT's key names. The directory appears complete or not at
+/// all: files are written and synced in a sibling temp directory that is then renamed into place
+/// (an existing directory is replaced).
+pub fn write_adapter_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    sites: &[LoraSite],
+    base: &BaseShape,
+) -> Result<(), AdapterError> {
+    let io = |what: &str, e: std::io::Error| AdapterError::Io(format!("{what}: {e}"));
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(2 * sites.len());
+    for s in sites {
+        let m = base
+            .modules
+            .get(s.module)
+            .ok_or_else(|| AdapterError::Format(format!("no module {}", s.module)))?;
+        if s.a.len() != s.rank * m.in_features || s.b.len() != m.out_features * s.rank {
+            return Err(AdapterError::Format(format!(
+                "site {} has the wrong shape",
+                base.module_name(s.layer, s.module)
+            )));
+        }
+        let name = base.module_name(s.layer, s.module);
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        tensors.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), vec![s.rank, m.in_features], bytes(&s.a)));
+        tensors.push((
+            format!("{KEY_PREFIX}{name}.lora_B.weight"),
+            vec![m.out_features, s.rank],
+            bytes(&s.b),
+        ));
+        if let Some(mag) = &s.magnitude {
+            tensors.push((
+                format!("{KEY_PREFIX}{name}.lora_magnitude_vector"),
+                vec![m.out_features],
+                bytes(mag),
+            ));
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, shape, data)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| AdapterError::Format(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let weights = safetensors::serialize(views, None).map_err(|e| AdapterError::Format(e.to_string()))?;
+    let config = serde_json::to_vec_pretty(config).map_err(|e| AdapterError::Format(e.to_string()))?;
+
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io("creating the parent directory", e))?;
+    let leaf =
+        dir.file_name().ok_or_else(|| AdapterError::Io(format!("{} has no file name", dir.display())))?;
+    let tmp = parent.join(format!(".{}.tmp-{}", leaf.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io("creating a temp directory", e))?;
+    for (name, bytes) in [(CONFIG_FILE, &config), (WEIGHTS_FILE, &weights)] {
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(tmp.join(name))?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        };
+        write().map_err(|e| io(name, e))?;
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{}.old-{}", leaf.to_string_lossy(), std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| io("moving the previous adapter aside", e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| io("publishing the adapter", e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| io("publishing the adapter", e))?;
+    }
+    // Make the rename durable.
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io("syncing the directory", e))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    A = 0,
+    B = 1,
+    Magnitude = 2,
+}
+
+/// `base_model.model.model.layers.N.<path>.lora_{A,B}[.default].weight` → (layer, module, part).
+fn parse_key(key: &str, base: &BaseShape) -> Result<(usize, usize, Part), AdapterError> {
+    let bad = |reason: &str| AdapterError::Key { key: key.to_string(), reason: reason.to_string() };
+    let rest = key.strip_prefix(KEY_PREFIX).ok_or_else(|| bad("does not start with `base_model.model.`"))?;
+    let rest = rest.strip_suffix(".weight").unwrap_or(rest);
+    let rest = rest.strip_suffix(".default").unwrap_or(rest);
+    let (module_path, part) = if let Some(m) = rest.strip_suffix(".lora_A") {
+        (m, Part::A)
+    } else if let Some(m) = rest.strip_suffix(".lora_B") {
+        (m, Part::B)
+    } else if let Some(m) = rest.strip_suffix(".lora_magnitude_vector") {
+        (m, Part::Magnitude)
+    } else {
+        return Err(bad("not a LoRA weight (lora_A, lora_B and DoRA's lora_magnitude_vector are accepted)"));
+    };
+    let inner = module_path.strip_prefix("model.layers.").ok_or_else(|| bad("not inside model.layers"))?;
+    let (layer, path) = inner.split_once('.').ok_or_else(|| bad("no module after the layer index"))?;
+    let layer: usize = layer.parse().map_err(|_| bad("layer index is not a number"))?;
+    if layer >= base.num_layers {
+        return Err(bad(&format!("layer {layer} does not exist (the base has {})", base.num_layers)));
+    }
+    let module = base
+        .modules
+        .iter()
+        .position(|m| m.path == path)
+        .ok_or_else(|| bad("not a linear layer of the base"))?;
+    Ok((layer, module, part))
+}
+
+fn to_f32(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, AdapterError> {
+    let chunks = |n: usize| data.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::F32 => chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => {
+            return Err(AdapterError::Key {
+                key: key.to_string(),
+                reason: format!("dtype {other:?} is not supported (F32, F16, BF16)"),
+            })
+        }
+    })
+}
+
+/// Which (layer, module) sites a config targets, with each site's rank and scale.
+struct SitePlan {
+    sites: BTreeMap<(usize, usize), (usize, f32)>,
+}
+
+impl SitePlan {
+    fn new(spec: &AdapterSpec, base: &BaseShape) -> Result<Self, AdapterError> {
+        let field = |field: &'static str, reason: String| AdapterError::Field { field, reason };
+        let compile = |field: &'static str, pattern: &str| {
+            Regex::new(&format!("^(?:{pattern})$"))
+                .map_err(|e| AdapterError::Field { field, reason: e.to_string() })
+        };
+        let target_regex = match &spec.targets {
+            TargetModules::Regex(r) => Some(compile("target_modules", r)?),
+            _ => None,
+        };
+        let exclude_regex = match &spec.exclude {
+            Some(TargetModules::Regex(r)) => Some(compile("exclude_modules", r)?),
+            _ => None,
+        };
+        let pattern_key = |patterns: &[String], name: &str| -> Result<Option<String>, AdapterError> {
+            for p in patterns {
+                // PEFT: re.match(rf"(.*\.)?({pattern})$", key)
+                let re = compile("rank_pattern", &format!("(?:.*\\.)?(?:{p})"))?;
+                if re.is_match(name) {
+                    return Ok(Some(p.clone()));
+                }
+            }
+            Ok(None)
+        };
+        let rank_keys: Vec<String> = spec.rank_pattern.keys().cloned().collect();
+        let alpha_keys: Vec<String> = spec.alpha_pattern.keys().cloned().collect();
+        if let Some(layers) = &spec.layers {
+            if let Some(bad) = layers.iter().find(|&&l| l >= base.num_layers) {
+                return Err(field(
+                    "layers_to_transform",
+                    format!("layer {bad} does not exist (the base has {})", base.num_layers),
+                ));
+            }
+        }
+        let mut sites = BTreeMap::new();
+        for layer in 0..base.num_layers {
+            if spec.layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
+                continue;
+            }
+            for (module, shape) in base.modules.iter().enumerate() {
+                let name = base.module_name(layer, module);
+                let targeted = match &spec.targets {
+                    TargetModules::AllLinear => true,
+                    TargetModules::Names(list) => {
+                        list.iter().any(|t| name == *t || name.ends_with(&format!(".{t}")))
+                    }
+                    TargetModules::Regex(_) => target_regex.as_ref().is_some_and(|r| r.is_match(&name)),
+                };
+                let excluded = match &spec.exclude {
+                    None => false,
+                    Some(TargetModules::Names(list)) => {
+                        list.iter().any(|t| name == *t || name.ends_with(&format!(".{t}")))
+                    }
+                    Some(TargetModules::Regex(_)) => {
+                        exclude_regex.as_ref().is_some_and(|r| r.is_match(&name))
+                    }
+                    Some(TargetModules::AllLinear) => true,
+                };
+                if !targeted || excluded {
+                    continue;
+                }
+                let rank = match pattern_key(&rank_keys, &name)? {
+                    Some(k) => spec.rank_pattern[&k],
+                    None => spec.rank,
+                };
+                let alpha = match pattern_key(&alpha_keys, &name)? {
+                    Some(k) => spec.alpha_pattern[&k],
+                    None => spec.alpha,
+                };
+                if rank > shape.in_features.min(shape.out_features) {
+                    return Err(field("r", format!("rank {rank} of {name} exceeds its dimensions")));
+                }
+                sites.insert((layer, module), (rank, spec.scaling(rank, alpha) as f32));
+            }
+        }
+        if sites.is_empty() {
+            return Err(field("target_modules", "matches no linear layer of the base".into()));
+        }
+        Ok(Self { sites })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_base() -> BaseShape {
+        let m = |path: &str, out, inp| ModuleShape { path: path.into(), out_features: out, in_features: inp };
+        BaseShape {
+            num_layers: 2,
+            modules: vec![
+                m("self_attn.q_proj", 8, 8),
+                m("self_attn.v_proj", 4, 8),
+                m("mlp.down_proj", 8, 16),
+            ],
+        }
+    }
+
+    fn tensor_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn adapter_files(config: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> (Vec<u8>, Vec<u8>) {
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> =
+            tensors.iter().map(|(k, s, v)| (k.to_string(), s.clone(), tensor_bytes(v))).collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(k, s, b)| {
+                (k.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap())
+            })
+            .collect();
+        (config.as_bytes().to_vec(), safetensors::serialize(views, None).unwrap())
+    }
+
+    fn key(layer: usize, module: &str, part: &str) -> String {
+        format!("base_model.model.model.layers.{layer}.{module}.lora_{part}.weight")
+    }
+
+    fn qv_tensors(rank: usize, layers: &[usize]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut t = Vec::new();
+        for &l in layers {
+            t.push((key(l, "self_attn.q_proj", "A"), vec![rank, 8], vec![0.5; rank * 8]));
+            t.push((key(l, "self_attn.q_proj", "B"), vec![8, rank], vec![0.25; 8 * rank]));
+            t.push((key(l, "self_attn.v_proj", "A"), vec![rank, 8], vec![0.5; rank * 8]));
+            t.push((key(l, "self_attn.v_proj", "B"), vec![4, rank], vec![0.25; 4 * rank]));
+        }
+        t
+    }
+
+    fn load(config: &str, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<LoraAdapter, AdapterError> {
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> =
+            tensors.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
+        let (c, w) = adapter_files(config, &refs);
+        LoraAdapter::from_bytes(&c, &w, &tiny_base())
+    }
+
+    #[test]
+    fn loads_targeted_sites_with_scale() {
+        let a =
+            load(r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(2, &[0, 1]))
+                .unwrap();
+        assert_eq!(a.sites().len(), 4);
+        let s = a.site(1, 1).unwrap();
+        assert_eq!((s.rank, s.scale), (2, 2.0));
+        assert!(a.site(0, 2).is_none());
+        assert_eq!(a.bytes(), 2 * (16 + 16 + 16 + 8) * 4);
+    }
+
+    #[test]
+    fn layers_and_rank_pattern() {
+        let mut t = qv_tensors(2, &[1]);
+        // v_proj of layer 1 gets rank 3 through rank_pattern.
+        t.retain(|(k, _, _)| !k.contains("v_proj"));
+        t.push((key(1, "self_attn.v_proj", "A"), vec![3, 8], vec![0.1; 24]));
+        t.push((key(1, "self_attn.v_proj", "B"), vec![4, 3], vec![0.1; 12]));
+        let cfg = r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"],"layers_to_transform":[1],"rank_pattern":{"v_proj":3},"alpha_pattern":{"v_proj":6}}"#;
+        let a = load(cfg, t).unwrap();
+        assert_eq!(a.sites().len(), 2);
+        assert_eq!((a.site(1, 1).unwrap().rank, a.site(1, 1).unwrap().scale), (3, 2.0));
+        assert!(a.site(0, 0).is_none());
+    }
+
+    #[test]
+    fn regex_targets_and_exclusions() {
+        let cfg = r#"{"r":2,"target_modules":".*\\.(q|v)_proj","exclude_modules":["model.layers.0.self_attn.v_proj"]}"#;
+        let mut t = qv_tensors(2, &[0, 1]);
+        t.retain(|(k, _, _)| !k.contains("layers.0.self_attn.v_proj"));
+        let a = load(cfg, t).unwrap();
+        assert_eq!(a.sites().len(), 3);
+    }
+
+    #[test]
+    fn written_adapters_read_back_identically() {
+        let a =
+            load(r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(2, &[0, 1]))
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("adapter");
+        let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]});
+        write_adapter_dir(&out, &config, a.sites(), &tiny_base()).unwrap();
+        write_adapter_dir(&out, &config, a.sites(), &tiny_base()).unwrap();
+        let back = LoraAdapter::load_dir(&out, &tiny_base()).unwrap();
+        assert_eq!(back.sites(), a.sites());
+        let leftovers: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "no temp directories left: {leftovers:?}");
+    }
+
+    #[test]
+    fn pickle_only_adapters_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), r#"{"r":2,"target_modules":["q_proj"]}"#).unwrap();
+        std::fs::write(dir.path().join("adapter_model.bin"), b"pickle").unwrap();
+        let err = LoraAdapter::load_dir(dir.path(), &tiny_base()).unwrap_err().to_string();
+        assert!(err.contains("pickle"), "{err}");
+    }
+
+    #[test]
+    fn rejections_name_the_key() {
+        let cfg = r#"{"r":2,"target_modules":["q_proj","v_proj"]}"#;
+        let check = |tensors: Vec<(String, Vec<usize>, Vec<f32>)>, needle: &str| {
+            let err = load(cfg, tensors).unwrap_err().to_string();
+            assert!(err.contains(needle), "expected `{needle}` in: {err}");
+        };
+        let mut t = qv_tensors(2, &[0, 1]);
+        t[0].1 = vec![3, 8];
+        t[0].2 = vec![0.0; 24];
+        check(t, "layers.0.self_attn.q_proj.lora_A.weight");
+        let mut t = qv_tensors(2, &[0, 1]);
+        t[1].2[3] = f32::NAN;
+        check(t, "non-finite");
+        let mut t = qv_tensors(2, &[0, 1]);
+        t.pop();
+        check(t, "layers.1.self_attn.v_proj.lora_B.weight");
+        let mut t = qv_tensors(2, &[0, 1]);
+        t.push((key(5, "self_attn.q_proj", "A"), vec![2, 8], vec![0.0; 16]));
+        check(t, "layer 5 does not exist");
+        let mut t = qv_tensors(2, &[0, 1]);
+        t.push((key(0, "mlp.down_proj", "A"), vec![2, 16], vec![0.0; 32]));
+        check(t, "not targeted");
+        let mut t = qv_tensors(2, &[0, 1]);
+        t.push(("base_model.model.lm_head.weight".into(), vec![2], vec![0.0; 2]));
+        check(t, "lm_head");
+        let (c, _) = adapter_files(cfg, &[]);
+        let err = LoraAdapter::from_bytes(&c, b"not safetensors", &tiny_base()).unwrap_err().to_string();
+        assert!(err.contains("safetensors"), "{err}");
+        let err = load(r#"{"r":2,"target_modules":["nothing_here"]}"#, vec![]).unwrap_err().to_string();
+        assert!(err.contains("target_modules"), "{err}");
+    }
+}

@@ -1,0 +1,379 @@
+//! Segmented-LoRA kernel benchmark: `kernels::lora::lora_delta` against two candle baselines on
+//! the shapes of the default model (SmolLM2-135M: 576 → 576 / 192 / 1536, 1536 → 576) and of a
+//! 7B model (4096 → 4096, 4096 → 11008), for decode- and prefill-like batches.
+//!
+//! `cargo run --release -p lorahost-bench --bin lora_kernel [-- --quick] [--shapes default|7b|all]
+//! [--max-gather-mb N] [--filter SUBSTRING]`
+//!
+//! Columns (median per call, same process, same threads):
+//! - ours: `lora_delta` (segments straight from the workload generator);
+//! - loop: a per-adapter loop of candle ops: for each segment `x.narrow(rows) · Aᵀ · Bᵀ · scale`
+//!   added to the segment's rows of `y`, then `y` reassembled with one `cat`;
+//! - pad: gather-and-pad (S-LoRA's "bmm" baseline): every adapter padded to the batch's max rank
+//!   and stacked once outside the timing (scale folded into B), then per call `index_select` of
+//!   A and B per row and two batched matmuls (`-` when the gathered weights exceed
+//!   `--max-gather-mb`);
+//! - base: the f32 base projection `x · Wᵀ` (candle matmul) at the same rows; "ours/base" is the
+//!   LoRA overhead on an f32 model.
+//!
+//! Every operand is reused across repetitions, so shapes whose weights fit in L3 run hot
+//! (all columns alike). Each row also checks ours against the candle loop.
+//!
+//! A second table (skip with `--no-cold`) is decode as a real model sees it: 32 rows with 32
+//! distinct rank-16 adapters, each call on a different set of adapters (a different layer), the
+//! sets together far larger than L3, so A and B stream from DRAM; it reports the A+B read
+//! bandwidth of ours next to the candle loop under the same rotation.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use kernels::lora::workload::{Popularity, SplitMix64, Workload, WorkloadSpec};
+use kernels::lora::{lora_delta, Isa};
+
+struct Shape {
+    name: &'static str,
+    inp: usize,
+    out: usize,
+    big: bool,
+}
+
+const SHAPES: [Shape; 6] = [
+    Shape { name: "smol q/o 576→576", inp: 576, out: 576, big: false },
+    Shape { name: "smol k/v 576→192", inp: 576, out: 192, big: false },
+    Shape { name: "smol gate/up 576→1536", inp: 576, out: 1536, big: false },
+    Shape { name: "smol down 1536→576", inp: 1536, out: 576, big: false },
+    Shape { name: "7b q/k/v/o 4096→4096", inp: 4096, out: 4096, big: true },
+    Shape { name: "7b gate/up 4096→11008", inp: 4096, out: 11008, big: true },
+];
+
+/// One batch: rows, distinct adapters, their ranks (adapter a has `ranks[a % len]`), popularity.
+struct Batch {
+    rows: usize,
+    adapters: usize,
+    ranks: &'static [usize],
+    pop: Popularity,
+}
+
+const BATCHES: [Batch; 8] = [
+    Batch { rows: 1, adapters: 1, ranks: &[16], pop: Popularity::Identical },
+    Batch { rows: 8, adapters: 8, ranks: &[16], pop: Popularity::Distinct },
+    Batch { rows: 32, adapters: 32, ranks: &[16], pop: Popularity::Distinct },
+    Batch { rows: 32, adapters: 32, ranks: &[64], pop: Popularity::Distinct },
+    Batch { rows: 32, adapters: 8, ranks: &[16], pop: Popularity::Zipf(1.0) },
+    Batch { rows: 128, adapters: 32, ranks: &[16], pop: Popularity::Zipf(1.0) },
+    Batch { rows: 256, adapters: 32, ranks: &[8, 16, 32, 64], pop: Popularity::Zipf(1.0) },
+    Batch { rows: 256, adapters: 4, ranks: &[16], pop: Popularity::Distinct },
+];
+
+/// Median seconds of `f` over repetitions filling about `budget` (at least `min_reps`), after
+/// one warm-up call.
+fn time_median(budget: Duration, min_reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < min_reps || (start.elapsed() < budget && samples.len() < 10_000) {
+        let t = Instant::now();
+        f()?;
+        samples.push(t.elapsed().as_secs_f64());
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn fmt_time(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.1} µs", s * 1e6)
+    } else {
+        format!("{:.2} ms", s * 1e3)
+    }
+}
+
+/// Per adapter: `Aᵀ` `[in, r]`, `Bᵀ` `[r, out]` (transposed views, no copies) and the scale.
+struct LoopWeights {
+    a_t: Tensor,
+    b_t: Tensor,
+    scale: f64,
+}
+
+fn loop_weights(w: &Workload, dev: &Device) -> Result<Vec<LoopWeights>> {
+    let (inp, out) = (w.in_features, w.out_features[0]);
+    w.adapters[0]
+        .iter()
+        .map(|ad| {
+            let a = Tensor::from_slice(&ad.a, (ad.rank, inp), dev)?;
+            let b = Tensor::from_slice(&ad.b, (out, ad.rank), dev)?;
+            Ok(LoopWeights { a_t: a.t()?, b_t: b.t()?, scale: ad.scale as f64 })
+        })
+        .collect()
+}
+
+/// Baseline (a): one pair of candle matmuls per segment, results added into `y`'s rows.
+fn per_adapter_loop(
+    x: &Tensor,
+    y: &Tensor,
+    rows: usize,
+    segs: &[(Range<usize>, usize)],
+    ws: &[LoopWeights],
+) -> Result<Tensor> {
+    let mut pieces = Vec::with_capacity(2 * segs.len() + 1);
+    let mut cursor = 0;
+    for (r, a) in segs {
+        if r.start > cursor {
+            pieces.push(y.narrow(0, cursor, r.start - cursor)?);
+        }
+        let w = &ws[*a];
+        let d = x.narrow(0, r.start, r.len())?.matmul(&w.a_t)?.matmul(&w.b_t)?.affine(w.scale, 0.0)?;
+        pieces.push((y.narrow(0, r.start, r.len())? + d)?);
+        cursor = r.end;
+    }
+    if cursor < rows {
+        pieces.push(y.narrow(0, cursor, rows - cursor)?);
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
+}
+
+/// Stacked, padded weights for baseline (b): slot `n_adapters` is all zeros (base rows).
+struct PadWeights {
+    a: Tensor,
+    b: Tensor,
+    rmax: usize,
+}
+
+fn pad_weights(w: &Workload, dev: &Device) -> Result<PadWeights> {
+    let (inp, out) = (w.in_features, w.out_features[0]);
+    let ads = &w.adapters[0];
+    let rmax = ads.iter().map(|a| a.rank).max().unwrap_or(0);
+    let slots = ads.len() + 1;
+    let mut a = vec![0f32; slots * rmax * inp];
+    let mut b = vec![0f32; slots * out * rmax];
+    for (s, ad) in ads.iter().enumerate() {
+        a[s * rmax * inp..][..ad.rank * inp].copy_from_slice(&ad.a);
+        for o in 0..out {
+            for j in 0..ad.rank {
+                b[(s * out + o) * rmax + j] = ad.scale * ad.b[o * ad.rank + j];
+            }
+        }
+    }
+    Ok(PadWeights {
+        a: Tensor::from_vec(a, (slots, rmax, inp), dev)?,
+        b: Tensor::from_vec(b, (slots, out, rmax), dev)?,
+        rmax,
+    })
+}
+
+/// Baseline (b): gather each row's padded A and B, then two batched matmuls.
+fn gather_pad(x: &Tensor, y: &Tensor, owner: &[u32], p: &PadWeights, dev: &Device) -> Result<Tensor> {
+    let rows = owner.len();
+    let idx = Tensor::from_slice(owner, rows, dev)?;
+    let a = p.a.index_select(&idx, 0)?; // (rows, rmax, in)
+    let t = x.unsqueeze(1)?.matmul(&a.transpose(1, 2)?)?; // (rows, 1, rmax)
+    let b = p.b.index_select(&idx, 0)?; // (rows, out, rmax)
+    let d = t.matmul(&b.transpose(1, 2)?)?; // (rows, 1, out)
+    Ok((y + d.squeeze(1)?)?)
+}
+
+/// Bytes of adapter weights the cold rotation cycles through (well past any L3).
+const COLD_BYTES: usize = 256 << 20;
+
+/// Decode with weights from DRAM: see the module docs.
+fn cold_decode(which: &str, budget: Duration) -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, adapters, rank) = (32, 32, 16);
+    println!(
+        "\ndecode, weights from DRAM: {rows} rows x {adapters} distinct adapters, rank {rank}, each call on"
+    );
+    println!("another adapter set (rotation of >= {} MB); time per call\n", COLD_BYTES >> 20);
+    println!("| shape | sets | ours | ours A+B GB/s | per-adapter loop | loop/ours |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for shape in &SHAPES {
+        let wanted = match which {
+            "default" => !shape.big,
+            "7b" => shape.big,
+            _ => true,
+        };
+        if !wanted {
+            continue;
+        }
+        let (inp, out) = (shape.inp, shape.out);
+        let set_bytes = adapters * rank * (inp + out) * 4;
+        let n_sets = COLD_BYTES.div_ceil(set_bytes).max(2);
+        let mut sets = Vec::with_capacity(n_sets);
+        for k in 0..n_sets {
+            let spec = WorkloadSpec {
+                popularity: Popularity::Distinct,
+                seed: 1000 + k as u64,
+                ..WorkloadSpec::new(rows, inp, out, adapters, rank)
+            };
+            sets.push(Workload::generate(&spec)?);
+        }
+        let segs: Vec<Vec<_>> = sets.iter().map(|w| w.segments(0)).collect();
+        let mut ys: Vec<Vec<f32>> = sets.iter().map(|w| w.y[0].clone()).collect();
+        let ours = time_median(budget, 3, || {
+            for ((w, s), y) in sets.iter().zip(&segs).zip(ys.iter_mut()) {
+                lora_delta(&w.x, inp, y, out, s)?;
+            }
+            Ok(())
+        })? / n_sets as f64;
+        // The candle loop under the same rotation (its own copy of the weights).
+        let cand: Vec<(Tensor, Tensor, Vec<LoopWeights>, Vec<(Range<usize>, usize)>)> = sets
+            .iter()
+            .map(|w| {
+                let x = Tensor::from_slice(&w.x, (rows, inp), &dev)?;
+                let y = Tensor::from_slice(&w.y[0], (rows, out), &dev)?;
+                let segs = w.runs.iter().filter_map(|(r, a)| a.map(|a| (r.clone(), a))).collect();
+                Ok((x, y, loop_weights(w, &dev)?, segs))
+            })
+            .collect::<Result<_>>()?;
+        drop(segs);
+        drop(sets);
+        let looped = time_median(budget, 3, || {
+            for (x, y, lw, segs) in &cand {
+                per_adapter_loop(x, y, rows, segs, lw)?;
+            }
+            Ok(())
+        })? / n_sets as f64;
+        println!(
+            "| {} | {n_sets} | {} | {:.1} | {} | {:.1}x |",
+            shape.name,
+            fmt_time(ours),
+            set_bytes as f64 / ours * 1e-9,
+            fmt_time(looped),
+            looped / ours
+        );
+    }
+    Ok(())
+}
+
+fn pop_name(p: Popularity) -> String {
+    match p {
+        Popularity::Identical => "identical".into(),
+        Popularity::Distinct => "distinct".into(),
+        Popularity::Uniform => "uniform".into(),
+        Popularity::Zipf(a) => format!("zipf {a}"),
+        Popularity::Skewed => "skewed".into(),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let quick = args.iter().any(|a| a == "--quick");
+    let which = arg("--shapes").unwrap_or_else(|| "all".into());
+    let filter = arg("--filter").unwrap_or_default();
+    let max_gather_mb: f64 = arg("--max-gather-mb").map(|s| s.parse()).transpose()?.unwrap_or(2048.0);
+    let budget = Duration::from_millis(if quick { 100 } else { 400 });
+    let dev = Device::Cpu;
+
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "lora_kernel: isa {:?}, {cpus} CPUs (rayon global pool for ours and candle), load average at start: {}",
+        Isa::detect(),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    println!("medians per call; f32; ratios > 1 mean ours is faster\n");
+    println!(
+        "| shape | rows | adapters | ranks | popularity | ours | per-adapter loop | gather-pad | base x·Wᵀ \
+         | ours/base | loop/ours | pad/ours |"
+    );
+    println!("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
+
+    let mut rng = SplitMix64::new(0x5eed);
+    for shape in &SHAPES {
+        let wanted = match which.as_str() {
+            "default" => !shape.big,
+            "7b" => shape.big,
+            _ => true,
+        };
+        if !wanted {
+            continue;
+        }
+        let base_w = Tensor::from_vec(
+            rng.uniform_vec(shape.out * shape.inp, -0.05, 0.05),
+            (shape.out, shape.inp),
+            &dev,
+        )?;
+        let base_wt = base_w.t()?;
+        for (k, batch) in BATCHES.iter().enumerate() {
+            let label = format!(
+                "{} rows {} adapters {} ranks {:?}",
+                shape.name, batch.rows, batch.adapters, batch.ranks
+            );
+            if !label.contains(&filter) {
+                continue;
+            }
+            let spec = WorkloadSpec {
+                ranks: batch.ranks.to_vec(),
+                popularity: batch.pop,
+                seed: k as u64,
+                ..WorkloadSpec::new(batch.rows, shape.inp, shape.out, batch.adapters, 0)
+            };
+            let w = Workload::generate(&spec)?;
+            let (rows, inp, out) = (w.rows, shape.inp, shape.out);
+            let segs = w.segments(0);
+            let seg_list: Vec<(Range<usize>, usize)> =
+                w.runs.iter().filter_map(|(r, a)| a.map(|a| (r.clone(), a))).collect();
+            let n = w.adapters[0].len() as u32;
+            let owner: Vec<u32> = w.adapter_of_row().iter().map(|a| a.map_or(n, |a| a as u32)).collect();
+
+            let x = Tensor::from_slice(&w.x, (rows, inp), &dev)?;
+            let y0 = Tensor::from_slice(&w.y[0], (rows, out), &dev)?;
+            let lw = loop_weights(&w, &dev)?;
+
+            // Correctness: ours against the candle loop.
+            let mut y = w.y[0].clone();
+            lora_delta(&w.x, inp, &mut y, out, &segs)?;
+            let expect = per_adapter_loop(&x, &y0, rows, &seg_list, &lw)?.flatten_all()?.to_vec1::<f32>()?;
+            let (mut err, mut mag) = (0f32, 0f32);
+            for (a, b) in y.iter().zip(&expect) {
+                err = err.max((a - b).abs());
+                mag = mag.max(b.abs());
+            }
+            if err > 1e-4 * mag.max(1.0) {
+                bail!("{label}: ours differs from the candle loop by {err} (max |y| {mag})");
+            }
+
+            let min_reps = if shape.big && rows >= 128 { 2 } else { 3 };
+            let ours = time_median(budget, min_reps, || Ok(lora_delta(&w.x, inp, &mut y, out, &segs)?))?;
+            let looped =
+                time_median(budget, min_reps, || per_adapter_loop(&x, &y0, rows, &seg_list, &lw).map(drop))?;
+            let pad = pad_weights(&w, &dev)?;
+            let gather_mb = (rows * pad.rmax * (inp + out) * 4) as f64 / 1e6;
+            let padded = if gather_mb <= max_gather_mb {
+                Some(time_median(budget, min_reps, || gather_pad(&x, &y0, &owner, &pad, &dev).map(drop))?)
+            } else {
+                None
+            };
+            drop(pad);
+            let base = time_median(budget, min_reps, || {
+                let r = x.matmul(&base_wt)?;
+                anyhow::ensure!(r.dtype() == DType::F32);
+                Ok(())
+            })
+            .context("base matmul")?;
+            println!(
+                "| {} | {} | {} | {:?} | {} | {} | {} | {} | {} | {:.1} % | {:.1}x | {} |",
+                shape.name,
+                rows,
+                batch.adapters,
+                batch.ranks,
+                pop_name(batch.pop),
+                fmt_time(ours),
+                fmt_time(looped),
+                padded.map_or("-".into(), fmt_time),
+                fmt_time(base),
+                100.0 * ours / base,
+                looped / ours,
+                padded.map_or("-".into(), |p| format!("{:.1}x", p / ours)),
+            );
+        }
+    }
+    if !args.iter().any(|a| a == "--no-cold") {
+        cold_decode(&which, budget)?;
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! Segmented LoRA (Punica SGMV semantics) on the CPU: the per-step delta that every adapted
+//! linear layer adds to its base output, for a batch whose rows use many different adapters.
+//!
+//! This module owns the op's semantics ([`lora_delta_reference`], the specification), its fast
+//! path ([`lora_delta`], [`lora_delta_fused`]), input validation and the shared test/benchmark
+//! [`workload`] generator. It does not own adapters (loading, slots, leases), the row order of a
+//! step (the engine sorts rows so each adapter's rows are contiguous) or DoRA's column norms
+//! (the caller precomputes the per-output factor).
+//!
+//! How the fast path works (`plan.rs`, `kernel.rs`): rows are grouped by segment, never by row
+//! (gathering weights per row is 10-30x slower, see research/kernels.md). Per segment, shrink
+//! `t = x[rows] · Aᵀ` (`[n, r]`), then expand `y[rows] += scale · t · Bᵀ` in place. Both phases
+//! are cut into (segment, row panel, rank chunk) and (segment, row panel, output chunk) work
+//! items run on the calling thread plus rayon helpers (`quant::par`); the inner loops use
+//! AVX-512F or AVX2+FMA when the CPU has them (detected at run time) and portable code otherwise.
+//! When several sites share `x` ([`lora_delta_fused`]), the A rows of every site whose segment
+//! covers the same rows are shrunk in one pass over `x[rows]`.
+//!
+//! Batch invariance: a row's result depends only on its own x, its adapter's weights and the
+//! instruction set, never on which other rows, segments or sites share the call or on the number
+//! of threads (each output element has one fixed accumulation chain; see `kernel.rs`). The
+//! fused and unfused calls give identical bits. The reference accumulates in a different order,
+//! so it agrees to float rounding, not bit for bit.
+
+mod kernel;
+mod plan;
+mod simd;
+#[cfg(test)]
+mod tests;
+pub mod workload;
+
+use std::ops::Range;
+
+use crate::KernelError;
+
+/// Instruction sets of the LoRA kernels (the same detection as the attention kernels).
+pub use crate::attention::Isa;
+
+/// One adapter's weights for one linear site.
+///
+/// Semantics: `delta[i, o] = scale · Σ_j (Σ_k x[i, k] · a[j · in + k]) · b[o · rank + j]`.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraSiteWeights<'a> {
+    /// `[rank, in_features]` row-major (PEFT `lora_A.weight`).
+    pub a: &'a [f32],
+    /// `[out_features, rank]` row-major (PEFT `lora_B.weight`).
+    pub b: &'a [f32],
+    /// May be 0 (then the delta is 0; a DoRA factor still applies).
+    pub rank: usize,
+    /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA); must be finite.
+    pub scale: f32,
+    /// DoRA: per-output factor `g[o]` (= `magnitude[o]` / column norm of `W + scale·B·A`,
+    /// precomputed by the caller), `out_features` long. When `Some`, the segment's rows become
+    /// `y[i, o] = g[o] · (y[i, o] + delta[i, o])` instead of `y[i, o] + delta[i, o]`.
+    pub dora_factor: Option<&'a [f32]>,
+}
+
+/// Rows of the batch that use one adapter; the engine orders rows so each adapter's rows are
+/// contiguous.
+///
+/// Semantics: every row `i` in `rows` gets `weights`' delta; an empty range is allowed and does
+/// nothing.
+#[derive(Clone, Debug)]
+pub struct Segment<'a> {
+    pub rows: Range<usize>,
+    pub weights: LoraSiteWeights<'a>,
+}
+
+/// One linear site of a fused call: its output buffer and its segments.
+///
+/// Semantics: as [`lora_delta`] with `y`, `out_features`, `segments` and the call's shared `x`.
+#[derive(Debug)]
+pub struct SiteDelta<'a> {
+    /// `[rows, out_features]` row-major, holding the base output; updated in place.
+    pub y: &'a mut [f32],
+    pub out_features: usize,
+    pub segments: &'a [Segment<'a>],
+}
+
+/// Semantics: for each segment `s` and each row `i` in `s.rows`:
+/// `y[i, :] += s.scale · (x[i, :] · A_sᵀ) · B_sᵀ`, or with a DoRA factor `g`:
+/// `y[i, :] = g ∘ (y[i, :] + s.scale · (x[i, :] · A_sᵀ) · B_sᵀ)`.
+/// Rows in no segment are untouched (base-model rows). Ranks differ per segment, no padding.
+///
+/// `x`: `[rows, in_features]`, `y`: `[rows, out_features]`, both row-major f32; `rows` is
+/// `x.len() / in_features`. Segments may come in any order but must not overlap.
+///
+/// Everything is validated before anything is written (on `Err`, `y` is unchanged). Runs on the
+/// calling thread plus helpers from the current rayon pool (small calls stay on the caller), with
+/// the best instruction set of this CPU. The result of a row does not depend on the rest of the
+/// batch, nor on the thread count (batch invariance, bit for bit).
+pub fn lora_delta(
+    x: &[f32],
+    in_features: usize,
+    y: &mut [f32],
+    out_features: usize,
+    segments: &[Segment],
+) -> Result<(), KernelError> {
+    lora_delta_with(Isa::detect(), x, in_features, y, out_features, segments)
+}
+
+/// [`lora_delta`] on a chosen instruction set (tests, benchmarks); `Err` if this CPU lacks it.
+pub fn lora_delta_with(
+    isa: Isa,
+    x: &[f32],
+    in_features: usize,
+    y: &mut [f32],
+    out_features: usize,
+    segments: &[Segment],
+) -> Result<(), KernelError> {
+    lora_delta_fused_with(isa, x, in_features, &mut [SiteDelta { y, out_features, segments }])
+}
+
+/// Several sites that share the same input `x` (q/k/v projections, or gate/up).
+///
+/// Semantics: for every site, exactly [`lora_delta`]`(x, in_features, site.y, site.out_features,
+/// site.segments)`, with identical bits. The shrinks `x · Aᵀ` of segments (of any sites) that
+/// cover the same rows are fused into one pass over those rows of `x`.
+pub fn lora_delta_fused(x: &[f32], in_features: usize, sites: &mut [SiteDelta]) -> Result<(), KernelError> {
+    lora_delta_fused_with(Isa::detect(), x, in_features, sites)
+}
+
+/// [`lora_delta_fused`] on a chosen instruction set; `Err` if this CPU lacks it.
+pub fn lora_delta_fused_with(
+    isa: Isa,
+    x: &[f32],
+    in_features: usize,
+    sites: &mut [SiteDelta],
+) -> Result<(), KernelError> {
+    if !isa.is_available() {
+        return Err(KernelError::Shape(format!("instruction set {isa:?} is not available on this CPU")));
+    }
+    let rows = check_x(x.len(), in_features)?;
+    for (k, site) in sites.iter().enumerate() {
+        check_site(k, rows, in_features, site.y.len(), site.out_features, site.segments)?;
+    }
+    plan::run(isa, x, in_features, sites);
+    Ok(())
+}
+
+/// The specification of [`lora_delta`]: plain loops, f32 accumulation in index order
+/// (`t[j] = Σ_k x[i,k]·A[j,k]`, then `d[o] = Σ_j t[j]·B[o,j]`, then `y += scale·d`, then `·g`).
+/// Same validation and errors as [`lora_delta`].
+pub fn lora_delta_reference(
+    x: &[f32],
+    in_features: usize,
+    y: &mut [f32],
+    out_features: usize,
+    segments: &[Segment],
+) -> Result<(), KernelError> {
+    let rows = check_x(x.len(), in_features)?;
+    check_site(0, rows, in_features, y.len(), out_features, segments)?;
+    for seg in segments {
+        let w = seg.weights;
+        let mut t = vec![0f32; w.rank];
+        for i in seg.rows.clone() {
+            let xr = &x[i * in_features..(i + 1) * in_features];
+            for (tj, aj) in t.iter_mut().zip(w.a.chunks_exact(in_features)) {
+                let mut acc = 0f32;
+                for (xk, ak) in xr.iter().zip(aj) {
+                    acc += xk * ak;
+                }
+                *tj = acc;
+            }
+            let yr = &mut y[i * out_features..(i + 1) * out_features];
+            for (o, yo) in yr.iter_mut().enumerate() {
+                let bo = &w.b[o * w.rank..(o + 1) * w.rank];
+                let mut d = 0f32;
+                for (tj, bj) in t.iter().zip(bo) {
+                    d += tj * bj;
+                }
+                let v = *yo + w.scale * d;
+                *yo = match w.dora_factor {
+                    Some(g) => g[o] * v,
+                    None => v,
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// rows = `x_len / in_features`, if `x_len` is a whole number of rows.
+fn check_x(x_len: usize, in_features: usize) -> Result<usize, KernelError> {
+    if in_features == 0 {
+        return Err(KernelError::Shape("lora: in_features must be positive".into()));
+    }
+    if !x_len.is_multiple_of(in_features) {
+        return Err(KernelError::Shape(format!(
+            "lora: x has {x_len} floats, not a whole number of rows of {in_features}"
+        )));
+    }
+    Ok(x_len / in_features)
+}
+
+/// Validates one site: y's size, every segment's range and weights, and that segments do not
+/// overlap.
+fn check_site(
+    site: usize,
+    rows: usize,
+    in_features: usize,
+    y_len: usize,
+    out_features: usize,
+    segments: &[Segment],
+) -> Result<(), KernelError> {
+    let err = |msg: String| Err(KernelError::Shape(format!("lora site {site}: {msg}")));
+    if out_features == 0 {
+        return err("out_features must be positive".into());
+    }
+    if rows.checked_mul(out_features) != Some(y_len) {
+        return err(format!("y has {y_len} floats, expected {rows} rows x {out_features}"));
+    }
+    let mut sorted = true;
+    let mut last_end = 0;
+    for (k, seg) in segments.iter().enumerate() {
+        let r = &seg.rows;
+        if r.start > r.end || r.end > rows {
+            return err(format!("segment {k}: rows {r:?} not a range within 0..{rows}"));
+        }
+        if let Err(msg) = check_weights(&seg.weights, in_features, out_features) {
+            return err(format!("segment {k}: {msg}"));
+        }
+        if !r.is_empty() {
+            sorted &= r.start >= last_end;
+            last_end = r.end;
+        }
+    }
+    if !sorted {
+        // Out-of-order segments are legal; only then pay for sorting a copy of the ranges.
+        let mut ranges: Vec<(usize, usize)> =
+            segments.iter().filter(|s| !s.rows.is_empty()).map(|s| (s.rows.start, s.rows.end)).collect();
+        ranges.sort_unstable();
+        if let Some(w) = ranges.windows(2).find(|w| w[1].0 < w[0].1) {
+            return err(format!("segments overlap: rows {:?} and {:?}", w[0].0..w[0].1, w[1].0..w[1].1));
+        }
+    }
+    Ok(())
+}
+
+fn check_weights(w: &LoraSiteWeights, in_features: usize, out_features: usize) -> Result<(), String> {
+    if !w.scale.is_finite() {
+        return Err(format!("scale {} is not finite", w.scale));
+    }
+    let a_len = w.rank.checked_mul(in_features);
+    if a_len != Some(w.a.len()) {
+        return Err(format!("A has {} floats, expected rank {} x in {in_features}", w.a.len(), w.rank));
+    }
+    let b_len = w.rank.checked_mul(out_features);
+    if b_len != Some(w.b.len()) {
+        return Err(format!("B has {} floats, expected out {out_features} x rank {}", w.b.len(), w.rank));
+    }
+    if let Some(g) = w.dora_factor {
+        if g.len() != out_features {
+            return Err(format!("DoRA factor has {} floats, expected out_features {out_features}", g.len()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Where LoRA enters the model: `LoraBatch` says which rows of a step use which adapter (built
+//! once per step, passed explicitly to every layer), and `LoraLinear` adds the adapters' deltas
+//! to a base projection's output with the segmented kernel. No other model code knows adapters.
+
+use super::linear::{with_f32_slice, Linear};
+use super::ModelError;
+use adapters::{BaseShape, LoraAdapter, ModuleShape};
+use candle_core::{Device, Tensor};
+use kernels::lora::{lora_delta, LoraSiteWeights, Segment};
+use std::ops::Range;
+
+/// The targetable projections of a decoder layer, in `BaseShape::modules` order.
+pub const MODULES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+/// Index of a module in `MODULES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleId(pub usize);
+
+impl ModuleId {
+    pub const Q: Self = Self(0);
+    pub const K: Self = Self(1);
+    pub const V: Self = Self(2);
+    pub const O: Self = Self(3);
+    pub const GATE: Self = Self(4);
+    pub const UP: Self = Self(5);
+    pub const DOWN: Self = Self(6);
+}
+
+/// The shapes adapters are validated against.
+pub fn base_shape(cfg: &super::ModelConfig) -> BaseShape {
+    let (h, q, kv, i) = (cfg.hidden_size, cfg.q_size(), cfg.kv_size(), cfg.intermediate_size);
+    let dims = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+    BaseShape {
+        num_layers: cfg.num_layers,
+        modules: MODULES
+            .iter()
+            .zip(dims)
+            .map(|(path, (out_features, in_features))| ModuleShape {
+                path: path.to_string(),
+                out_features,
+                in_features,
+            })
+            .collect(),
+    }
+}
+
+/// Which adapter each row of a step uses: contiguous row ranges, one per adapter segment; rows
+/// outside every segment run on the base alone.
+#[derive(Default)]
+pub struct LoraBatch<'a> {
+    segments: Vec<(Range<usize>, &'a LoraAdapter)>,
+}
+
+impl<'a> LoraBatch<'a> {
+    /// A step with no adapter rows.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// `segments` must not overlap; each range uses its adapter.
+    pub fn new(segments: Vec<(Range<usize>, &'a LoraAdapter)>) -> Self {
+        Self { segments }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// The kernel segments for one site: the adapters that adapt this layer and module.
+    fn site(&self, layer: usize, module: ModuleId) -> Vec<Segment<'a>> {
+        self.segments
+            .iter()
+            .filter_map(|(rows, adapter)| {
+                adapter.site(layer, module.0).map(|s| Segment {
+                    rows: rows.clone(),
+                    weights: LoraSiteWeights {
+                        a: &s.a,
+                        b: &s.b,
+                        rank: s.rank,
+                        scale: s.scale,
+                        dora_factor: s.dora_factor.as_deref(),
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+/// A base projection that adapters may target: `base(x) + Σ_segments scale · B A x`.
+pub struct LoraLinear {
+    base: Linear,
+    layer: usize,
+    module: ModuleId,
+}
+
+impl LoraLinear {
+    pub fn new(base: Linear, layer: usize, module: ModuleId) -> Self {
+        Self { base, layer, module }
+    }
+
+    pub fn base(&self) -> &Linear {
+        &self.base
+    }
+
+    /// `x: (rows, in)` → `(rows, out)`.
+    pub fn forward(&self, x: &Tensor, lora: &LoraBatch) -> Result<Tensor, ModelError> {
+        let y = self.base.forward(x)?;
+        let segments = lora.site(self.layer, self.module);
+        if segments.is_empty() {
+            return Ok(y);
+        }
+        let (rows, out) = y.dims2()?;
+        let mut y = with_f32_slice(&y, <[f32]>::to_vec)?;
+        with_f32_slice(x, |xs| lora_delta(xs, self.base.in_features(), &mut y, out, &segments))??;
+        Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
+    }
+}
