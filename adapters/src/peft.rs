@@ -261,6 +261,12 @@ pub fn write_adapter_dir(
     std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io("syncing the directory", e))
 }
 
+impl crate::cache::CacheValue for LoraAdapter {
+    fn bytes(&self) -> usize {
+        LoraAdapter::bytes(self)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Part {
     A = 0,

@@ -76,7 +76,7 @@ pub fn run_batch_with_adapters(
             prompt_ids: prompt,
             sampling: SamplingParams { temperature: 0.0, ..Default::default() },
             stop: StopCriteria { max_tokens: gen_len, stop: vec![], ignore_eos: true },
-            adapter: (!adapters.is_empty()).then(|| adapters[b % adapters.len()].clone()),
+            adapter: (!adapters.is_empty()).then(|| adapters[b % adapters.len()].clone().into()),
         };
         let (tx, rx) = unbounded_channel();
         if let Err(e) = core.add(req, tx) {

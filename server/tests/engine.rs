@@ -164,7 +164,7 @@ fn mixed_adapter_batches_match_each_request_alone() {
     let mut reqs = workload();
     for (i, r) in reqs.iter_mut().enumerate() {
         // Base, a, b, c, a, b: several sequences share an adapter, one runs on the base.
-        r.adapter = if i == 0 { None } else { Some(adapters[(i - 1) % adapters.len()].clone()) };
+        r.adapter = if i == 0 { None } else { Some(adapters[(i - 1) % adapters.len()].clone().into()) };
     }
     let expected: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&base, r)).collect();
     let base_only: Vec<Vec<u32>> =
@@ -183,4 +183,59 @@ fn mixed_adapter_batches_match_each_request_alone() {
     for (i, rx) in streams.iter_mut().enumerate() {
         assert_eq!(drain_tokens(rx), expected[i], "request {i}");
     }
+}
+
+fn slow_cache(
+    adapter: std::sync::Arc<adapters::LoraAdapter>,
+    delay: std::time::Duration,
+) -> adapters::cache::HostCache<adapters::LoraAdapter> {
+    let known = adapter.id;
+    let loader: adapters::cache::Loader<adapters::LoraAdapter> = std::sync::Arc::new(move |id| {
+        std::thread::sleep(delay);
+        if id == known {
+            Ok((*adapter).clone())
+        } else {
+            Err("no such adapter".into())
+        }
+    });
+    adapters::cache::HostCache::new(adapters::cache::CacheConfig::default(), loader).expect("cache")
+}
+
+#[test]
+fn a_cold_adapter_waits_in_the_queue_not_in_the_batch() {
+    use lorahost::engine::AdapterChoice;
+    let shape = TinyModel::default();
+    let (_dir, base) = tiny_base(shape);
+    let adapter = tiny_adapter(shape, &base, 8, &["q_proj", "v_proj", "down_proj"], 21);
+    let with_adapter = request(vec![9, 8, 7, 6], 12, greedy());
+    let expected =
+        alone(&base, &ValidRequest { adapter: Some(adapter.clone().into()), ..with_adapter.clone() });
+    let cache = slow_cache(adapter.clone(), std::time::Duration::from_millis(300));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512))
+            .with_adapter_cache(cache.clone());
+    let mut cold =
+        submit(&mut core, ValidRequest { adapter: Some(AdapterChoice::Cached(adapter.id)), ..with_adapter });
+    let mut warm = submit(&mut core, request(vec![1, 2, 3], 5, greedy()));
+    let mut bad = submit(
+        &mut core,
+        ValidRequest {
+            adapter: Some(AdapterChoice::Cached(adapters::AdapterId::of_files(b"x", b"y"))),
+            ..request(vec![4], 3, greedy())
+        },
+    );
+    // The base request runs to completion while the adapter is still loading.
+    for _ in 0..5 {
+        core.step().expect("step");
+    }
+    assert_eq!(drain_tokens(&mut warm).len(), 5, "base rows were not held up by the cold adapter");
+    assert_eq!(core.stats().waiting, 2, "the cold requests wait in the queue");
+    run_to_end(&mut core);
+    assert_eq!(drain_tokens(&mut cold), expected, "same tokens as with the adapter loaded up front");
+    match std::iter::from_fn(|| bad.try_recv().ok()).last() {
+        Some(TokenEvent::Failed(msg)) => assert!(msg.contains("no such adapter"), "{msg}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.loads, stats.pinned), (1, 0), "loaded once, unpinned when the sequence ended");
 }

@@ -65,7 +65,7 @@ fn request(prompt: Vec<u32>, tokens: usize, adapter: Option<Arc<LoraAdapter>>) -
         prompt_ids: prompt,
         sampling: greedy(),
         stop: StopCriteria { max_tokens: tokens, stop: vec![], ignore_eos: true },
-        adapter,
+        adapter: adapter.map(Into::into),
     }
 }
 

@@ -227,14 +227,14 @@ mod x86 {
             dst_stride: usize,
         ) {
             unsafe {
-                // Branch-free loads (rows past `rows` use an empty mask: zeros, no memory access,
-                // so their address may be anything) keep the tile in registers.
                 let mut r = [_mm512_setzero_ps(); 16];
                 if rows == 16 && cols == 16 {
                     for (i, v) in r.iter_mut().enumerate() {
                         *v = _mm512_loadu_ps(src.add(i * src_stride));
                     }
                 } else {
+                    // Branch-free loads keep the tile in registers: rows past `rows` use an empty
+                    // mask (zeros, no memory access, so their address may be anything).
                     let m = mask16(cols);
                     for (i, v) in r.iter_mut().enumerate() {
                         let mi = if i < rows { m } else { 0 };

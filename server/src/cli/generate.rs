@@ -2,10 +2,14 @@
 //! workload. Results go to stdout (text, or JSON with `--json` / `--requests`); progress and
 //! errors go to stderr.
 
-use super::{EngineArgs, ModelArgs};
+use super::{AdapterArgs, EngineArgs, ModelArgs};
+use crate::adapter_host::AdapterHost;
 use crate::base::Base;
 use crate::chat::ChatMessage;
-use crate::engine::{Engine, FinishReason, SamplingParams, StopCriteria, TokenEvent, ValidRequest};
+use crate::engine::{
+    AdapterChoice, Engine, FinishReason, SamplingParams, StopCriteria, TokenEvent, ValidRequest,
+};
+use adapters::store::AdapterKey;
 use adapters::LoraAdapter;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -25,15 +29,18 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`) to apply.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// The adapter to apply: a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`)
+    /// or the name of an adapter in `--adapters-dir`.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The prompt text.
     #[arg(long, required_unless_present = "requests", conflicts_with = "requests")]
     pub prompt: Option<String>,
     /// JSONL file of requests: `id`, `prompt` or `messages`, optional `adapter` (a PEFT
-    /// directory, or null for the base) and sampling fields; one JSON result line per request,
-    /// in input order.
+    /// directory, a name in `--adapters-dir`, or null for the base) and sampling fields; one JSON
+    /// result line per request, in input order.
     #[arg(long)]
     pub requests: Option<PathBuf>,
     /// Render the prompt as one user message with the model's chat template.
@@ -118,32 +125,52 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     args.model.init_threads()?;
     let path = args.model.resolve()?;
     let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
-    let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), args.engine.config()?)?;
-    let mut adapters = Adapters::new(&base);
+    let host = args.adapters.open(base.model.clone())?;
+    let cache = host.as_ref().map(|h| h.cache.clone());
+    let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), args.engine.config()?, cache)?;
+    let mut adapters = Adapters::new(&base, host);
     match lines {
         Some(lines) => run_batch(&args, &base, &engine, &mut adapters, lines),
         None => run_single(&args, &base, &engine, &mut adapters),
     }
 }
 
-/// Adapters loaded for this run, each once, validated against the base.
+/// Resolves the adapters a run names: directories are loaded here, once each, and validated
+/// against the base; names are looked up in the store and served through the engine's cache.
 struct Adapters {
     model: Arc<crate::model::Llama>,
     shape: adapters::BaseShape,
+    host: Option<AdapterHost>,
     loaded: HashMap<PathBuf, Arc<LoraAdapter>>,
 }
 
 impl Adapters {
-    fn new(base: &Base) -> Self {
-        Self { model: base.model.clone(), shape: base.model.base_shape(), loaded: HashMap::new() }
+    fn new(base: &Base, host: Option<AdapterHost>) -> Self {
+        Self { model: base.model.clone(), shape: base.model.base_shape(), host, loaded: HashMap::new() }
     }
 
-    fn load(&mut self, dir: &Path) -> anyhow::Result<Arc<LoraAdapter>> {
+    fn resolve(&mut self, reference: &str) -> anyhow::Result<AdapterChoice> {
+        let dir = Path::new(reference);
+        if dir.is_dir() {
+            return Ok(AdapterChoice::Loaded(self.load_dir(dir)?));
+        }
+        let Some(host) = &self.host else {
+            bail!("adapter `{reference}` is not a directory (give a PEFT adapter directory, or --adapters-dir to use names)")
+        };
+        let key = AdapterKey::in_default_tenant(reference)
+            .map_err(|e| anyhow::anyhow!("adapter `{reference}`: {e}"))?;
+        match host.store.get(&key) {
+            Some(stored) => Ok(AdapterChoice::Cached(stored.id)),
+            None => bail!(
+                "adapter `{reference}` is neither a directory nor a name in {}",
+                host.store.root().display()
+            ),
+        }
+    }
+
+    fn load_dir(&mut self, dir: &Path) -> anyhow::Result<Arc<LoraAdapter>> {
         if let Some(a) = self.loaded.get(dir) {
             return Ok(a.clone());
-        }
-        if !dir.is_dir() {
-            bail!("adapter `{}` is not a directory (a PEFT adapter directory is expected)", dir.display());
         }
         let mut adapter =
             LoraAdapter::load_dir(dir, &self.shape).with_context(|| format!("adapter {}", dir.display()))?;
@@ -198,7 +225,7 @@ fn run_single(
     let sampling = args.sampling.params();
     sampling.validate().map_err(anyhow::Error::msg)?;
     let adapter = match &args.adapter {
-        Some(dir) => Some(adapters.load(dir)?),
+        Some(reference) => Some(adapters.resolve(&reference.to_string_lossy())?),
         None => None,
     };
     let req = ValidRequest { prompt_ids, sampling, stop: args.sampling.stop(), adapter };
@@ -330,7 +357,7 @@ fn validate_line(
 ) -> anyhow::Result<(ValidRequest, bool)> {
     let adapter = match &r.adapter {
         None | Some(Value::Null) => None,
-        Some(Value::String(dir)) => Some(adapters.load(Path::new(dir))?),
+        Some(Value::String(reference)) => Some(adapters.resolve(reference)?),
         Some(other) => bail!("`adapter` must be a string or null, got {other}"),
     };
     let prompt_ids = match (&r.prompt, &r.messages) {

@@ -59,6 +59,32 @@ impl ModelArgs {
     }
 }
 
+/// Where named adapters live and how much host memory loaded adapters may take.
+#[derive(Debug, Args)]
+pub struct AdapterArgs {
+    /// The adapter store: the durable source of truth for named adapters.
+    #[arg(long, env = "LORAHOST_ADAPTERS_DIR")]
+    pub adapters_dir: Option<PathBuf>,
+    /// Host memory for loaded adapters (LRU beyond it; adapters in use are never evicted).
+    #[arg(long, default_value_t = adapters::cache::DEFAULT_BUDGET_BYTES, env = "LORAHOST_ADAPTER_CACHE_BYTES")]
+    pub adapter_cache_bytes: usize,
+}
+
+impl AdapterArgs {
+    /// Opens the store and its cache, if a store was given.
+    pub fn open(
+        &self,
+        model: std::sync::Arc<crate::model::Llama>,
+    ) -> anyhow::Result<Option<crate::adapter_host::AdapterHost>> {
+        let Some(dir) = &self.adapters_dir else { return Ok(None) };
+        let cache =
+            adapters::cache::CacheConfig { budget_bytes: self.adapter_cache_bytes, ..Default::default() };
+        let host = crate::adapter_host::AdapterHost::open(dir, model, cache)
+            .with_context(|| format!("opening the adapter store {}", dir.display()))?;
+        Ok(Some(host))
+    }
+}
+
 /// Engine and KV-cache limits.
 #[derive(Debug, Args)]
 pub struct EngineArgs {

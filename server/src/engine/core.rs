@@ -4,12 +4,14 @@
 
 use super::blocks::BlockAllocator;
 use super::plan::{plan, Budgets, SchedState, SeqId, SeqSched, StepPlan};
+use super::request::AdapterChoice;
 use super::request::{Completion, FinishReason, GeneratedToken, StopCriteria, TokenEvent, ValidRequest};
 use super::sampler::Sampler;
 use super::stop::TextStop;
 use super::{EngineConfig, EngineError};
 use crate::model::{ForwardBatch, KvCache, Llama, LoraBatch};
 use crate::tokenizer::TextTokenizer;
+use adapters::cache::{Acquire, HostCache, Lease};
 use adapters::{AdapterId, LoraAdapter};
 use kernels::attention::SeqRows;
 use std::collections::{HashMap, VecDeque};
@@ -28,10 +30,27 @@ struct Sequence {
     text: TextStop,
     stop: StopCriteria,
     events: UnboundedSender<TokenEvent>,
-    adapter: Option<Arc<LoraAdapter>>,
+    adapter: SeqAdapter,
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
     preemptions: usize,
+}
+
+/// A sequence's adapter: none, waiting for the cache, or held (pinned by a lease when it came
+/// from the cache).
+enum SeqAdapter {
+    Base,
+    Pending(AdapterId),
+    Held { adapter: Arc<LoraAdapter>, _lease: Option<Lease<LoraAdapter>> },
+}
+
+impl SeqAdapter {
+    fn held(&self) -> Option<&Arc<LoraAdapter>> {
+        match self {
+            SeqAdapter::Held { adapter, .. } => Some(adapter),
+            _ => None,
+        }
+    }
 }
 
 impl Sequence {
@@ -67,6 +86,8 @@ pub struct EngineCore {
     next_id: SeqId,
     steps: u64,
     preemptions: u64,
+    /// Where `AdapterChoice::Cached` adapters come from.
+    adapter_cache: Option<HostCache<LoraAdapter>>,
 }
 
 impl EngineCore {
@@ -85,7 +106,14 @@ impl EngineCore {
             next_id: 1,
             steps: 0,
             preemptions: 0,
+            adapter_cache: None,
         }
+    }
+
+    /// Serves `AdapterChoice::Cached` requests from `cache`.
+    pub fn with_adapter_cache(mut self, cache: HostCache<LoraAdapter>) -> Self {
+        self.adapter_cache = Some(cache);
+        self
     }
 
     /// The most tokens (prompt + generated) one sequence may hold.
@@ -101,6 +129,14 @@ impl EngineCore {
         events: UnboundedSender<TokenEvent>,
     ) -> Result<SeqId, EngineError> {
         check_request(&req, self.max_sequence_tokens(), self.model.config().vocab_size)?;
+        let adapter = match req.adapter {
+            None => SeqAdapter::Base,
+            Some(AdapterChoice::Loaded(adapter)) => SeqAdapter::Held { adapter, _lease: None },
+            Some(AdapterChoice::Cached(id)) if self.adapter_cache.is_some() => SeqAdapter::Pending(id),
+            Some(AdapterChoice::Cached(_)) => {
+                return Err(EngineError::InvalidRequest("this engine has no adapter cache".into()))
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
         let seq = Sequence {
@@ -112,7 +148,7 @@ impl EngineCore {
             text: TextStop::new(req.stop.stop.clone()),
             stop: req.stop,
             events,
-            adapter: req.adapter,
+            adapter,
             admitted_at: None,
             first_token_at: None,
             preemptions: 0,
@@ -142,16 +178,24 @@ impl EngineCore {
         }
     }
 
-    /// Runs one step. A failing forward fails the sequences in that batch, not the engine.
-    pub fn step(&mut self) -> Result<(), EngineError> {
+    /// Runs one step; `Ok(false)` when there was nothing to run (every sequence is waiting for
+    /// its adapter to load). A failing forward fails the sequences in that batch, not the engine.
+    pub fn step(&mut self) -> Result<bool, EngineError> {
         let gone: Vec<SeqId> =
             self.seqs.iter().filter(|(_, s)| s.events.is_closed()).map(|(&id, _)| id).collect();
         for id in gone {
             self.cancel(id);
         }
+        self.poll_adapters();
         let state = SchedState {
             running: self.running.iter().map(|id| self.seqs[id].sched(*id)).collect(),
-            waiting: self.waiting.iter().map(|id| self.seqs[id].sched(*id)).collect(),
+            // A sequence whose adapter is still loading waits in the queue, not in the batch.
+            waiting: self
+                .waiting
+                .iter()
+                .filter(|id| !matches!(self.seqs[id].adapter, SeqAdapter::Pending(_)))
+                .map(|id| self.seqs[id].sched(*id))
+                .collect(),
         };
         let budgets = Budgets {
             max_step_tokens: self.config.max_step_tokens,
@@ -162,11 +206,11 @@ impl EngineCore {
         let step_plan = plan(&state, &budgets);
         self.apply(&step_plan)?;
         if step_plan.rows.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.steps += 1;
         match self.run_rows(&step_plan) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(true),
             Err(e) => {
                 let msg = e.to_string();
                 for r in &step_plan.rows {
@@ -177,6 +221,30 @@ impl EngineCore {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Takes a lease for every waiting sequence whose adapter has become resident (starting
+    /// loads for the others); fails the sequences whose adapter cannot be loaded.
+    fn poll_adapters(&mut self) {
+        let Some(cache) = &self.adapter_cache else { return };
+        let mut failed = Vec::new();
+        for id in &self.waiting {
+            let Some(seq) = self.seqs.get_mut(id) else { continue };
+            let SeqAdapter::Pending(adapter_id) = seq.adapter else { continue };
+            match cache.try_acquire(adapter_id) {
+                Acquire::Ready(lease) => {
+                    seq.adapter = SeqAdapter::Held { adapter: lease.value().clone(), _lease: Some(lease) };
+                }
+                Acquire::Loading => {}
+                Acquire::Failed(msg) => failed.push((*id, msg)),
+            }
+        }
+        for (id, msg) in failed {
+            if let Some(seq) = self.seqs.get(&id) {
+                let _ = seq.events.send(TokenEvent::Failed(format!("adapter failed to load: {msg}")));
+            }
+            self.remove(id);
         }
     }
 
@@ -214,7 +282,7 @@ impl EngineCore {
     fn run_rows(&mut self, step: &StepPlan) -> Result<(), EngineError> {
         // Rows of one adapter must be contiguous for the segmented LoRA kernel: order the
         // sequences by adapter (base first), keeping the plan's order within each group.
-        let adapter_of = |id: &SeqId| self.seqs.get(id).and_then(|s| s.adapter.as_ref().map(|a| a.id));
+        let adapter_of = |id: &SeqId| self.seqs.get(id).and_then(|s| s.adapter.held().map(|a| a.id));
         let mut order: Vec<&super::plan::PlannedRows> = step.rows.iter().collect();
         order.sort_by_key(|r| adapter_of(&r.id));
         let total = step.total_rows();
@@ -235,7 +303,7 @@ impl EngineCore {
                 logit_rows.push((tokens.len() - 1) as u32);
                 samplers.push(r.id);
             }
-            if let Some(adapter) = &seq.adapter {
+            if let Some(adapter) = seq.adapter.held() {
                 match lora_segments.last_mut() {
                     Some((rows, _)) if last_adapter == Some(adapter.id) => rows.end = tokens.len(),
                     _ => lora_segments.push((start..tokens.len(), adapter)),

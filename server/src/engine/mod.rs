@@ -16,13 +16,15 @@ pub use self::core::{check_request, EngineCore, EngineStats};
 pub use blocks::{blocks_for, BlockAllocator};
 pub use plan::SeqId;
 pub use request::{
-    Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent, TokenLogprob,
-    ValidRequest,
+    AdapterChoice, Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent,
+    TokenLogprob, ValidRequest,
 };
 pub use sampler::{argmax, Sampler};
 
 use crate::model::{KvCacheConfig, Llama, ModelError};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
+use adapters::cache::HostCache;
+use adapters::LoraAdapter;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -84,13 +86,18 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Starts the engine thread. `adapter_cache` serves `AdapterChoice::Cached` requests.
     pub fn start(
         model: Arc<Llama>,
         tokenizer: Arc<TextTokenizer>,
         config: EngineConfig,
+        adapter_cache: Option<HostCache<LoraAdapter>>,
     ) -> Result<Self, EngineError> {
         let vocab_size = model.config().vocab_size;
         let mut core = EngineCore::new(model, tokenizer, config);
+        if let Some(cache) = adapter_cache {
+            core = core.with_adapter_cache(cache);
+        }
         let max_sequence_tokens = core.max_sequence_tokens();
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -122,10 +129,14 @@ impl Drop for Engine {
     }
 }
 
+/// How long an engine with nothing runnable waits before looking at its adapter loads again.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>) {
+    let mut pending: Vec<Command> = Vec::new();
     loop {
-        let mut commands = Vec::new();
-        if !core.has_work() {
+        let mut commands = std::mem::take(&mut pending);
+        if !core.has_work() && commands.is_empty() {
             match rx.recv() {
                 Ok(c) => commands.push(c),
                 Err(_) => return,
@@ -143,8 +154,15 @@ fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>) {
             }
         }
         if core.has_work() {
-            if let Err(e) = core.step() {
-                tracing::error!(error = %e, "engine step failed; its sequences were failed");
+            match core.step() {
+                Ok(true) => {}
+                // Only sequences waiting for adapters: wait for a command or a load, not spin.
+                Ok(false) => match rx.recv_timeout(IDLE_POLL) {
+                    Ok(c) => pending.push(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                Err(e) => tracing::error!(error = %e, "engine step failed; its sequences were failed"),
             }
         }
     }

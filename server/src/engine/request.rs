@@ -58,8 +58,24 @@ pub struct ValidRequest {
     pub prompt_ids: Vec<u32>,
     pub sampling: SamplingParams,
     pub stop: StopCriteria,
-    /// The adapter the request runs with (validated against the base); `None` is the base.
-    pub adapter: Option<std::sync::Arc<adapters::LoraAdapter>>,
+    /// The adapter the request runs with; `None` is the base.
+    pub adapter: Option<AdapterChoice>,
+}
+
+/// How a request names its adapter.
+#[derive(Debug, Clone)]
+pub enum AdapterChoice {
+    /// Already loaded and validated against the base (e.g. a directory given on the CLI).
+    Loaded(std::sync::Arc<adapters::LoraAdapter>),
+    /// By id, through the engine's adapter cache: the request waits in the queue (not in the
+    /// batch) until the adapter is resident, then pins it with a lease until it finishes.
+    Cached(adapters::AdapterId),
+}
+
+impl From<std::sync::Arc<adapters::LoraAdapter>> for AdapterChoice {
+    fn from(a: std::sync::Arc<adapters::LoraAdapter>) -> Self {
+        AdapterChoice::Loaded(a)
+    }
 }
 
 /// Why a sequence ended.

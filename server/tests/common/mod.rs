@@ -66,10 +66,12 @@ pub fn drain_tokens(rx: &mut UnboundedReceiver<TokenEvent>) -> Vec<u32> {
 }
 
 pub fn run_to_end(core: &mut EngineCore) {
-    let mut guard = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while core.has_work() {
-        core.step().expect("step");
-        guard += 1;
-        assert!(guard < 100_000, "engine does not terminate");
+        if !core.step().expect("step") {
+            // Waiting for an adapter load.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(std::time::Instant::now() < deadline, "engine does not terminate");
     }
 }
