@@ -202,3 +202,42 @@ fn without_network_tools_the_default_model_error_says_what_to_do() {
         "nothing partial is left"
     );
 }
+
+#[test]
+fn request_lines_name_adapters_in_the_store() {
+    let shape = TinyModel::default();
+    let model = tiny_dir(shape);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let adapter = dir.path().join("src-adapter");
+    shape.write_adapter(&adapter, 8, 16.0, &["q_proj", "v_proj"], 5).expect("adapter");
+    let store_dir = dir.path().join("store");
+    {
+        let store = adapters::store::FsStore::open(&store_dir).expect("store");
+        let key = adapters::store::AdapterKey::in_default_tenant("support-bot").expect("key");
+        let config = std::fs::read(adapter.join("adapter_config.json")).expect("config");
+        let weights = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
+        store.put(&key, &config, &weights).expect("put");
+    }
+    let requests = dir.path().join("requests.jsonl");
+    let quoted = format!("{:?}", path(&adapter));
+    let lines = [
+        r#"{"id": 1, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": "support-bot"}"#.to_string(),
+        format!(r#"{{"id": 2, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": {quoted}}}"#),
+        r#"{"id": 3, "prompt": "Hello", "max_tokens": 5, "adapter": "nobody"}"#.to_string(),
+    ];
+    std::fs::write(&requests, lines.join("\n")).expect("write");
+    let out = lorahost(&[
+        "generate",
+        "--model",
+        path(model.path()),
+        "--adapters-dir",
+        path(&store_dir),
+        "--requests",
+        path(&requests),
+    ]);
+    let results: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("line")).collect();
+    assert_eq!(results.len(), 3, "{}", stderr(&out));
+    assert_eq!(results[0]["token_ids"], results[1]["token_ids"], "the stored adapter is the directory's");
+    assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("nobody")), "{}", results[2]);
+}
