@@ -221,8 +221,11 @@ fn request_lines_name_adapters_in_the_store() {
     let requests = dir.path().join("requests.jsonl");
     let quoted = format!("{:?}", path(&adapter));
     let lines = [
-        r#"{"id": 1, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": "support-bot"}"#.to_string(),
-        format!(r#"{{"id": 2, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": {quoted}}}"#),
+        r#"{"id": 1, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": "support-bot"}"#
+            .to_string(),
+        format!(
+            r#"{{"id": 2, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": {quoted}}}"#
+        ),
         r#"{"id": 3, "prompt": "Hello", "max_tokens": 5, "adapter": "nobody"}"#.to_string(),
     ];
     std::fs::write(&requests, lines.join("\n")).expect("write");
@@ -235,8 +238,10 @@ fn request_lines_name_adapters_in_the_store() {
         "--requests",
         path(&requests),
     ]);
-    let results: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("line")).collect();
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
     assert_eq!(results.len(), 3, "{}", stderr(&out));
     assert_eq!(results[0]["token_ids"], results[1]["token_ids"], "the stored adapter is the directory's");
     assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("nobody")), "{}", results[2]);

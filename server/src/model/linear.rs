@@ -62,6 +62,20 @@ impl Linear {
         }
     }
 
+    /// `forward` into a plain row-major vector, without a tensor round trip for quantized
+    /// weights (the LoRA path adds into it in place).
+    pub fn forward_vec(&self, x: &Tensor) -> Result<Vec<f32>, ModelError> {
+        match (&self.weight, &self.bias) {
+            (Weight::Quant(w), None) => {
+                let (rows, _) = x.dims2()?;
+                let mut y = vec![0f32; rows * self.out_features];
+                with_f32_slice(x, |xs| w.matmul(xs, rows, &mut y))??;
+                Ok(y)
+            }
+            _ => with_f32_slice(&self.forward(x)?, <[f32]>::to_vec),
+        }
+    }
+
     pub fn has_bias(&self) -> bool {
         self.bias.is_some()
     }

@@ -112,13 +112,13 @@ impl LoraLinear {
 
     /// `x: (rows, in)` → `(rows, out)`.
     pub fn forward(&self, x: &Tensor, lora: &LoraBatch) -> Result<Tensor, ModelError> {
-        let y = self.base.forward(x)?;
         let segments = lora.site(self.layer, self.module);
         if segments.is_empty() {
-            return Ok(y);
+            return self.base.forward(x);
         }
-        let (rows, out) = y.dims2()?;
-        let mut y = with_f32_slice(&y, <[f32]>::to_vec)?;
+        let (rows, _) = x.dims2()?;
+        let out = self.base.out_features();
+        let mut y = self.base.forward_vec(x)?;
         with_f32_slice(x, |xs| lora_delta(xs, self.base.in_features(), &mut y, out, &segments))??;
         Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
     }
