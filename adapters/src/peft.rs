@@ -513,6 +513,25 @@ mod tests {
     }
 
     #[test]
+    fn truncated_files_and_wrong_dtypes_are_refused() {
+        let cfg = r#"{"r":2,"target_modules":["q_proj","v_proj"]}"#;
+        let refs: Vec<(String, Vec<usize>, Vec<f32>)> = qv_tensors(2, &[0, 1]);
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> =
+            refs.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
+        let (c, w) = adapter_files(cfg, &refs);
+        let err = LoraAdapter::from_bytes(&c, &w[..w.len() - 7], &tiny_base()).unwrap_err().to_string();
+        assert!(err.contains("not a valid safetensors file"), "{err}");
+        let ints: Vec<u8> = vec![0; 16 * 4];
+        let views = vec![(
+            key(0, "self_attn.q_proj", "A"),
+            safetensors::tensor::TensorView::new(Dtype::I32, vec![2, 8], &ints).unwrap(),
+        )];
+        let w = safetensors::serialize(views, None).unwrap();
+        let err = LoraAdapter::from_bytes(&c, &w, &tiny_base()).unwrap_err().to_string();
+        assert!(err.contains("q_proj.lora_A.weight") && err.contains("I32"), "{err}");
+    }
+
+    #[test]
     fn pickle_only_adapters_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), r#"{"r":2,"target_modules":["q_proj"]}"#).unwrap();
