@@ -28,7 +28,7 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use kernels::lora::workload::{Popularity, SplitMix64, Workload, WorkloadSpec};
 use kernels::lora::{lora_delta, Isa};
 
@@ -37,6 +37,17 @@ struct Shape {
     inp: usize,
     out: usize,
     big: bool,
+}
+
+impl Shape {
+    /// Whether `--shapes default|7b|all` includes this shape.
+    fn selected(&self, which: &str) -> bool {
+        match which {
+            "default" => !self.big,
+            "7b" => self.big,
+            _ => true,
+        }
+    }
 }
 
 const SHAPES: [Shape; 6] = [
@@ -107,6 +118,26 @@ fn loop_weights(w: &Workload, dev: &Device) -> Result<Vec<LoopWeights>> {
             Ok(LoopWeights { a_t: a.t()?, b_t: b.t()?, scale: ad.scale as f64 })
         })
         .collect()
+}
+
+/// A workload as candle tensors: x, the base y, the per-adapter weights and the segments
+/// (rows, adapter).
+struct CandleBatch {
+    x: Tensor,
+    y: Tensor,
+    weights: Vec<LoopWeights>,
+    segs: Vec<(Range<usize>, usize)>,
+}
+
+impl CandleBatch {
+    fn new(w: &Workload, dev: &Device) -> Result<Self> {
+        Ok(CandleBatch {
+            x: Tensor::from_slice(&w.x, (w.rows, w.in_features), dev)?,
+            y: Tensor::from_slice(&w.y[0], (w.rows, w.out_features[0]), dev)?,
+            weights: loop_weights(w, dev)?,
+            segs: w.runs.iter().filter_map(|(r, a)| a.map(|a| (r.clone(), a))).collect(),
+        })
+    }
 }
 
 /// Baseline (a): one pair of candle matmuls per segment, results added into `y`'s rows.
@@ -188,12 +219,7 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
     println!("| shape | sets | ours | ours A+B GB/s | per-adapter loop | loop/ours |");
     println!("|---|---:|---:|---:|---:|---:|");
     for shape in &SHAPES {
-        let wanted = match which {
-            "default" => !shape.big,
-            "7b" => shape.big,
-            _ => true,
-        };
-        if !wanted {
+        if !shape.selected(which) {
             continue;
         }
         let (inp, out) = (shape.inp, shape.out);
@@ -217,20 +243,12 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
             Ok(())
         })? / n_sets as f64;
         // The candle loop under the same rotation (its own copy of the weights).
-        let cand: Vec<(Tensor, Tensor, Vec<LoopWeights>, Vec<(Range<usize>, usize)>)> = sets
-            .iter()
-            .map(|w| {
-                let x = Tensor::from_slice(&w.x, (rows, inp), &dev)?;
-                let y = Tensor::from_slice(&w.y[0], (rows, out), &dev)?;
-                let segs = w.runs.iter().filter_map(|(r, a)| a.map(|a| (r.clone(), a))).collect();
-                Ok((x, y, loop_weights(w, &dev)?, segs))
-            })
-            .collect::<Result<_>>()?;
+        let cand: Vec<CandleBatch> = sets.iter().map(|w| CandleBatch::new(w, &dev)).collect::<Result<_>>()?;
         drop(segs);
         drop(sets);
         let looped = time_median(budget, 3, || {
-            for (x, y, lw, segs) in &cand {
-                per_adapter_loop(x, y, rows, segs, lw)?;
+            for c in &cand {
+                per_adapter_loop(&c.x, &c.y, rows, &c.segs, &c.weights)?;
             }
             Ok(())
         })? / n_sets as f64;
@@ -282,12 +300,7 @@ fn main() -> Result<()> {
 
     let mut rng = SplitMix64::new(0x5eed);
     for shape in &SHAPES {
-        let wanted = match which.as_str() {
-            "default" => !shape.big,
-            "7b" => shape.big,
-            _ => true,
-        };
-        if !wanted {
+        if !shape.selected(&which) {
             continue;
         }
         let base_w = Tensor::from_vec(
@@ -313,19 +326,15 @@ fn main() -> Result<()> {
             let w = Workload::generate(&spec)?;
             let (rows, inp, out) = (w.rows, shape.inp, shape.out);
             let segs = w.segments(0);
-            let seg_list: Vec<(Range<usize>, usize)> =
-                w.runs.iter().filter_map(|(r, a)| a.map(|a| (r.clone(), a))).collect();
             let n = w.adapters[0].len() as u32;
             let owner: Vec<u32> = w.adapter_of_row().iter().map(|a| a.map_or(n, |a| a as u32)).collect();
-
-            let x = Tensor::from_slice(&w.x, (rows, inp), &dev)?;
-            let y0 = Tensor::from_slice(&w.y[0], (rows, out), &dev)?;
-            let lw = loop_weights(&w, &dev)?;
+            let c = CandleBatch::new(&w, &dev)?;
 
             // Correctness: ours against the candle loop.
             let mut y = w.y[0].clone();
             lora_delta(&w.x, inp, &mut y, out, &segs)?;
-            let expect = per_adapter_loop(&x, &y0, rows, &seg_list, &lw)?.flatten_all()?.to_vec1::<f32>()?;
+            let expect =
+                per_adapter_loop(&c.x, &c.y, rows, &c.segs, &c.weights)?.flatten_all()?.to_vec1::<f32>()?;
             let (mut err, mut mag) = (0f32, 0f32);
             for (a, b) in y.iter().zip(&expect) {
                 err = err.max((a - b).abs());
@@ -337,22 +346,19 @@ fn main() -> Result<()> {
 
             let min_reps = if shape.big && rows >= 128 { 2 } else { 3 };
             let ours = time_median(budget, min_reps, || Ok(lora_delta(&w.x, inp, &mut y, out, &segs)?))?;
-            let looped =
-                time_median(budget, min_reps, || per_adapter_loop(&x, &y0, rows, &seg_list, &lw).map(drop))?;
+            let looped = time_median(budget, min_reps, || {
+                per_adapter_loop(&c.x, &c.y, rows, &c.segs, &c.weights).map(drop)
+            })?;
             let pad = pad_weights(&w, &dev)?;
             let gather_mb = (rows * pad.rmax * (inp + out) * 4) as f64 / 1e6;
             let padded = if gather_mb <= max_gather_mb {
-                Some(time_median(budget, min_reps, || gather_pad(&x, &y0, &owner, &pad, &dev).map(drop))?)
+                Some(time_median(budget, min_reps, || gather_pad(&c.x, &c.y, &owner, &pad, &dev).map(drop))?)
             } else {
                 None
             };
             drop(pad);
-            let base = time_median(budget, min_reps, || {
-                let r = x.matmul(&base_wt)?;
-                anyhow::ensure!(r.dtype() == DType::F32);
-                Ok(())
-            })
-            .context("base matmul")?;
+            let base = time_median(budget, min_reps, || Ok(c.x.matmul(&base_wt).map(drop)?))
+                .context("base matmul")?;
             println!(
                 "| {} | {} | {} | {:?} | {} | {} | {} | {} | {} | {:.1} % | {:.1}x | {} |",
                 shape.name,

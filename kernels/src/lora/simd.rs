@@ -40,6 +40,9 @@ pub(super) trait Simd: Copy {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// Sum of the lanes, by a fixed tree.
     fn hsum(self, v: Self::V) -> f32;
+    /// Hint that the cache line holding `p` will be read soon (into L2 on x86, so the L1 miss
+    /// buffers stay free for demand loads); never faults, whatever `p` is.
+    fn prefetch(self, p: *const f32);
     /// `dst[c * dst_stride + r] = src[r * src_stride + c]` for `r < LANES`, `c < cols`, with the
     /// source rows `r >= rows` read as zeros: one `LANES x cols` block transposed.
     ///
@@ -110,6 +113,8 @@ impl Simd for Portable {
     fn mul(self, a: [f32; PL], b: [f32; PL]) -> [f32; PL] {
         std::array::from_fn(|i| a[i] * b[i])
     }
+    #[inline(always)]
+    fn prefetch(self, _p: *const f32) {}
     #[inline(always)]
     fn hsum(self, v: [f32; PL]) -> f32 {
         let h: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
@@ -204,6 +209,10 @@ mod x86 {
         #[inline(always)]
         fn mul(self, a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn prefetch(self, p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
         #[inline(always)]
         fn hsum(self, v: __m512) -> f32 {
@@ -338,6 +347,10 @@ mod x86 {
         #[inline(always)]
         fn mul(self, a: __m256, b: __m256) -> __m256 {
             unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn prefetch(self, p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
         #[inline(always)]
         fn hsum(self, v: __m256) -> f32 {
