@@ -127,12 +127,12 @@ pub fn random_adapters(base: &Base, n: usize, rank: usize) -> anyhow::Result<Vec
     let dir = tempfile::tempdir()?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let mut rng = lorahost::testing::SplitMix(1000 + i as u64);
+        let mut rng = kernels::lora::workload::SplitMix64::new(1000 + i as u64);
         let mut sites = Vec::new();
         for layer in 0..shape.num_layers {
             for (module, m) in shape.modules.iter().enumerate() {
-                let a = (0..rank * m.in_features).map(|_| rng.uniform() * 0.02).collect();
-                let b = (0..m.out_features * rank).map(|_| rng.uniform() * 0.02).collect();
+                let a = (0..rank * m.in_features).map(|_| rng.uniform(-1.0, 1.0) * 0.02).collect();
+                let b = (0..m.out_features * rank).map(|_| rng.uniform(-1.0, 1.0) * 0.02).collect();
                 sites.push(adapters::LoraSite {
                     layer,
                     module,

@@ -2,6 +2,7 @@
 //! engine and loader tests run in milliseconds without real weights. Not used by the binary.
 
 use candle_core::{DType, Device, Tensor};
+use kernels::lora::workload::SplitMix64;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -41,11 +42,11 @@ impl TinyModel {
     pub fn tensors(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let dev = Device::Cpu;
         let hd = self.hidden / self.heads;
-        let mut rng = SplitMix(self.seed);
+        let mut rng = SplitMix64::new(self.seed);
         let mut t = HashMap::new();
         let mut rand = |shape: &[usize], scale: f32| -> candle_core::Result<Tensor> {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = (0..n).map(|_| rng.uniform() * scale).collect();
+            let data: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0) * scale).collect();
             Tensor::from_vec(data, shape, &dev)
         };
         let (h, i) = (self.hidden, self.intermediate);
@@ -131,15 +132,15 @@ impl TinyModel {
     ) -> anyhow::Result<()> {
         let cfg = crate::model::HfConfig::from_json(&self.config_json())?.into_config()?;
         let shape = crate::model::base_shape(&cfg);
-        let mut rng = SplitMix(seed);
+        let mut rng = SplitMix64::new(seed);
         let mut sites = Vec::new();
         for layer in 0..self.layers {
             for (module, m) in shape.modules.iter().enumerate() {
                 if !targets.iter().any(|t| m.path.ends_with(t)) {
                     continue;
                 }
-                let a = (0..rank * m.in_features).map(|_| rng.uniform() * 0.3).collect();
-                let b = (0..m.out_features * rank).map(|_| rng.uniform() * 0.3).collect();
+                let a = (0..rank * m.in_features).map(|_| rng.uniform(-1.0, 1.0) * 0.3).collect();
+                let b = (0..m.out_features * rank).map(|_| rng.uniform(-1.0, 1.0) * 0.3).collect();
                 let scale = (alpha / rank as f64) as f32;
                 sites.push(adapters::LoraSite {
                     layer,
@@ -158,24 +159,5 @@ impl TinyModel {
         });
         adapters::write_adapter_dir(dir, &config, &sites, &shape)?;
         Ok(())
-    }
-}
-
-/// A tiny deterministic generator (splitmix64), so test weights do not depend on a crate's
-/// stream stability.
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 }

@@ -8,27 +8,8 @@ use common::*;
 use lorahost::base::Base;
 use lorahost::chat::ChatMessage;
 use lorahost::engine::{EngineCore, StopCriteria, ValidRequest};
-use lorahost::model::Dtype;
 use lorahost::tokenizer::TextTokenizer;
 use serde_json::Value;
-use std::sync::OnceLock;
-
-fn json(name: &str) -> Value {
-    let text = std::fs::read_to_string(fixtures().join(name)).expect("fixture");
-    serde_json::from_str(&text).expect("fixture json")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn base_f32() -> &'static Base {
-    static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let path = lorahost::fetch::default_model().expect("default model");
-        Base::load(&path, Dtype::F32).expect("load default model")
-    })
-}
 
 fn prompt_ids(base: &Base, prompt: &Value) -> Vec<u32> {
     match prompt["kind"].as_str() {
@@ -49,13 +30,13 @@ fn prompt_ids(base: &Base, prompt: &Value) -> Vec<u32> {
 #[test]
 fn prompt_ids_and_chat_template_match() {
     let base = base_f32();
-    for p in json("prompts.json")["prompts"].as_array().expect("prompts") {
+    for p in golden_json("prompts.json")["prompts"].as_array().expect("prompts") {
         assert_eq!(prompt_ids(base, p), ids(&p["prompt_ids"]), "prompt {}", p["id"]);
     }
 }
 
 fn check_tokenizer_cases(tok: &TextTokenizer, key: &str) {
-    for case in json("tokenizer_cases.json")["cases"].as_array().expect("cases") {
+    for case in golden_json("tokenizer_cases.json")["cases"].as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
         assert_eq!(tok.encode(text).expect("encode"), ids(&case[key]), "case {}: {text:?}", case["index"]);
         let expected = case["decode"].as_str().expect("decode");
@@ -88,7 +69,7 @@ fn last_position_logits_within_tolerance() {
         candle_core::safetensors::load(fixtures().join("logits_base.safetensors"), &candle_core::Device::Cpu)
             .expect("logits fixture");
     let expected = expected["last_logits"].to_vec2::<f32>().expect("2-D logits");
-    let prompts = json("prompts.json");
+    let prompts = golden_json("prompts.json");
     for (p, want) in prompts["prompts"].as_array().expect("prompts").iter().zip(&expected) {
         let got = base.model.last_logits(&ids(&p["prompt_ids"]), None).expect("forward");
         let max_abs = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -100,8 +81,8 @@ fn last_position_logits_within_tolerance() {
 #[test]
 fn greedy_generations_match_exactly_in_one_batch() {
     let base = base_f32();
-    let prompts = json("prompts.json");
-    let generations = json("generations.json");
+    let prompts = golden_json("prompts.json");
+    let generations = golden_json("generations.json");
     let mut core =
         EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
     let mut streams = Vec::new();

@@ -7,29 +7,11 @@ mod common;
 
 use adapters::LoraAdapter;
 use common::*;
-use lorahost::base::Base;
 use lorahost::engine::{EngineCore, StopCriteria, ValidRequest};
-use lorahost::model::Dtype;
 use serde_json::Value;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 const VARIANTS: [&str; 2] = ["a_r8_qv", "b_r16_all7"];
-
-fn json(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).expect("fixture")).expect("json")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn base_f32() -> &'static Base {
-    static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let path = lorahost::fetch::default_model().expect("default model");
-        Base::load(&path, Dtype::F32).expect("load default model")
-    })
-}
 
 fn adapter(name: &str) -> Arc<LoraAdapter> {
     let dir = fixtures().join("adapters").join(name);
@@ -48,7 +30,7 @@ fn expected_logits(variant: &str) -> Vec<Vec<f32>> {
 #[test]
 fn adapter_logits_within_tolerance() {
     let base = base_f32();
-    let prompts = json("prompts.json");
+    let prompts = golden_json("prompts.json");
     for variant in VARIANTS {
         let adapter = adapter(variant);
         for (p, want) in prompts["prompts"].as_array().expect("prompts").iter().zip(expected_logits(variant))
@@ -72,8 +54,8 @@ fn request(prompt: Vec<u32>, tokens: usize, adapter: Option<Arc<LoraAdapter>>) -
 #[test]
 fn every_variant_and_prompt_in_one_mixed_run() {
     let base = base_f32();
-    let prompts = json("prompts.json");
-    let generations = json("generations.json");
+    let prompts = golden_json("prompts.json");
+    let generations = golden_json("generations.json");
     let mut core =
         EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(256 << 20, 16, 512));
     let mut streams = Vec::new();
@@ -95,8 +77,8 @@ fn every_variant_and_prompt_in_one_mixed_run() {
 #[test]
 fn the_golden_mixed_batch_row_by_row() {
     let base = base_f32();
-    let prompts = json("prompts.json");
-    let mixed = json("mixed_batch.json");
+    let prompts = golden_json("prompts.json");
+    let mixed = golden_json("mixed_batch.json");
     let prompt_ids = |id: &Value| {
         let p =
             prompts["prompts"].as_array().expect("prompts").iter().find(|p| &p["id"] == id).expect("prompt");

@@ -8,27 +8,13 @@ mod common;
 
 use adapters::LoraAdapter;
 use common::*;
-use lorahost::base::Base;
 use lorahost::engine::{EngineCore, StopCriteria, ValidRequest};
-use lorahost::model::Dtype;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 fn extra() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn base_f32() -> &'static Base {
-    static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| {
-        let path = lorahost::fetch::default_model().expect("default model");
-        Base::load(&path, Dtype::F32).expect("load default model")
-    })
 }
 
 fn expected() -> Value {

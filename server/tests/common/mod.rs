@@ -9,6 +9,26 @@ use lorahost::testing::TinyModel;
 use std::path::PathBuf;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+/// The default model in `--dtype f32`, loaded once per test binary (fetched once per machine).
+pub fn base_f32() -> &'static Base {
+    static BASE: std::sync::OnceLock<Base> = std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let path = lorahost::fetch::default_model().expect("default model");
+        Base::load(&path, Dtype::F32).expect("load default model")
+    })
+}
+
+/// A JSON list of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
+
+/// A JSON file under the golden fixtures.
+pub fn golden_json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join(name)).expect("fixture");
+    serde_json::from_str(&text).expect("fixture json")
+}
+
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
 }
