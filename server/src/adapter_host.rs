@@ -28,6 +28,13 @@ pub fn load_validated(model: &Llama, config: &[u8], weights: &[u8]) -> Result<Lo
     Ok(adapter)
 }
 
+/// Reads a PEFT adapter directory, validates it against `model` and prepares it for serving.
+pub fn load_dir_validated(model: &Llama, dir: &Path) -> Result<LoraAdapter, AdapterHostError> {
+    let mut adapter = LoraAdapter::load_dir(dir, &model.base_shape())?;
+    model.prepare_adapter(&mut adapter)?;
+    Ok(adapter)
+}
+
 /// The store and the host-tier cache in front of it.
 #[derive(Clone)]
 pub struct AdapterHost {

@@ -29,9 +29,9 @@ fn prompts() -> Vec<Value> {
 
 fn adapter(name: &str) -> Arc<LoraAdapter> {
     let base = base_f32();
-    let mut a = LoraAdapter::load_dir(&extra().join(name), &base.model.base_shape()).expect("adapter loads");
-    base.model.prepare_adapter(&mut a).expect("prepare");
-    Arc::new(a)
+    Arc::new(
+        lorahost::adapter_host::load_dir_validated(&base.model, &extra().join(name)).expect("adapter loads"),
+    )
 }
 
 fn names() -> Vec<String> {

@@ -139,14 +139,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 /// against the base; names are looked up in the store and served through the engine's cache.
 struct Adapters {
     model: Arc<crate::model::Llama>,
-    shape: adapters::BaseShape,
     host: Option<AdapterHost>,
     loaded: HashMap<PathBuf, Arc<LoraAdapter>>,
 }
 
 impl Adapters {
     fn new(base: &Base, host: Option<AdapterHost>) -> Self {
-        Self { model: base.model.clone(), shape: base.model.base_shape(), host, loaded: HashMap::new() }
+        Self { model: base.model.clone(), host, loaded: HashMap::new() }
     }
 
     fn resolve(&mut self, reference: &str) -> anyhow::Result<AdapterChoice> {
@@ -172,9 +171,8 @@ impl Adapters {
         if let Some(a) = self.loaded.get(dir) {
             return Ok(a.clone());
         }
-        let mut adapter =
-            LoraAdapter::load_dir(dir, &self.shape).with_context(|| format!("adapter {}", dir.display()))?;
-        self.model.prepare_adapter(&mut adapter).with_context(|| format!("adapter {}", dir.display()))?;
+        let adapter = crate::adapter_host::load_dir_validated(&self.model, dir)
+            .with_context(|| format!("adapter {}", dir.display()))?;
         let adapter = Arc::new(adapter);
         self.loaded.insert(dir.to_path_buf(), adapter.clone());
         Ok(adapter)
