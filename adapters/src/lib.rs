@@ -12,7 +12,9 @@ pub mod store;
 
 pub use config::{AdapterSpec, PeftConfig, TargetModules};
 pub use id::AdapterId;
-pub use peft::{write_adapter_dir, BaseShape, LoraAdapter, LoraSite, ModuleShape, CONFIG_FILE, WEIGHTS_FILE};
+pub use peft::{
+    write_adapter_dir, BaseShape, LoraAdapter, LoraSite, ModuleShape, SiteMatrices, CONFIG_FILE, WEIGHTS_FILE,
+};
 
 /// Why an adapter was rejected. Every message names the offending field or key.
 #[derive(Debug, thiserror::Error)]

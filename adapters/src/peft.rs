@@ -1,9 +1,11 @@
 //! PEFT LoRA weights: reading `adapter_model.safetensors` against a resident base (every key,
 //! shape, dtype and value checked before anything is used) and writing adapters in the same
-//! format. The result, `LoraAdapter`, holds f32 `A`/`B` per (layer, module) site with its scale.
+//! format. The result, `LoraAdapter`, holds `A`/`B` per (layer, module) site with its scale: f32
+//! as read, or int8 once quantized for serving next to a quantized base.
 
 use super::config::{AdapterSpec, TargetModules};
 use super::{AdapterError, AdapterId};
+use kernels::lora::{Int8LoraMatrices, LoraMatrices, LoraSiteWeights};
 use regex::Regex;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -48,15 +50,55 @@ pub struct LoraSite {
     pub rank: usize,
     /// The factor on `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub scale: f32,
-    /// `[rank, in_features]`, row-major.
-    pub a: Vec<f32>,
-    /// `[out_features, rank]`, row-major.
-    pub b: Vec<f32>,
+    pub matrices: SiteMatrices,
     /// DoRA magnitude `m`, `[out_features]`, as PEFT saves it.
     pub magnitude: Option<Vec<f32>>,
     /// DoRA factor `m / ‖W + scale·B A‖` per output row, computed against the base by
     /// `LoraAdapter::set_dora_factors` before the adapter is used.
     pub dora_factor: Option<Vec<f32>>,
+}
+
+/// How a site's `A` and `B` are held.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SiteMatrices {
+    /// As PEFT stores them: `a` `[rank, in_features]`, `b` `[out_features, rank]`, row-major.
+    F32 { a: Vec<f32>, b: Vec<f32> },
+    /// Quantized for serving: a quarter of the bytes (see `kernels::lora::Int8LoraMatrices`).
+    Int8(Int8LoraMatrices),
+}
+
+impl LoraSite {
+    /// `A` and `B` in PEFT's f32 layout, unless the site was quantized.
+    pub fn f32_matrices(&self) -> Option<(&[f32], &[f32])> {
+        match &self.matrices {
+            SiteMatrices::F32 { a, b } => Some((a, b)),
+            SiteMatrices::Int8(_) => None,
+        }
+    }
+
+    /// The borrowed form the LoRA kernels take.
+    pub fn kernel_weights(&self) -> LoraSiteWeights<'_> {
+        LoraSiteWeights {
+            matrices: match &self.matrices {
+                SiteMatrices::F32 { a, b } => LoraMatrices::F32 { a, b },
+                SiteMatrices::Int8(q) => q.view(),
+            },
+            rank: self.rank,
+            scale: self.scale,
+            dora_factor: self.dora_factor.as_deref(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let f = std::mem::size_of::<f32>();
+        let matrices = match &self.matrices {
+            SiteMatrices::F32 { a, b } => (a.len() + b.len()) * f,
+            SiteMatrices::Int8(q) => q.bytes(),
+        };
+        let vectors =
+            self.magnitude.as_ref().map_or(0, Vec::len) + self.dora_factor.as_ref().map_or(0, Vec::len);
+        matrices + vectors * f
+    }
 }
 
 /// A validated adapter, ready for the kernels.
@@ -140,7 +182,8 @@ impl LoraAdapter {
             if spec.use_dora && magnitude.is_none() {
                 return Err(missing("lora_magnitude_vector"));
             }
-            sites.push(LoraSite { layer, module, rank, scale, a, b, magnitude, dora_factor: None });
+            let matrices = SiteMatrices::F32 { a, b };
+            sites.push(LoraSite { layer, module, rank, scale, matrices, magnitude, dora_factor: None });
         }
         let index = sites.iter().enumerate().map(|(i, s)| ((s.layer, s.module), i)).collect();
         Ok(Self { id: AdapterId::of_files(config, weights), spec, sites, index })
@@ -171,15 +214,24 @@ impl LoraAdapter {
         Ok(())
     }
 
+    /// Stores every site's `A` and `B` in int8 with per-row scales (a quarter of the bytes),
+    /// dropping the f32 copy. Compute DoRA factors first: they need the f32 weights.
+    pub fn quantize_int8(&mut self, base: &BaseShape) -> Result<(), AdapterError> {
+        for s in &mut self.sites {
+            let SiteMatrices::F32 { a, b } = &s.matrices else { continue };
+            let m = base
+                .modules
+                .get(s.module)
+                .ok_or_else(|| AdapterError::Format(format!("the base has no module {}", s.module)))?;
+            s.matrices =
+                SiteMatrices::Int8(Int8LoraMatrices::quantize(a, b, s.rank, m.in_features, m.out_features));
+        }
+        Ok(())
+    }
+
     /// Memory the weights take.
     pub fn bytes(&self) -> usize {
-        let floats = |s: &LoraSite| {
-            s.a.len()
-                + s.b.len()
-                + s.magnitude.as_ref().map_or(0, Vec::len)
-                + s.dora_factor.as_ref().map_or(0, Vec::len)
-        };
-        self.sites.iter().map(|s| floats(s) * std::mem::size_of::<f32>()).sum()
+        self.sites.iter().map(LoraSite::bytes).sum()
     }
 }
 
@@ -200,7 +252,13 @@ pub fn write_adapter_dir(
             .modules
             .get(s.module)
             .ok_or_else(|| AdapterError::Format(format!("no module {}", s.module)))?;
-        if s.a.len() != s.rank * m.in_features || s.b.len() != m.out_features * s.rank {
+        let Some((a, b)) = s.f32_matrices() else {
+            return Err(AdapterError::Format(format!(
+                "site {} is quantized; only f32 adapters are written",
+                base.module_name(s.layer, s.module)
+            )));
+        };
+        if a.len() != s.rank * m.in_features || b.len() != m.out_features * s.rank {
             return Err(AdapterError::Format(format!(
                 "site {} has the wrong shape",
                 base.module_name(s.layer, s.module)
@@ -208,12 +266,8 @@ pub fn write_adapter_dir(
         }
         let name = base.module_name(s.layer, s.module);
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        tensors.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), vec![s.rank, m.in_features], bytes(&s.a)));
-        tensors.push((
-            format!("{KEY_PREFIX}{name}.lora_B.weight"),
-            vec![m.out_features, s.rank],
-            bytes(&s.b),
-        ));
+        tensors.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), vec![s.rank, m.in_features], bytes(a)));
+        tensors.push((format!("{KEY_PREFIX}{name}.lora_B.weight"), vec![m.out_features, s.rank], bytes(b)));
         if let Some(mag) = &s.magnitude {
             tensors.push((
                 format!("{KEY_PREFIX}{name}.lora_magnitude_vector"),
@@ -470,6 +524,26 @@ mod tests {
         assert_eq!((s.rank, s.scale), (2, 2.0));
         assert!(a.site(0, 2).is_none());
         assert_eq!(a.bytes(), 2 * (16 + 16 + 16 + 8) * 4);
+    }
+
+    #[test]
+    fn quantized_sites_hold_a_quarter_and_are_not_written() {
+        let mut a =
+            load(r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(2, &[0, 1]))
+                .unwrap();
+        let f32_bytes = a.bytes();
+        a.quantize_int8(&tiny_base()).unwrap();
+        // Per site: 2 rank rows of A (8 bytes each) and of Bᵀ, plus 2 + 2 f32 row scales.
+        let per_site = |out: usize| 2 * 8 + 2 * out + 4 * 4;
+        assert_eq!(a.bytes(), 2 * (per_site(8) + per_site(4)));
+        assert!(a.bytes() * 2 < f32_bytes);
+        let site = a.site(1, 1).unwrap();
+        assert!(site.f32_matrices().is_none());
+        assert!(matches!(site.kernel_weights().matrices, LoraMatrices::Int8 { .. }));
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_adapter_dir(&dir.path().join("q"), &serde_json::json!({}), a.sites(), &tiny_base());
+        assert!(err.unwrap_err().to_string().contains("quantized"));
+        assert!(!dir.path().join("q").exists());
     }
 
     #[test]

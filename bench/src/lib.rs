@@ -5,6 +5,7 @@
 use adapters::LoraAdapter;
 use lorahost::base::Base;
 use lorahost::engine::{EngineConfig, EngineCore, SamplingParams, StopCriteria, TokenEvent, ValidRequest};
+use lorahost::model::LoraStorage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -121,8 +122,14 @@ pub fn run_batch_with_adapters(
 }
 
 /// `n` random PEFT adapters of `rank` on every projection of `base`, built the way a loaded
-/// adapter is (written to a temp directory and read back, so they pass validation).
-pub fn random_adapters(base: &Base, n: usize, rank: usize) -> anyhow::Result<Vec<Arc<LoraAdapter>>> {
+/// adapter is (written to a temp directory and read back, so they pass validation), held as
+/// `storage` says.
+pub fn random_adapters(
+    base: &Base,
+    n: usize,
+    rank: usize,
+    storage: LoraStorage,
+) -> anyhow::Result<Vec<Arc<LoraAdapter>>> {
     let shape = base.model.base_shape();
     let dir = tempfile::tempdir()?;
     let mut out = Vec::with_capacity(n);
@@ -138,8 +145,7 @@ pub fn random_adapters(base: &Base, n: usize, rank: usize) -> anyhow::Result<Vec
                     module,
                     rank,
                     scale: 1.0,
-                    a,
-                    b,
+                    matrices: adapters::SiteMatrices::F32 { a, b },
                     magnitude: None,
                     dora_factor: None,
                 });
@@ -148,7 +154,11 @@ pub fn random_adapters(base: &Base, n: usize, rank: usize) -> anyhow::Result<Vec
         let config = serde_json::json!({"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": "all-linear"});
         let path = dir.path().join(format!("adapter-{i}"));
         adapters::write_adapter_dir(&path, &config, &sites, &shape)?;
-        out.push(Arc::new(LoraAdapter::load_dir(&path, &shape)?));
+        let mut adapter = LoraAdapter::load_dir(&path, &shape)?;
+        if storage == LoraStorage::Int8 {
+            adapter.quantize_int8(&shape)?;
+        }
+        out.push(Arc::new(adapter));
     }
     Ok(out)
 }

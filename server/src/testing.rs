@@ -147,8 +147,7 @@ impl TinyModel {
                     module,
                     rank,
                     scale,
-                    a,
-                    b,
+                    matrices: adapters::SiteMatrices::F32 { a, b },
                     magnitude: None,
                     dora_factor: None,
                 });

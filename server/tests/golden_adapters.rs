@@ -1,13 +1,16 @@
 //! PEFT adapters on the real default model in `--dtype f32` against the transformers + peft
 //! reference (tests/fixtures/golden): every prompt under adapters a (r8, q/v) and b (r16, all
 //! seven projections) — logits within 1e-3, greedy tokens exact — and the heterogeneous batch
-//! (adapter a, adapter b and the base in one run) row by row.
+//! (adapter a, adapter b and the base in one run) row by row; and in `--dtype auto`, the int8
+//! copies of the same adapters against their f32 form.
 
 mod common;
 
 use adapters::LoraAdapter;
 use common::*;
+use lorahost::adapter_host::load_dir_validated;
 use lorahost::engine::{EngineCore, StopCriteria, ValidRequest};
+use lorahost::model::{Dtype, LoraStorage};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -39,6 +42,42 @@ fn adapter_logits_within_tolerance() {
             let max_abs = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(max_abs < 1e-3, "{variant} / {}: max |Δlogit| = {max_abs}", p["id"]);
         }
+    }
+}
+
+/// `--dtype auto` holds adapters in int8 (a quarter of the bytes). On the quantized base, the
+/// logits of an adapter in int8 are as close to the f32 reference as those of the same adapter
+/// in f32: the base's own quantization (up to ~1 logit with these strong random adapters)
+/// dominates, and int8 adapters stay inside that band. The greedy next token is the same.
+#[test]
+fn auto_dtype_serves_adapters_in_int8_as_close_as_f32() {
+    let path = lorahost::fetch::default_model().expect("default model");
+    let base = lorahost::base::Base::load(&path, Dtype::Auto).expect("auto base");
+    assert_eq!(base.model.lora_storage(), LoraStorage::Int8);
+    let shape = base.model.base_shape();
+    let prompts = golden_json("prompts.json");
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    for variant in VARIANTS {
+        let dir = fixtures().join("adapters").join(variant);
+        let int8 = load_dir_validated(&base.model, &dir).expect("int8 adapter");
+        let f32 = LoraAdapter::load_dir(&dir, &shape).expect("f32 adapter");
+        assert!(int8.sites().iter().all(|s| s.f32_matrices().is_none()), "{variant}: not quantized");
+        assert!(int8.bytes() * 3 < f32.bytes(), "{variant}: {} vs {} bytes", int8.bytes(), f32.bytes());
+        let (mut worst_int8, mut worst_f32) = (0f32, 0f32);
+        for (p, want) in prompts["prompts"].as_array().expect("prompts").iter().zip(expected_logits(variant))
+        {
+            let prompt = ids(&p["prompt_ids"]);
+            let a = base.model.last_logits(&prompt, Some(&int8)).expect("int8 forward");
+            let b = base.model.last_logits(&prompt, Some(&f32)).expect("f32 forward");
+            worst_int8 = worst_int8.max(max_diff(&a, &want));
+            worst_f32 = worst_f32.max(max_diff(&b, &want));
+            assert_eq!(argmax(&a), argmax(&b), "{variant} / {}: greedy token differs", p["id"]);
+        }
+        assert!(
+            worst_int8 <= 1.25 * worst_f32 + 0.25,
+            "{variant}: max |Δlogit| against the reference: int8 adapter {worst_int8}, f32 adapter {worst_f32}"
+        );
     }
 }
 

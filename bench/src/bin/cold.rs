@@ -10,6 +10,7 @@ use clap::Parser;
 use lorahost::adapter_host::AdapterHost;
 use lorahost::base::Base;
 use lorahost::model::Dtype;
+use lorahost::model::LoraStorage;
 use lorahost_bench::random_adapters;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let base = Base::load(&lorahost::fetch::default_model()?, Dtype::Auto)?;
-    let source = random_adapters(&base, 1, args.rank)?;
+    let source = random_adapters(&base, 1, args.rank, LoraStorage::F32)?;
     let dir = tempfile::tempdir()?;
     let files = dir.path().join("files");
     adapters::write_adapter_dir(

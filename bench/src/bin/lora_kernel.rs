@@ -216,8 +216,10 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
         "\ndecode, weights from DRAM: {rows} rows x {adapters} distinct adapters, rank {rank}, each call on"
     );
     println!("another adapter set (rotation of >= {} MB); time per call\n", COLD_BYTES >> 20);
-    println!("| shape | sets | ours | ours A+B GB/s | per-adapter loop | loop/ours |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| shape | sets | ours | ours A+B GB/s | ours, int8 A/B | f32/int8 | per-adapter loop | loop/ours |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for shape in &SHAPES {
         if !shape.selected(which) {
             continue;
@@ -242,6 +244,24 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
             }
             Ok(())
         })? / n_sets as f64;
+        // The same sets with A and B in int8 (how adapters serve next to a quantized base).
+        let quantized: Vec<Workload> = sets
+            .iter()
+            .map(|w| {
+                let mut q = w.clone();
+                q.quantize_int8();
+                q
+            })
+            .collect();
+        let qsegs: Vec<Vec<_>> = quantized.iter().map(|w| w.segments(0)).collect();
+        let int8 = time_median(budget, 3, || {
+            for ((w, s), y) in quantized.iter().zip(&qsegs).zip(ys.iter_mut()) {
+                lora_delta(&w.x, inp, y, out, s)?;
+            }
+            Ok(())
+        })? / n_sets as f64;
+        drop(qsegs);
+        drop(quantized);
         // The candle loop under the same rotation (its own copy of the weights).
         let cand: Vec<CandleBatch> = sets.iter().map(|w| CandleBatch::new(w, &dev)).collect::<Result<_>>()?;
         drop(segs);
@@ -253,10 +273,12 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
             Ok(())
         })? / n_sets as f64;
         println!(
-            "| {} | {n_sets} | {} | {:.1} | {} | {:.1}x |",
+            "| {} | {n_sets} | {} | {:.1} | {} | {:.2}x | {} | {:.1}x |",
             shape.name,
             fmt_time(ours),
             set_bytes as f64 / ours * 1e-9,
+            fmt_time(int8),
+            ours / int8,
             fmt_time(looped),
             looped / ours
         );

@@ -1,12 +1,14 @@
 //! The LoRA overhead end to end: 32 concurrent requests, each with its own rank-16 adapter on all
-//! seven projections, against the same 32 requests on the base alone, in one process.
+//! seven projections, against the same 32 requests on the base alone, in one process. Adapters
+//! are held as the server holds them on this base (int8 next to a quantized base); `--compare-f32`
+//! also runs them in f32.
 //!
-//! `cargo run --release -p lorahost-bench --bin mixed -- [--reps 3] [--dtype auto]`
+//! `cargo run --release -p lorahost-bench --bin mixed -- [--reps 3] [--dtype auto] [--compare-f32]`
 
 use clap::Parser;
 use lorahost::base::Base;
 use lorahost::engine::EngineConfig;
-use lorahost::model::Dtype;
+use lorahost::model::{Dtype, LoraStorage};
 use lorahost_bench::{random_adapters, run_batch_with_adapters, summarize};
 
 #[derive(Parser)]
@@ -23,29 +25,49 @@ struct Args {
     prompt: usize,
     #[arg(long, default_value_t = 128)]
     generate: usize,
+    /// Also run the adapters in f32 (the storage of an f32 base).
+    #[arg(long)]
+    compare_f32: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let path = lorahost::fetch::default_model()?;
     let base = Base::load(&path, args.dtype)?;
-    let adapters = random_adapters(&base, args.requests, args.rank)?;
+    let storage = base.model.lora_storage();
+    let adapters = random_adapters(&base, args.requests, args.rank, storage)?;
+    let f32_adapters = if args.compare_f32 && storage != LoraStorage::F32 {
+        Some(random_adapters(&base, args.requests, args.rank, LoraStorage::F32)?)
+    } else {
+        None
+    };
     let config = EngineConfig { max_running: args.requests, ..Default::default() };
-    let (mut base_wall, mut mixed_wall) = (Vec::new(), Vec::new());
+    let run = |adapters: &[_]| {
+        run_batch_with_adapters(&base, config, args.requests, args.prompt, args.generate, adapters)
+            .wall
+            .as_secs_f64()
+    };
+    let (mut base_wall, mut mixed_wall, mut f32_wall) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..args.reps {
-        let b = run_batch_with_adapters(&base, config, args.requests, args.prompt, args.generate, &[]);
-        let m = run_batch_with_adapters(&base, config, args.requests, args.prompt, args.generate, &adapters);
-        base_wall.push(b.wall.as_secs_f64());
-        mixed_wall.push(m.wall.as_secs_f64());
+        base_wall.push(run(&[]));
+        mixed_wall.push(run(&adapters));
+        if let Some(f) = &f32_adapters {
+            f32_wall.push(run(f));
+        }
     }
-    let ratios: Vec<f64> = mixed_wall.iter().zip(&base_wall).map(|(m, b)| m / b).collect();
+    let ratio = |walls: &[f64]| summarize(walls.iter().zip(&base_wall).map(|(m, b)| m / b).collect());
     println!(
-        "{} requests x ({} prompt + {} generated), {} distinct rank-{} all-linear adapters, dtype {:?}",
-        args.requests, args.prompt, args.generate, args.requests, args.rank, args.dtype
+        "{} requests x ({} prompt + {} generated), {} distinct rank-{} all-linear adapters, dtype {:?}, adapters {:?}",
+        args.requests, args.prompt, args.generate, args.requests, args.rank, args.dtype, storage
     );
-    println!("base wall s:  {}", summarize(base_wall));
-    println!("mixed wall s: {}", summarize(mixed_wall));
-    let r = summarize(ratios);
+    println!("base wall s:  {}", summarize(base_wall.clone()));
+    println!("mixed wall s: {}", summarize(mixed_wall.clone()));
+    let r = ratio(&mixed_wall);
     println!("mixed / base: {:.3} [{:.3}-{:.3}]", r.median, r.min, r.max);
+    if !f32_wall.is_empty() {
+        println!("mixed (f32 adapters) wall s: {}", summarize(f32_wall.clone()));
+        let r = ratio(&f32_wall);
+        println!("mixed (f32 adapters) / base: {:.3} [{:.3}-{:.3}]", r.median, r.min, r.max);
+    }
     Ok(())
 }

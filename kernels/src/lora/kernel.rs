@@ -38,31 +38,106 @@ const TILE_VECS: usize = 4;
 /// plain streaming read rate). Narrower or wider distances and an L1 hint measured the same or
 /// worse.
 const PREFETCH_FLOATS: usize = 4096;
+/// How far ahead along each rank row the int8 expand prefetches.
+const INT8_PREFETCH_BYTES: usize = 256;
+/// Up to this many rows per item, the int8 expand converts Bᵀ straight into registers; beyond,
+/// once per tile into the scratch.
+const INT8_DIRECT_ROWS: usize = 4;
 
-/// One shrink work item: `t[i * ts + c] = Σ_k x[i * in_features + k] · a[c][k]` for
-/// `i < rows`, `c < a.len()`.
-pub(super) struct ShrinkArgs<'a> {
+/// Asks for the cache lines of `bytes` bytes from `p` to be brought into L2 (x86; a no-op
+/// elsewhere). Never faults. The driver calls it on the next work item's weights before running
+/// the current one: at decode every item streams a different adapter's weights from DRAM, and
+/// a few KB per stream is too short for the hardware prefetchers to ramp up.
+#[inline]
+pub(super) fn prefetch_range<T>(p: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = len * std::mem::size_of::<T>();
+        let start = p.cast::<u8>();
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: prefetch never faults, whatever the address.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                    start.wrapping_add(off).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
+/// A weight element the kernels read: f32 as stored, or int8 converted exactly to f32 (its row
+/// scale is applied once per dot product or per tile, outside the inner loops).
+pub(super) trait Weight: Copy {
+    /// # Safety
+    /// As [`Simd::load`] (`LANES` elements readable at `p`).
+    unsafe fn load<S: Simd>(s: S, p: *const Self) -> S::V;
+    /// # Safety
+    /// As [`Simd::load_partial`] (`n <= LANES` elements readable at `p`).
+    unsafe fn load_partial<S: Simd>(s: S, p: *const Self, n: usize) -> S::V;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(s: S, p: *const f32) -> S::V {
+        // SAFETY: forwarded contract.
+        unsafe { s.load(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_partial<S: Simd>(s: S, p: *const f32, n: usize) -> S::V {
+        // SAFETY: forwarded contract.
+        unsafe { s.load_partial(p, n) }
+    }
+}
+
+impl Weight for i8 {
+    #[inline(always)]
+    unsafe fn load<S: Simd>(s: S, p: *const i8) -> S::V {
+        // SAFETY: forwarded contract.
+        unsafe { s.load_i8(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_partial<S: Simd>(s: S, p: *const i8, n: usize) -> S::V {
+        // SAFETY: forwarded contract.
+        unsafe { s.load_i8_partial(p, n) }
+    }
+}
+
+/// One shrink work item: `t[i * ts + c] = scales[c] · Σ_k x[i * in_features + k] · a[c][k]`
+/// for `i < rows`, `c < a.len()` (no scale factor when `scales` is `None`).
+pub(super) struct ShrinkArgs<'a, W> {
     /// First row of the item; rows are `in_features` apart.
     pub x: *const f32,
     pub in_features: usize,
     pub rows: usize,
     /// The rank rows (rows of the A matrices, possibly of several sites), each `in_features` long.
-    pub a: &'a [&'a [f32]],
+    pub a: &'a [&'a [W]],
+    /// One factor per rank row (int8 rows), applied to the finished dot product.
+    pub scales: Option<&'a [f32]>,
     /// Where `t[0, 0]` of the item goes; rows are `ts` apart.
     pub t: *mut f32,
     pub ts: usize,
 }
 
+/// B of an expand item.
+#[derive(Clone, Copy)]
+pub(super) enum ExpandB<'a> {
+    /// `[out_features, rank]` row-major: `B[o, j] = b[o * rank + j]`.
+    F32(&'a [f32]),
+    /// `[rank, out_features]` row-major: `B[o, j] = scales[j] · bt[j * out_features + o]`.
+    Int8 { bt: &'a [i8], scales: &'a [f32] },
+}
+
 /// One expand work item: for `i < rows` and `o` in `outs`:
-/// `y[i * out_features + o] = g[o] · (y[..] + scale · Σ_j t[i * ts + j] · b[o * rank + j])`
+/// `y[i * out_features + o] = g[o] · (y[..] + scale · Σ_j t[i * ts + j] · B[o, j])`
 /// (no `g` factor when `g` is `None`).
 pub(super) struct ExpandArgs<'a> {
     pub t: *const f32,
     pub ts: usize,
     pub rows: usize,
     pub rank: usize,
-    /// `[out_features, rank]` row-major.
-    pub b: &'a [f32],
+    pub b: ExpandB<'a>,
     pub outs: Range<usize>,
     pub out_features: usize,
     /// Row 0, column 0 of the item's rows of `y`.
@@ -77,7 +152,7 @@ pub(super) struct ExpandArgs<'a> {
 /// `isa` must be available on this CPU; `x` valid for `rows` rows of `in_features` floats; every
 /// `a[c]` at least `in_features` long; `t` valid for writing the item's `rows × a.len()` entries
 /// and no other thread touching them.
-pub(super) unsafe fn shrink(isa: Isa, p: &ShrinkArgs) {
+pub(super) unsafe fn shrink<W: Weight>(isa: Isa, p: &ShrinkArgs<W>) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: availability and pointers are the caller's contract.
@@ -86,7 +161,7 @@ pub(super) unsafe fn shrink(isa: Isa, p: &ShrinkArgs) {
         // SAFETY: as above.
         Isa::Avx2 => unsafe { shrink_avx2(p) },
         // SAFETY: as above.
-        _ => unsafe { shrink_impl::<_, 2>(Portable, p) },
+        _ => unsafe { shrink_impl::<_, _, 2>(Portable, p) },
     }
 }
 
@@ -94,7 +169,7 @@ pub(super) unsafe fn shrink(isa: Isa, p: &ShrinkArgs) {
 ///
 /// # Safety
 /// `isa` must be available; `t` valid for `rows` rows (stride `ts`) of `rank` floats; `b` holds
-/// `[out_features, rank]`; `outs` within `0..out_features`; `g`, when set, `out_features` long;
+/// `out_features × rank` values (and `rank` scales); `outs` within `0..out_features`; `g`, when set, `out_features` long;
 /// `y` valid for the item's `rows × outs` elements (row stride `out_features`) and no other
 /// thread touching them.
 pub(super) unsafe fn expand(isa: Isa, p: &ExpandArgs) {
@@ -119,16 +194,16 @@ pub(super) unsafe fn expand(isa: Isa, p: &ExpandArgs) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn shrink_avx512(p: &ShrinkArgs) {
+unsafe fn shrink_avx512<W: Weight>(p: &ShrinkArgs<W>) {
     // SAFETY: this function only runs where AVX-512F is available; the rest is forwarded.
-    unsafe { shrink_impl::<_, 4>(Avx512::new(), p) }
+    unsafe { shrink_impl::<_, _, 4>(Avx512::new(), p) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn shrink_avx2(p: &ShrinkArgs) {
+unsafe fn shrink_avx2<W: Weight>(p: &ShrinkArgs<W>) {
     // SAFETY: this function only runs where AVX2 and FMA are available; the rest is forwarded.
-    unsafe { shrink_impl::<_, 2>(Avx2::new(), p) }
+    unsafe { shrink_impl::<_, _, 2>(Avx2::new(), p) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -150,19 +225,19 @@ unsafe fn expand_avx2(p: &ExpandArgs, bt: &mut Vec<f32>) {
 /// # Safety
 /// See [`shrink`].
 #[inline(always)]
-unsafe fn shrink_impl<S: Simd, const R: usize>(s: S, p: &ShrinkArgs) {
+unsafe fn shrink_impl<S: Simd, W: Weight, const R: usize>(s: S, p: &ShrinkArgs<W>) {
     let nr = p.a.len();
     let mut i = 0;
     while i + R <= p.rows {
         let mut j = 0;
         while j + 4 <= nr {
             // SAFETY: rows i..i+R and rank rows j..j+4 are inside the item.
-            unsafe { shrink_tile::<S, R, 4>(s, p, i, j) };
+            unsafe { shrink_tile::<S, W, R, 4>(s, p, i, j) };
             j += 4;
         }
         while j < nr {
             // SAFETY: as above.
-            unsafe { shrink_tile::<S, R, 1>(s, p, i, j) };
+            unsafe { shrink_tile::<S, W, R, 1>(s, p, i, j) };
             j += 1;
         }
         i += R;
@@ -173,12 +248,12 @@ unsafe fn shrink_impl<S: Simd, const R: usize>(s: S, p: &ShrinkArgs) {
         let mut j = 0;
         while j + 8 <= nr {
             // SAFETY: row i and rank rows j..j+8 are inside the item.
-            unsafe { shrink_tile::<S, 1, 8>(s, p, i, j) };
+            unsafe { shrink_tile::<S, W, 1, 8>(s, p, i, j) };
             j += 8;
         }
         while j < nr {
             // SAFETY: as above.
-            unsafe { shrink_tile::<S, 1, 1>(s, p, i, j) };
+            unsafe { shrink_tile::<S, W, 1, 1>(s, p, i, j) };
             j += 1;
         }
         i += 1;
@@ -190,7 +265,12 @@ unsafe fn shrink_impl<S: Simd, const R: usize>(s: S, p: &ShrinkArgs) {
 /// # Safety
 /// Rows `i0..i0 + R` and rank rows `j0..j0 + J` are inside the item (see [`shrink`]).
 #[inline(always)]
-unsafe fn shrink_tile<S: Simd, const R: usize, const J: usize>(s: S, p: &ShrinkArgs, i0: usize, j0: usize) {
+unsafe fn shrink_tile<S: Simd, W: Weight, const R: usize, const J: usize>(
+    s: S,
+    p: &ShrinkArgs<W>,
+    i0: usize,
+    j0: usize,
+) {
     let n = p.in_features;
     let l = S::LANES;
     let mut x = [p.x; R];
@@ -198,7 +278,7 @@ unsafe fn shrink_tile<S: Simd, const R: usize, const J: usize>(s: S, p: &ShrinkA
         // SAFETY: row i0 + r is inside x.
         *xr = unsafe { p.x.add((i0 + r) * n) };
     }
-    let mut a = [std::ptr::null::<f32>(); J];
+    let mut a = [std::ptr::null::<W>(); J];
     for (q, aq) in a.iter_mut().enumerate() {
         *aq = p.a[j0 + q].as_ptr();
     }
@@ -212,7 +292,7 @@ unsafe fn shrink_tile<S: Simd, const R: usize, const J: usize>(s: S, p: &ShrinkA
             xv[r] = unsafe { s.load(x[r].add(k)) };
         }
         for q in 0..J {
-            let av = unsafe { s.load(a[q].add(k)) };
+            let av = unsafe { W::load(s, a[q].add(k)) };
             for r in 0..R {
                 acc[r][q] = s.fma(xv[r], av, acc[r][q]);
             }
@@ -228,7 +308,7 @@ unsafe fn shrink_tile<S: Simd, const R: usize, const J: usize>(s: S, p: &ShrinkA
         }
         for q in 0..J {
             // SAFETY: as above.
-            let av = unsafe { s.load_partial(a[q].add(k), m) };
+            let av = unsafe { W::load_partial(s, a[q].add(k), m) };
             for r in 0..R {
                 acc[r][q] = s.fma(xv[r], av, acc[r][q]);
             }
@@ -236,8 +316,10 @@ unsafe fn shrink_tile<S: Simd, const R: usize, const J: usize>(s: S, p: &ShrinkA
     }
     for r in 0..R {
         for q in 0..J {
+            let dot = s.hsum(acc[r][q]);
+            let v = p.scales.map_or(dot, |sc| sc[j0 + q] * dot);
             // SAFETY: entry (i0 + r, j0 + q) is inside the item's part of t.
-            unsafe { *p.t.add((i0 + r) * p.ts + j0 + q) = s.hsum(acc[r][q]) };
+            unsafe { *p.t.add((i0 + r) * p.ts + j0 + q) = v };
         }
     }
 }
@@ -262,44 +344,180 @@ unsafe fn expand_impl<S: Simd, const R: usize>(s: S, p: &ExpandArgs, bt: &mut Ve
     let mut o0 = p.outs.start;
     while o0 < p.outs.end {
         let valid = (p.outs.end - o0).min(tw);
-        // bt[j * tw + c] = B[o0 + c, j]; columns past `valid` are zero.
-        for v in 0..TILE_VECS {
-            let rows = valid.saturating_sub(v * l).min(l);
-            // SAFETY: bt holds r * tw floats.
-            let dst = unsafe { btp.add(v * l) };
-            if rows == 0 {
+        match p.b {
+            ExpandB::F32(b) => {
+                // SAFETY: the tile's columns are inside `outs`, hence inside B; bt holds r * tw
+                // floats.
+                unsafe { fill_tile_f32(s, b, r, o0, valid, pf, btp) };
+                // SAFETY: bt was just filled for this tile.
+                unsafe { expand_rows::<S, R, _>(s, p, &Scratch { bt: btp, tw }, None, o0, valid) };
+            }
+            // Few rows: convert straight from Bᵀ into the registers (a scratch copy would cost
+            // more than it saves); the values are the same, so are the results.
+            ExpandB::Int8 { bt: q, scales } if p.rows <= INT8_DIRECT_ROWS => {
+                let direct = Int8Direct { q: q.as_ptr(), out_features: p.out_features, o0, valid };
                 for j in 0..r {
-                    // SAFETY: as above.
-                    unsafe { s.store(dst.add(j * tw), s.zero()) };
+                    s.prefetch(q.as_ptr().wrapping_add(j * p.out_features + o0 + INT8_PREFETCH_BYTES).cast());
                 }
-                continue;
+                // SAFETY: the tile's columns are inside `outs`, hence inside Bᵀ's rows.
+                unsafe { expand_rows::<S, R, _>(s, p, &direct, Some(scales), o0, valid) };
             }
-            // SAFETY: output o0 + v*l < out_features, so its B row exists.
-            let src = unsafe { p.b.as_ptr().add((o0 + v * l) * r) };
-            let mut jb = 0;
-            while jb < r {
-                // The lines this block reads, in the tile `pf` floats ahead (see PREFETCH_FLOATS).
-                for i in 0..rows {
-                    s.prefetch(src.wrapping_add(pf + i * r + jb));
-                }
-                // SAFETY: `rows` B rows of `r` floats from `src`, block columns jb..jb+cols; the
-                // destination rows jb..jb+cols of bt.
-                unsafe { s.transpose(src.add(jb), r, rows, (r - jb).min(l), dst.add(jb * tw), tw) };
-                jb += l;
+            ExpandB::Int8 { bt: q, scales } => {
+                // SAFETY: as in the f32 arm.
+                unsafe { fill_tile_i8(s, q, r, p.out_features, o0, valid, btp) };
+                // SAFETY: bt was just filled for this tile.
+                unsafe { expand_rows::<S, R, _>(s, p, &Scratch { bt: btp, tw }, Some(scales), o0, valid) };
             }
-        }
-        let mut i = 0;
-        while i + R <= p.rows {
-            // SAFETY: rows i..i+R inside the item, bt filled for this tile.
-            unsafe { expand_tile::<S, R>(s, p, btp, i, o0, valid) };
-            i += R;
-        }
-        while i < p.rows {
-            // SAFETY: as above.
-            unsafe { expand_tile::<S, 1>(s, p, btp, i, o0, valid) };
-            i += 1;
         }
         o0 += tw;
+    }
+}
+
+/// All rows of an item for one tile: `R`-row register tiles, then single rows.
+///
+/// # Safety
+/// As [`expand_tile`].
+#[inline(always)]
+unsafe fn expand_rows<S: Simd, const R: usize, B: TileB<S>>(
+    s: S,
+    p: &ExpandArgs,
+    b: &B,
+    scales: Option<&[f32]>,
+    o0: usize,
+    valid: usize,
+) {
+    let mut i = 0;
+    while i + R <= p.rows {
+        // SAFETY: rows i..i+R inside the item; `b` serves this tile.
+        unsafe { expand_tile::<S, R, B>(s, p, b, scales, i, o0, valid) };
+        i += R;
+    }
+    while i < p.rows {
+        // SAFETY: as above.
+        unsafe { expand_tile::<S, 1, B>(s, p, b, scales, i, o0, valid) };
+        i += 1;
+    }
+}
+
+/// Where an expand tile reads `B[o0 + v·L .. + L, j]` as f32 (unscaled for int8).
+trait TileB<S: Simd> {
+    /// # Safety
+    /// `j < rank`, `v < TILE_VECS`, and the tile was set up for the current `o0`.
+    unsafe fn load(&self, s: S, j: usize, v: usize) -> S::V;
+}
+
+/// The tile scratch: `rank` rows of `tw` floats.
+struct Scratch {
+    bt: *const f32,
+    tw: usize,
+}
+
+impl<S: Simd> TileB<S> for Scratch {
+    #[inline(always)]
+    unsafe fn load(&self, s: S, j: usize, v: usize) -> S::V {
+        // SAFETY: scratch row j has tw floats.
+        unsafe { s.load(self.bt.add(j * self.tw + v * S::LANES)) }
+    }
+}
+
+/// Bᵀ in int8 itself: rank row `j`, columns `o0 + v·L ..`, zeros past `valid`.
+struct Int8Direct {
+    q: *const i8,
+    out_features: usize,
+    o0: usize,
+    valid: usize,
+}
+
+impl<S: Simd> TileB<S> for Int8Direct {
+    #[inline(always)]
+    unsafe fn load(&self, s: S, j: usize, v: usize) -> S::V {
+        let l = S::LANES;
+        let lanes = self.valid.saturating_sub(v * l).min(l);
+        // SAFETY: `lanes` values from column o0 + v*l are inside rank row j (caller contract).
+        unsafe {
+            let p = self.q.add(j * self.out_features + self.o0 + v * l);
+            match lanes {
+                n if n == l => s.load_i8(p),
+                0 => s.zero(),
+                n => s.load_i8_partial(p, n),
+            }
+        }
+    }
+}
+
+/// Transposes B's rows `o0..o0 + valid` (f32, `[out, rank]`) into the tile scratch `bt`
+/// (`rank` rows of `TILE_VECS · LANES`), zeros past `valid`; prefetches the block `pf` floats
+/// ahead.
+///
+/// # Safety
+/// Rows `o0..o0 + valid` exist in `b`; `bt` is valid for `rank · TILE_VECS · LANES` floats.
+#[inline(always)]
+unsafe fn fill_tile_f32<S: Simd>(
+    s: S,
+    b: &[f32],
+    r: usize,
+    o0: usize,
+    valid: usize,
+    pf: usize,
+    btp: *mut f32,
+) {
+    let l = S::LANES;
+    let tw = TILE_VECS * l;
+    for v in 0..TILE_VECS {
+        let rows = valid.saturating_sub(v * l).min(l);
+        // SAFETY: bt holds r * tw floats.
+        let dst = unsafe { btp.add(v * l) };
+        if rows == 0 {
+            for j in 0..r {
+                // SAFETY: as above.
+                unsafe { s.store(dst.add(j * tw), s.zero()) };
+            }
+            continue;
+        }
+        // SAFETY: output o0 + v*l < out_features, so its B row exists.
+        let src = unsafe { b.as_ptr().add((o0 + v * l) * r) };
+        let mut jb = 0;
+        while jb < r {
+            // The lines this block reads, in the tile `pf` floats ahead (see PREFETCH_FLOATS).
+            for i in 0..rows {
+                s.prefetch(src.wrapping_add(pf + i * r + jb));
+            }
+            // SAFETY: `rows` B rows of `r` floats from `src`, block columns jb..jb+cols; the
+            // destination rows jb..jb+cols of bt.
+            unsafe { s.transpose(src.add(jb), r, rows, (r - jb).min(l), dst.add(jb * tw), tw) };
+            jb += l;
+        }
+    }
+}
+
+/// Converts Bᵀ's columns `o0..o0 + valid` (int8, `[rank, out_features]`) into the tile scratch
+/// `bt` as f32 (exact; the row scales are applied with `t`), zeros past `valid`. Each rank row
+/// of the tile is one contiguous run of `valid` bytes.
+///
+/// # Safety
+/// `o0 + valid <= out_features`; `btq` holds `rank × out_features` values; `btp` is valid for
+/// `rank · TILE_VECS · LANES` floats.
+#[inline(always)]
+unsafe fn fill_tile_i8<S: Simd>(
+    s: S,
+    btq: &[i8],
+    rank: usize,
+    out_features: usize,
+    o0: usize,
+    valid: usize,
+    btp: *mut f32,
+) {
+    let l = S::LANES;
+    let tw = TILE_VECS * l;
+    let direct = Int8Direct { q: btq.as_ptr(), out_features, o0, valid };
+    for j in 0..rank {
+        // The same columns a few tiles ahead: rank rows are separate streams that the hardware
+        // prefetchers pick up late on short rows.
+        s.prefetch(btq.as_ptr().wrapping_add(j * out_features + o0 + INT8_PREFETCH_BYTES).cast());
+        for v in 0..TILE_VECS {
+            // SAFETY: the tile's columns are inside row j; bt holds the tile.
+            unsafe { s.store(btp.add(j * tw + v * l), TileB::<S>::load(&direct, s, j, v)) };
+        }
     }
 }
 
@@ -308,16 +526,16 @@ unsafe fn expand_impl<S: Simd, const R: usize>(s: S, p: &ExpandArgs, bt: &mut Ve
 /// # Safety
 /// See [`expand`]; `bt` holds the transposed tile (`rank` rows of `TILE_VECS · LANES`).
 #[inline(always)]
-unsafe fn expand_tile<S: Simd, const R: usize>(
+unsafe fn expand_tile<S: Simd, const R: usize, B: TileB<S>>(
     s: S,
     p: &ExpandArgs,
-    bt: *const f32,
+    b_src: &B,
+    scales: Option<&[f32]>,
     i0: usize,
     o0: usize,
     valid: usize,
 ) {
     let l = S::LANES;
-    let tw = TILE_VECS * l;
     let mut t = [p.t; R];
     for (r, tr) in t.iter_mut().enumerate() {
         // SAFETY: row i0 + r is inside the item.
@@ -327,12 +545,14 @@ unsafe fn expand_tile<S: Simd, const R: usize>(
     for j in 0..p.rank {
         let mut b = [s.zero(); TILE_VECS];
         for (v, bv) in b.iter_mut().enumerate() {
-            // SAFETY: bt row j has tw floats.
-            *bv = unsafe { s.load(bt.add(j * tw + v * l)) };
+            // SAFETY: j < rank, v < TILE_VECS, `b_src` set up for this tile.
+            *bv = unsafe { b_src.load(s, j, v) };
         }
         for r in 0..R {
             // SAFETY: j < rank and t rows hold rank floats.
-            let tv = s.splat(unsafe { *t[r].add(j) });
+            let tj = unsafe { *t[r].add(j) };
+            // int8: B's row scale goes on t, once per (row, j), whichever B source runs.
+            let tv = s.splat(scales.map_or(tj, |sc| tj * sc[j]));
             for v in 0..TILE_VECS {
                 acc[r][v] = s.fma(tv, b[v], acc[r][v]);
             }

@@ -38,13 +38,11 @@ pub use crate::attention::Isa;
 
 /// One adapter's weights for one linear site.
 ///
-/// Semantics: `delta[i, o] = scale · Σ_j (Σ_k x[i, k] · a[j · in + k]) · b[o · rank + j]`.
+/// Semantics: `delta[i, o] = scale · Σ_j (Σ_k x[i, k] · A[j, k]) · B[o, j]`, with `A` and `B` as
+/// [`LoraMatrices`] stores them.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraSiteWeights<'a> {
-    /// `[rank, in_features]` row-major (PEFT `lora_A.weight`).
-    pub a: &'a [f32],
-    /// `[out_features, rank]` row-major (PEFT `lora_B.weight`).
-    pub b: &'a [f32],
+    pub matrices: LoraMatrices<'a>,
     /// May be 0 (then the delta is 0; a DoRA factor still applies).
     pub rank: usize,
     /// `alpha / r` (or `alpha / sqrt(r)` for rsLoRA); must be finite.
@@ -53,6 +51,94 @@ pub struct LoraSiteWeights<'a> {
     /// precomputed by the caller), `out_features` long. When `Some`, the segment's rows become
     /// `y[i, o] = g[o] · (y[i, o] + delta[i, o])` instead of `y[i, o] + delta[i, o]`.
     pub dora_factor: Option<&'a [f32]>,
+}
+
+/// How a site's `A` and `B` are stored.
+#[derive(Clone, Copy, Debug)]
+pub enum LoraMatrices<'a> {
+    /// PEFT's layout: `a` is `[rank, in_features]` (`lora_A.weight`), `b` is
+    /// `[out_features, rank]` (`lora_B.weight`), both row-major.
+    F32 { a: &'a [f32], b: &'a [f32] },
+    /// A quarter of the bytes (see [`Int8LoraMatrices`]): `A[j, k] = a_scales[j] · a[j, k]`
+    /// with `a` `[rank, in_features]`, and `B[o, j] = bt_scales[j] · bt[j, o]` with `bt`
+    /// `[rank, out_features]` (B transposed, so each rank row is contiguous).
+    Int8 { a: &'a [i8], a_scales: &'a [f32], bt: &'a [i8], bt_scales: &'a [f32] },
+}
+
+impl<'a> LoraSiteWeights<'a> {
+    /// f32 weights in PEFT's layout.
+    pub fn f32(a: &'a [f32], b: &'a [f32], rank: usize, scale: f32) -> Self {
+        Self { matrices: LoraMatrices::F32 { a, b }, rank, scale, dora_factor: None }
+    }
+}
+
+/// One row-quantized matrix: `values` row-major `[rows, cols]`, element `(r, c)` standing for
+/// `scales[r] · values[r · cols + c]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int8Rows {
+    pub values: Vec<i8>,
+    pub scales: Vec<f32>,
+}
+
+impl Int8Rows {
+    /// Symmetric absmax quantization of each row of `m` (`[rows, cols]` row-major): the row's
+    /// largest magnitude maps to ±127, the rest round to nearest. An all-zero row gets scale 0.
+    pub fn quantize(m: &[f32], cols: usize) -> Self {
+        let rows = m.len().checked_div(cols).unwrap_or(0);
+        let mut values = Vec::with_capacity(m.len());
+        let mut scales = Vec::with_capacity(rows);
+        for row in m.chunks_exact(cols.max(1)).take(rows) {
+            let max = row.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+            let scale = max / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            values.extend(row.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+            scales.push(scale);
+        }
+        Self { values, scales }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.values.len() + self.scales.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// A site's `A` and `B` in int8 with one f32 scale per rank row: a quarter of f32's bytes. At
+/// decode, a batch of distinct adapters is bound by reading their weights from memory, so this
+/// is what keeps a mixed batch close to the base's speed. Per-row absmax quantization keeps the
+/// relative error of each weight within 1/254 of its row's largest one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Int8LoraMatrices {
+    /// `A`: `[rank, in_features]`.
+    pub a: Int8Rows,
+    /// `Bᵀ`: `[rank, out_features]`.
+    pub bt: Int8Rows,
+}
+
+impl Int8LoraMatrices {
+    /// Quantizes PEFT-layout `a` (`[rank, in_features]`) and `b` (`[out_features, rank]`).
+    pub fn quantize(a: &[f32], b: &[f32], rank: usize, in_features: usize, out_features: usize) -> Self {
+        let mut bt = vec![0f32; rank * out_features];
+        for (o, row) in b.chunks_exact(rank.max(1)).take(out_features).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                bt[j * out_features + o] = *v;
+            }
+        }
+        Self { a: Int8Rows::quantize(a, in_features), bt: Int8Rows::quantize(&bt, out_features) }
+    }
+
+    pub fn view(&self) -> LoraMatrices<'_> {
+        LoraMatrices::Int8 {
+            a: &self.a.values,
+            a_scales: &self.a.scales,
+            bt: &self.bt.values,
+            bt_scales: &self.bt.scales,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.a.bytes() + self.bt.bytes()
+    }
 }
 
 /// Rows of the batch that use one adapter; the engine orders rows so each adapter's rows are
@@ -160,19 +246,18 @@ pub fn lora_delta_reference(
         let mut t = vec![0f32; w.rank];
         for i in seg.rows.clone() {
             let xr = &x[i * in_features..(i + 1) * in_features];
-            for (tj, aj) in t.iter_mut().zip(w.a.chunks_exact(in_features)) {
+            for (j, tj) in t.iter_mut().enumerate() {
                 let mut acc = 0f32;
-                for (xk, ak) in xr.iter().zip(aj) {
-                    acc += xk * ak;
+                for (k, xk) in xr.iter().enumerate() {
+                    acc += xk * ref_a(&w.matrices, j, k, in_features);
                 }
                 *tj = acc;
             }
             let yr = &mut y[i * out_features..(i + 1) * out_features];
             for (o, yo) in yr.iter_mut().enumerate() {
-                let bo = &w.b[o * w.rank..(o + 1) * w.rank];
                 let mut d = 0f32;
-                for (tj, bj) in t.iter().zip(bo) {
-                    d += tj * bj;
+                for (j, tj) in t.iter().enumerate() {
+                    d += tj * ref_b(&w.matrices, o, j, w.rank, out_features);
                 }
                 let v = *yo + w.scale * d;
                 *yo = match w.dora_factor {
@@ -183,6 +268,22 @@ pub fn lora_delta_reference(
         }
     }
     Ok(())
+}
+
+/// `A[j, k]` as the reference sees it.
+fn ref_a(m: &LoraMatrices, j: usize, k: usize, in_features: usize) -> f32 {
+    match m {
+        LoraMatrices::F32 { a, .. } => a[j * in_features + k],
+        LoraMatrices::Int8 { a, a_scales, .. } => a_scales[j] * f32::from(a[j * in_features + k]),
+    }
+}
+
+/// `B[o, j]` as the reference sees it.
+fn ref_b(m: &LoraMatrices, o: usize, j: usize, rank: usize, out_features: usize) -> f32 {
+    match m {
+        LoraMatrices::F32 { b, .. } => b[o * rank + j],
+        LoraMatrices::Int8 { bt, bt_scales, .. } => bt_scales[j] * f32::from(bt[j * out_features + o]),
+    }
 }
 
 /// rows = `x_len / in_features`, if `x_len` is a whole number of rows.
@@ -247,12 +348,21 @@ fn check_weights(w: &LoraSiteWeights, in_features: usize, out_features: usize) -
         return Err(format!("scale {} is not finite", w.scale));
     }
     let a_len = w.rank.checked_mul(in_features);
-    if a_len != Some(w.a.len()) {
-        return Err(format!("A has {} floats, expected rank {} x in {in_features}", w.a.len(), w.rank));
-    }
     let b_len = w.rank.checked_mul(out_features);
-    if b_len != Some(w.b.len()) {
-        return Err(format!("B has {} floats, expected out {out_features} x rank {}", w.b.len(), w.rank));
+    let (a, b, a_scales, bt_scales) = match w.matrices {
+        LoraMatrices::F32 { a, b } => (a.len(), b.len(), w.rank, w.rank),
+        LoraMatrices::Int8 { a, a_scales, bt, bt_scales } => {
+            (a.len(), bt.len(), a_scales.len(), bt_scales.len())
+        }
+    };
+    if a_len != Some(a) {
+        return Err(format!("A has {a} values, expected rank {} x in {in_features}", w.rank));
+    }
+    if b_len != Some(b) {
+        return Err(format!("B has {b} values, expected out {out_features} x rank {}", w.rank));
+    }
+    if a_scales != w.rank || bt_scales != w.rank {
+        return Err(format!("int8 A and B need {} row scales each, got {a_scales} and {bt_scales}", w.rank));
     }
     if let Some(g) = w.dora_factor {
         if g.len() != out_features {

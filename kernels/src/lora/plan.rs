@@ -11,8 +11,8 @@
 
 use std::ops::Range;
 
-use super::kernel::{self, ExpandArgs, ShrinkArgs};
-use super::{Isa, LoraSiteWeights, SiteDelta};
+use super::kernel::{self, ExpandArgs, ExpandB, ShrinkArgs};
+use super::{Isa, LoraMatrices, LoraSiteWeights, SiteDelta};
 use crate::quant::par;
 
 /// Rows per panel: bounds the x (shrink) and t/y (expand) working set of an item so it stays in
@@ -60,7 +60,9 @@ struct Part<'a> {
 
 struct ShrinkItem {
     rows: Range<usize>,
-    /// Indices into the call's rank-row list.
+    /// Whether the rank rows are int8 (then `ranks` index the int8 list).
+    int8: bool,
+    /// Indices into the call's rank-row list of that format.
     ranks: Range<usize>,
     /// Offset of `t[rows.start, first rank]`.
     t: usize,
@@ -90,39 +92,54 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
     if parts.is_empty() {
         return;
     }
-    parts.sort_by_key(|p| (p.rows.start, p.rows.end, p.site));
+    parts.sort_by_key(|p| (p.rows.start, p.rows.end, is_int8(&p.w), p.site));
 
-    // Phase 1 plan: group parts with equal rows, concatenate their rank rows.
-    let mut rank_rows: Vec<&[f32]> = Vec::new();
+    // Phase 1 plan: group parts with equal rows and storage, concatenate their rank rows.
+    let mut f32_rows: Vec<&[f32]> = Vec::new();
+    let mut int8_rows: Vec<&[i8]> = Vec::new();
+    let mut int8_scales: Vec<f32> = Vec::new();
     let mut shrinks: Vec<ShrinkItem> = Vec::new();
     let (mut t_len, mut shrink_macs) = (0usize, 0usize);
+    // Per group: its shrink items and its parts.
+    let mut groups: Vec<(Range<usize>, Range<usize>)> = Vec::new();
     let mut g = 0;
     while g < parts.len() {
-        let rows = parts[g].rows.clone();
-        let e = g + parts[g..].iter().take_while(|p| p.rows == rows).count();
+        let (rows, int8) = (parts[g].rows.clone(), is_int8(&parts[g].w));
+        let e = g + parts[g..].iter().take_while(|p| p.rows == rows && is_int8(&p.w) == int8).count();
         let total_rank: usize = parts[g..e].iter().map(|p| p.w.rank).sum();
-        let first = rank_rows.len();
+        let first = if int8 { int8_rows.len() } else { f32_rows.len() };
         let mut col = 0;
         for p in &mut parts[g..e] {
             (p.t_base, p.t_stride, p.t_col) = (t_len, total_rank, col);
             col += p.w.rank;
-            rank_rows.extend(p.w.a.chunks_exact(in_features));
+            match p.w.matrices {
+                LoraMatrices::F32 { a, .. } => f32_rows.extend(a.chunks_exact(in_features)),
+                LoraMatrices::Int8 { a, a_scales, .. } => {
+                    int8_rows.extend(a.chunks_exact(in_features));
+                    int8_scales.extend_from_slice(a_scales);
+                }
+            }
         }
+        let first_shrink = shrinks.len();
         if total_rank > 0 {
-            plan_shrink(rows.clone(), first, total_rank, t_len, in_features, &mut shrinks);
+            let group = ShrinkGroup { rows: rows.clone(), int8, first, total_rank, t_base: t_len };
+            plan_shrink(&group, in_features, &mut shrinks);
         }
+        groups.push((first_shrink..shrinks.len(), g..e));
         t_len += rows.len() * total_rank;
         shrink_macs += rows.len() * total_rank * in_features;
         g = e;
     }
 
-    // Phase 2 plan.
+    // Phase 2 plan: expand items, each part's contiguous (so each group's are too).
     let mut expands: Vec<ExpandItem> = Vec::new();
+    let mut part_expands: Vec<Range<usize>> = Vec::with_capacity(parts.len());
     let mut expand_macs = 0;
     for (k, p) in parts.iter().enumerate() {
         let out = p.out_features;
         let per_row = out * p.w.rank.max(1);
         expand_macs += p.rows.len() * per_row;
+        let first = expands.len();
         for rows in panels(p.rows.clone()) {
             let chunk =
                 (ITEM_MACS / (rows.len() * p.w.rank.max(1))).next_multiple_of(OUT_ALIGN).max(OUT_ALIGN);
@@ -130,38 +147,52 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                 expands.push(ExpandItem { part: k, rows: rows.clone(), outs: o..(o + chunk).min(out) });
             }
         }
+        part_expands.push(first..expands.len());
+    }
+
+    // A group whose shrink is one item and whose parts expand in one item each (decode rows,
+    // small prefill chunks) runs whole in phase 1: its expand needs only its own shrink, so it
+    // need not wait for the phase boundary. When every group is like that, as at decode, the
+    // call is a single parallel phase.
+    let mut phase1: Vec<Work> = Vec::with_capacity(groups.len());
+    let mut phase2: Vec<usize> = Vec::new();
+    for (group_shrinks, group_parts) in &groups {
+        let whole = group_shrinks.len() <= 1 && group_parts.clone().all(|k| part_expands[k].len() == 1);
+        let group_expands = part_expands[group_parts.start].start..part_expands[group_parts.end - 1].end;
+        if whole {
+            phase1.push(Work::Whole { shrink: group_shrinks.clone().next(), expands: group_expands });
+        } else {
+            phase1.extend(group_shrinks.clone().map(Work::Shrink));
+            phase2.extend(group_expands);
+        }
     }
 
     let threads = rayon::current_num_threads();
     let helpers = |macs: usize| if macs < PARALLEL_MIN_MACS { 0 } else { threads.saturating_sub(1) };
     let mut t = vec![0f32; t_len];
     let tp = SharedMut(t.as_mut_ptr());
-    par::for_each_chunk(shrinks.len(), helpers(shrink_macs), &|c| {
-        let it = &shrinks[c];
-        // SAFETY: the call was validated (rows inside x, rank rows `in_features` long); items
-        // cover disjoint entries of `t`, which outlives this phase; `isa` was checked.
-        unsafe {
-            kernel::shrink(
-                isa,
-                &ShrinkArgs {
-                    x: x.as_ptr().add(it.rows.start * in_features),
-                    in_features,
-                    rows: it.rows.len(),
-                    a: &rank_rows[it.ranks.clone()],
-                    t: tp.ptr().add(it.t),
-                    ts: it.ts,
-                },
-            )
-        }
-    });
-
     let ys: Vec<SharedMut> = sites.iter_mut().map(|s| SharedMut(s.y.as_mut_ptr())).collect();
-    par::for_each_chunk(expands.len(), helpers(expand_macs), &|c| {
-        let it = &expands[c];
+    let run_shrink = |it: &ShrinkItem| {
+        // SAFETY: the call was validated (rows inside x, rank rows `in_features` long); items
+        // cover disjoint entries of `t`, which outlives the call; `isa` was checked.
+        unsafe {
+            let (x, rows, t, ts) =
+                (x.as_ptr().add(it.rows.start * in_features), it.rows.len(), tp.ptr().add(it.t), it.ts);
+            if it.int8 {
+                let (a, scales) = (&int8_rows[it.ranks.clone()], Some(&int8_scales[it.ranks.clone()]));
+                kernel::shrink(isa, &ShrinkArgs { x, in_features, rows, a, scales, t, ts })
+            } else {
+                let a = &f32_rows[it.ranks.clone()];
+                kernel::shrink(isa, &ShrinkArgs { x, in_features, rows, a, scales: None, t, ts })
+            }
+        }
+    };
+    let run_expand = |it: &ExpandItem| {
         let p = &parts[it.part];
-        // SAFETY: validated shapes (B is [out, rank], g is out long, rows inside y); segments of
-        // a site do not overlap, so items write disjoint (row, column) blocks of their site's
-        // `y`; `t` was completed by phase 1 and is only read here.
+        // SAFETY: validated shapes (B holds out x rank values, g is out long, rows inside y);
+        // segments of a site do not overlap, so items write disjoint (row, column) blocks of
+        // their site's `y`; the item's `t` rows were completed before (by its group's shrink in
+        // the same work item, or in phase 1) and are only read here.
         unsafe {
             kernel::expand(
                 isa,
@@ -170,7 +201,10 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                     ts: p.t_stride,
                     rows: it.rows.len(),
                     rank: p.w.rank,
-                    b: p.w.b,
+                    b: match p.w.matrices {
+                        LoraMatrices::F32 { b, .. } => ExpandB::F32(b),
+                        LoraMatrices::Int8 { bt, bt_scales, .. } => ExpandB::Int8 { bt, scales: bt_scales },
+                    },
                     outs: it.outs.clone(),
                     out_features: p.out_features,
                     y: ys[p.site].ptr().add(it.rows.start * p.out_features),
@@ -179,7 +213,65 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                 },
             )
         }
+    };
+    // The weights an item will read, asked into L2 one item ahead: the same thread usually takes
+    // the next item (see `par`), and each item streams another adapter's weights from DRAM.
+    let prefetch_shrink = |it: &ShrinkItem| {
+        if it.int8 {
+            int8_rows[it.ranks.clone()].iter().for_each(|r| kernel::prefetch_range(r.as_ptr(), r.len()));
+        } else {
+            f32_rows[it.ranks.clone()].iter().for_each(|r| kernel::prefetch_range(r.as_ptr(), r.len()));
+        }
+    };
+    let prefetch_expand = |it: &ExpandItem| {
+        let p = &parts[it.part];
+        let (outs, out) = (it.outs.clone(), p.out_features);
+        match p.w.matrices {
+            LoraMatrices::F32 { b, .. } => {
+                let rows = &b[outs.start * p.w.rank..outs.end * p.w.rank];
+                kernel::prefetch_range(rows.as_ptr(), rows.len());
+            }
+            LoraMatrices::Int8 { bt, .. } => {
+                for row in bt.chunks_exact(out) {
+                    kernel::prefetch_range(row[outs.clone()].as_ptr(), outs.len());
+                }
+            }
+        }
+    };
+    let prefetch_work = |w: &Work| match w {
+        Work::Shrink(i) => prefetch_shrink(&shrinks[*i]),
+        Work::Whole { shrink, expands: e } => {
+            shrink.iter().for_each(|&i| prefetch_shrink(&shrinks[i]));
+            e.clone().for_each(|i| prefetch_expand(&expands[i]));
+        }
+    };
+
+    par::for_each_chunk(phase1.len(), helpers(shrink_macs + expand_macs), &|c| {
+        if let Some(next) = phase1.get(c + 1) {
+            prefetch_work(next);
+        }
+        match &phase1[c] {
+            Work::Shrink(i) => run_shrink(&shrinks[*i]),
+            Work::Whole { shrink, expands: e } => {
+                shrink.iter().for_each(|&i| run_shrink(&shrinks[i]));
+                e.clone().for_each(|i| run_expand(&expands[i]));
+            }
+        }
     });
+    par::for_each_chunk(phase2.len(), helpers(expand_macs), &|c| {
+        if let Some(&next) = phase2.get(c + 1) {
+            prefetch_expand(&expands[next]);
+        }
+        run_expand(&expands[phase2[c]]);
+    });
+}
+
+/// A unit of phase 1.
+enum Work {
+    /// One shrink item of a group whose expands run in phase 2.
+    Shrink(usize),
+    /// A whole group: its shrink item (none at rank 0), then its expand items.
+    Whole { shrink: Option<usize>, expands: Range<usize> },
 }
 
 /// `rows` cut into near-equal panels of at most `PANEL_ROWS`.
@@ -189,24 +281,33 @@ fn panels(rows: Range<usize>) -> impl Iterator<Item = Range<usize>> {
     (0..k).map(move |p| rows.start + n * p / k..rows.start + n * (p + 1) / k)
 }
 
-/// Shrink items of one group: row panels × chunks of its `total_rank` rank rows (which start at
-/// `first` in the rank-row list); the group's `t` block starts at `t_base`.
-fn plan_shrink(
+fn is_int8(w: &LoraSiteWeights) -> bool {
+    matches!(w.matrices, LoraMatrices::Int8 { .. })
+}
+
+/// Segments (of one or more sites) that cover the same rows with the same storage: their shrinks
+/// share each pass over `x[rows]`.
+struct ShrinkGroup {
     rows: Range<usize>,
+    int8: bool,
+    /// Where the group's rank rows start in the list of its format.
     first: usize,
     total_rank: usize,
+    /// Offset of the group's `t` block.
     t_base: usize,
-    in_features: usize,
-    items: &mut Vec<ShrinkItem>,
-) {
-    for pr in panels(rows.clone()) {
+}
+
+/// Shrink items of one group: row panels × chunks of its rank rows.
+fn plan_shrink(g: &ShrinkGroup, in_features: usize, items: &mut Vec<ShrinkItem>) {
+    for pr in panels(g.rows.clone()) {
         let chunk = (ITEM_MACS / (pr.len() * in_features)).next_multiple_of(RANK_ALIGN).max(RANK_ALIGN);
-        for j in (0..total_rank).step_by(chunk) {
+        for j in (0..g.total_rank).step_by(chunk) {
             items.push(ShrinkItem {
                 rows: pr.clone(),
-                ranks: first + j..first + (j + chunk).min(total_rank),
-                t: t_base + (pr.start - rows.start) * total_rank + j,
-                ts: total_rank,
+                int8: g.int8,
+                ranks: g.first + j..g.first + (j + chunk).min(g.total_rank),
+                t: g.t_base + (pr.start - g.rows.start) * g.total_rank + j,
+                ts: g.total_rank,
             });
         }
     }

@@ -58,6 +58,11 @@ fn abs_workload(w: &Workload) -> Workload {
             ad.b = abs(&ad.b);
             ad.scale = ad.scale.abs();
             ad.dora_factor = ad.dora_factor.as_deref().map(abs);
+            if let Some(q) = &mut ad.int8 {
+                for v in q.a.values.iter_mut().chain(q.bt.values.iter_mut()) {
+                    *v = v.abs();
+                }
+            }
         }
     }
     a
@@ -74,7 +79,8 @@ fn bounds(w: &Workload, site: usize) -> Vec<f32> {
         "abs reference",
     );
     let max_rank = w.adapters[site].iter().map(|ad| ad.rank).max().unwrap_or(0);
-    let n = (w.in_features + max_rank + 4) as f32;
+    // +2 for int8: the row scales of A and B are each one more rounding.
+    let n = (w.in_features + max_rank + 6) as f32;
     m.iter().map(|&v| 2.0 * n * f32::EPSILON * v + f32::MIN_POSITIVE).collect()
 }
 
@@ -92,9 +98,22 @@ fn assert_bits_eq(a: &[f32], b: &[f32], ctx: &str) {
     }
 }
 
-/// Runs every available path on site 0 of `w` and compares with the reference; base rows must
-/// come back bit-identical.
+/// The workload as given (f32 weights) and with every adapter stored in int8.
+fn both_storages(w: &Workload) -> [(Workload, &'static str); 2] {
+    let mut q = w.clone();
+    q.quantize_int8();
+    [(w.clone(), "f32"), (q, "int8")]
+}
+
+/// Runs every available path on site 0 of `w`, in both storages, and compares with the
+/// reference; base rows must come back bit-identical.
 fn check_workload(w: &Workload, ctx: &str) {
+    for (w, storage) in both_storages(w) {
+        check_storage(&w, &format!("{ctx} {storage}"));
+    }
+}
+
+fn check_storage(w: &Workload, ctx: &str) {
     let (inf, out) = (w.in_features, w.out_features[0]);
     let segs = w.segments(0);
     let mut reference = w.y[0].clone();
@@ -171,9 +190,11 @@ fn fused_equals_unfused_and_reference() {
         for pop in POPULARITIES {
             let mut s = spec(97, inf, outs, 7, ranks, pop);
             (s.base_fraction, s.dora, s.seed) = (0.15, c == 1, 1000 + c as u64);
-            let w = must(Workload::generate(&s), "workload");
-            for isa in isas() {
-                let ctx = format!("fused case {c} {pop:?} {isa:?}");
+            let generated = must(Workload::generate(&s), "workload");
+            for ((w, storage), isa) in
+                both_storages(&generated).iter().flat_map(|f| isas().into_iter().map(move |i| (f, i)))
+            {
+                let ctx = format!("fused case {c} {pop:?} {storage} {isa:?}");
                 let segs: Vec<Vec<Segment>> = (0..outs.len()).map(|k| w.segments(k)).collect();
                 let mut fused_y = w.y.clone();
                 let mut sites: Vec<SiteDelta> = fused_y
@@ -189,7 +210,7 @@ fn fused_equals_unfused_and_reference() {
                     assert_bits_eq(&fused_y[k], &y, &format!("{ctx} site {k}"));
                     let mut reference = w.y[k].clone();
                     must(lora_delta_reference(&w.x, inf, &mut reference, out, &segs[k]), &ctx);
-                    assert_close(&y, &reference, &bounds(&w, k), &format!("{ctx} site {k}"));
+                    assert_close(&y, &reference, &bounds(w, k), &format!("{ctx} site {k}"));
                 }
             }
         }
@@ -243,6 +264,12 @@ fn batch_invariance() {
             ad.dora_factor = Some((0..1536).map(|o| 0.5 + (o % 7) as f32 * 0.1).collect());
         }
     }
+    for (w, storage) in both_storages(&w) {
+        check_batch_invariance(&w, storage);
+    }
+}
+
+fn check_batch_invariance(w: &Workload, storage: &str) {
     let (inf, out) = (576, 1536);
     let segs = w.segments(0);
     let owner = w.adapter_of_row();
@@ -257,7 +284,11 @@ fn batch_invariance() {
             let mut y = w.y[0][row * out..(row + 1) * out].to_vec();
             let seg = [Segment { rows: 0..1, weights: w.adapters[0][a].weights() }];
             must(lora_delta_with(isa, x, inf, &mut y, out, &seg), "single row");
-            assert_bits_eq(&y, &big[row * out..(row + 1) * out], &format!("{isa:?} row {row} alone"));
+            assert_bits_eq(
+                &y,
+                &big[row * out..(row + 1) * out],
+                &format!("{storage} {isa:?} row {row} alone"),
+            );
         }
 
         // Every segment cut into single rows and handed over in reverse order.
@@ -268,7 +299,7 @@ fn batch_invariance() {
             .collect();
         let mut y = w.y[0].clone();
         must(lora_delta_with(isa, &w.x, inf, &mut y, out, &singles), "single-row segments");
-        assert_bits_eq(&y, &big, &format!("{isa:?} single-row segments"));
+        assert_bits_eq(&y, &big, &format!("{storage} {isa:?} single-row segments"));
 
         // A sub-batch: the first 37 rows only.
         let sub_rows = 37;
@@ -279,7 +310,7 @@ fn batch_invariance() {
             .collect();
         let mut y = w.y[0][..sub_rows * out].to_vec();
         must(lora_delta_with(isa, &w.x[..sub_rows * inf], inf, &mut y, out, &sub), "sub-batch");
-        assert_bits_eq(&y, &big[..sub_rows * out], &format!("{isa:?} sub-batch"));
+        assert_bits_eq(&y, &big[..sub_rows * out], &format!("{storage} {isa:?} sub-batch"));
 
         // Other thread counts.
         for threads in [1, 3] {
@@ -292,7 +323,7 @@ fn batch_invariance() {
             );
             let mut y = w.y[0].clone();
             must(pool.install(|| lora_delta_with(isa, &w.x, inf, &mut y, out, &segs)), "pool");
-            assert_bits_eq(&y, &big, &format!("{isa:?} on {threads} threads"));
+            assert_bits_eq(&y, &big, &format!("{storage} {isa:?} on {threads} threads"));
         }
     }
 }
@@ -320,11 +351,90 @@ fn batch_invariance_wide_decode() {
     }
 }
 
+/// Adapters in both storages in one batch, and fused sites whose segments on the same rows use
+/// different storages (shrunk in separate groups): the same bits as each storage alone.
+#[test]
+fn mixed_storages_in_one_batch() {
+    let mut s = spec(120, 576, &[576, 192], 10, &[8, 16], Popularity::Uniform);
+    (s.base_fraction, s.seed) = (0.1, 11);
+    let f = must(Workload::generate(&s), "workload");
+    let mut q = f.clone();
+    q.quantize_int8();
+    // Site 0: even adapters int8; site 1: odd adapters int8.
+    let mut mixed = f.clone();
+    for (site, adapters) in mixed.adapters.iter_mut().enumerate() {
+        for (a, ad) in adapters.iter_mut().enumerate() {
+            if a % 2 == site {
+                ad.int8 = q.adapters[site][a].int8.clone();
+            }
+        }
+    }
+    for isa in isas() {
+        let segs: Vec<Vec<Segment>> = (0..2).map(|k| mixed.segments(k)).collect();
+        let mut ys = mixed.y.clone();
+        let (y0, y1) = ys.split_at_mut(1);
+        let mut sites = [
+            SiteDelta { y: &mut y0[0], out_features: 576, segments: &segs[0] },
+            SiteDelta { y: &mut y1[0], out_features: 192, segments: &segs[1] },
+        ];
+        must(lora_delta_fused_with(isa, &mixed.x, 576, &mut sites), "fused mixed");
+        for (k, &out) in [576usize, 192].iter().enumerate() {
+            let (mut yf, mut yq) = (f.y[k].clone(), q.y[k].clone());
+            must(lora_delta_with(isa, &f.x, 576, &mut yf, out, &f.segments(k)), "f32");
+            must(lora_delta_with(isa, &q.x, 576, &mut yq, out, &q.segments(k)), "int8");
+            for (row, a) in mixed.adapter_of_row().iter().enumerate() {
+                let r = row * out..(row + 1) * out;
+                let expect = match a {
+                    Some(a) if a % 2 == k => &yq[r.clone()],
+                    _ => &yf[r.clone()],
+                };
+                assert_bits_eq(&ys[k][r], expect, &format!("{isa:?} site {k} row {row}"));
+            }
+        }
+    }
+}
+
+/// int8 storage: each weight within half a step of its row's scale, and the delta close to the
+/// f32 delta (relative to the delta's size).
+#[test]
+fn int8_storage_is_close_to_f32() {
+    let s = spec(16, 576, &[1536], 4, &[16, 64], Popularity::Uniform);
+    let f = must(Workload::generate(&s), "workload");
+    let mut q = f.clone();
+    q.quantize_int8();
+    for ad in &q.adapters[0] {
+        let m = ad.int8.as_ref().expect("quantized");
+        for (j, row) in ad.a.chunks_exact(576).enumerate() {
+            let sc = m.a.scales[j];
+            for (k, v) in row.iter().enumerate() {
+                let back = sc * f32::from(m.a.values[j * 576 + k]);
+                assert!((back - v).abs() <= 0.5 * sc * (1.0 + 1e-5), "A[{j},{k}]: {v} vs {back}");
+            }
+        }
+        for o in 0..1536 {
+            for j in 0..ad.rank {
+                let (v, sc) = (ad.b[o * ad.rank + j], m.bt.scales[j]);
+                let back = sc * f32::from(m.bt.values[j * 1536 + o]);
+                assert!((back - v).abs() <= 0.5 * sc * (1.0 + 1e-5), "B[{o},{j}]: {v} vs {back}");
+            }
+        }
+        assert_eq!(m.bytes(), ad.rank * (576 + 1536) + 2 * ad.rank * 4);
+    }
+    let (mut yf, mut yq) = (vec![0f32; 16 * 1536], vec![0f32; 16 * 1536]);
+    must(lora_delta(&f.x, 576, &mut yf, 1536, &f.segments(0)), "f32");
+    must(lora_delta(&q.x, 576, &mut yq, 1536, &q.segments(0)), "int8");
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let diff: Vec<f32> = yf.iter().zip(&yq).map(|(a, b)| a - b).collect();
+    let rel = norm(&diff) / norm(&yf);
+    assert!(rel < 0.01, "int8 delta differs from f32 by {rel} (relative L2)");
+    assert!(rel > 0.0, "int8 storage was not used");
+}
+
 #[test]
 fn rank_zero_and_empty_segments() {
     let (x, mut y) = (vec![1.0f32; 3 * 4], vec![2.0f32; 3 * 5]);
     let g = [0.5f32, 1.0, 2.0, 3.0, -1.0];
-    let dora = LoraSiteWeights { a: &[], b: &[], rank: 0, scale: 1.0, dora_factor: Some(&g) };
+    let dora = LoraSiteWeights { dora_factor: Some(&g), ..LoraSiteWeights::f32(&[], &[], 0, 1.0) };
     let plain = LoraSiteWeights { dora_factor: None, ..dora };
     let segs = [
         Segment { rows: 0..1, weights: dora },
@@ -352,7 +462,9 @@ fn rejects_bad_inputs_without_writing() {
     let a = vec![0.25f32; rank * inf];
     let b = vec![0.25f32; out * rank];
     let g = vec![1.5f32; out];
-    let ok = LoraSiteWeights { a: &a, b: &b, rank, scale: 2.0, dora_factor: Some(&g) };
+    let ok = LoraSiteWeights { dora_factor: Some(&g), ..LoraSiteWeights::f32(&a, &b, rank, 2.0) };
+    let q = Int8LoraMatrices::quantize(&a, &b, rank, inf, out);
+    let ok8 = LoraSiteWeights { matrices: q.view(), ..ok };
     let seg = |rows: Range<usize>, weights| Segment { rows, weights };
     let short_g = [1.0f32; 4];
     #[allow(clippy::reversed_empty_ranges)]
@@ -365,8 +477,27 @@ fn rejects_bad_inputs_without_writing() {
         ("start > end", inf, rows * out, out, vec![seg(3..1, ok)]),
         ("overlap sorted", inf, rows * out, out, vec![seg(0..2, ok), seg(1..3, ok)]),
         ("overlap unsorted", inf, rows * out, out, vec![seg(2..4, ok), seg(0..1, ok), seg(1..3, ok)]),
-        ("A length", inf, rows * out, out, vec![seg(0..1, LoraSiteWeights { a: &a[1..], ..ok })]),
-        ("B length", inf, rows * out, out, vec![seg(0..1, LoraSiteWeights { b: &b[1..], ..ok })]),
+        ("A length", inf, rows * out, out, vec![seg(0..1, LoraSiteWeights::f32(&a[1..], &b, rank, 1.0))]),
+        ("B length", inf, rows * out, out, vec![seg(0..1, LoraSiteWeights::f32(&a, &b[1..], rank, 1.0))]),
+        ("int8 rank vs A", inf, rows * out, out, vec![seg(0..1, LoraSiteWeights { rank: 1, ..ok8 })]),
+        (
+            "int8 scales",
+            inf,
+            rows * out,
+            out,
+            vec![seg(
+                0..1,
+                LoraSiteWeights {
+                    matrices: LoraMatrices::Int8 {
+                        a: &q.a.values,
+                        a_scales: &q.a.scales[1..],
+                        bt: &q.bt.values,
+                        bt_scales: &q.bt.scales,
+                    },
+                    ..ok8
+                },
+            )],
+        ),
         ("rank vs A", inf, rows * out, out, vec![seg(0..1, LoraSiteWeights { rank: 3, ..ok })]),
         (
             "DoRA length",

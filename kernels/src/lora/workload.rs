@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use super::{LoraSiteWeights, Segment};
+use super::{Int8LoraMatrices, LoraMatrices, LoraSiteWeights, Segment};
 use crate::KernelError;
 
 /// How the adapter-using rows of a batch pick their adapter.
@@ -70,14 +70,19 @@ pub struct AdapterSite {
     pub rank: usize,
     pub scale: f32,
     pub dora_factor: Option<Vec<f32>>,
+    /// The int8 form of `a` and `b`, when the workload was quantized ([`Workload::quantize_int8`]);
+    /// the kernels then read it instead of `a` and `b`.
+    pub int8: Option<Int8LoraMatrices>,
 }
 
 impl AdapterSite {
     /// The borrowed form the kernels take.
     pub fn weights(&self) -> LoraSiteWeights<'_> {
         LoraSiteWeights {
-            a: &self.a,
-            b: &self.b,
+            matrices: match &self.int8 {
+                Some(q) => q.view(),
+                None => LoraMatrices::F32 { a: &self.a, b: &self.b },
+            },
             rank: self.rank,
             scale: self.scale,
             dora_factor: self.dora_factor.as_deref(),
@@ -208,6 +213,7 @@ impl Workload {
                             rank,
                             scale: rng.uniform(0.5, 2.0),
                             dora_factor: spec.dora.then(|| rng.uniform_vec(out, 0.5, 1.5)),
+                            int8: None,
                         }
                     })
                     .collect()
@@ -222,6 +228,16 @@ impl Workload {
             runs,
             adapters,
         })
+    }
+
+    /// Stores every adapter's A and B in int8 as well; the kernels use that form from now on.
+    pub fn quantize_int8(&mut self) {
+        for (site, adapters) in self.adapters.iter_mut().enumerate() {
+            let out = self.out_features[site];
+            for a in adapters {
+                a.int8 = Some(Int8LoraMatrices::quantize(&a.a, &a.b, a.rank, self.in_features, out));
+            }
+        }
     }
 
     /// The segments of one site (one per adapter run, in row order); empty for an unknown site.

@@ -76,6 +76,11 @@ impl Linear {
         }
     }
 
+    /// Whether the weight is held in a quantized block format.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quant(_) | Weight::Candle(QMatMul::QTensor(_)))
+    }
+
     pub fn has_bias(&self) -> bool {
         self.bias.is_some()
     }

@@ -5,7 +5,7 @@
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
 use super::linear::{with_f32_slice, Embedding, Linear};
-use super::lora::{LoraBatch, LoraLinear, ModuleId};
+use super::lora::{LoraBatch, LoraLinear, LoraStorage, ModuleId};
 use super::ModelError;
 use adapters::LoraAdapter;
 use candle_core::{Device, Tensor};
@@ -86,6 +86,7 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
+    lora_storage: LoraStorage,
 }
 
 impl Attention {
@@ -172,7 +173,20 @@ impl Llama {
         let norm = RmsNorm::load(src, "model.norm", &config)?;
         let lm_head = src.lm_head(config.vocab_size, config.hidden_size, config.tie_word_embeddings)?;
         let rope = Rope::new(config.head_dim, config.rope_theta, config.max_position_embeddings);
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope })
+        let quantized = layers.first().is_some_and(|l| l.self_attn.q_proj.base().is_quantized());
+        let lora_storage = if quantized { LoraStorage::Int8 } else { LoraStorage::F32 };
+        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, lora_storage })
+    }
+
+    /// How adapters are held by `prepare_adapter`: int8 on a quantized base, f32 otherwise.
+    pub fn lora_storage(&self) -> LoraStorage {
+        self.lora_storage
+    }
+
+    /// Overrides the adapter storage (benchmarks compare both on one base).
+    pub fn with_lora_storage(mut self, storage: LoraStorage) -> Self {
+        self.lora_storage = storage;
+        self
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -190,8 +204,16 @@ impl Llama {
 
     /// Makes a validated adapter ready for this base: computes DoRA's per-row factor
     /// `m / ‖W + scale · B A‖` (PEFT's weight norm, in f32) once, at load, so serving it in a
-    /// mixed batch costs one multiply per output.
+    /// mixed batch costs one multiply per output; then stores `A` and `B` as `lora_storage` says.
     pub fn prepare_adapter(&self, adapter: &mut LoraAdapter) -> Result<(), ModelError> {
+        self.set_dora_factors(adapter)?;
+        if self.lora_storage == LoraStorage::Int8 {
+            adapter.quantize_int8(&self.base_shape()).map_err(|e| ModelError::Config(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn set_dora_factors(&self, adapter: &mut LoraAdapter) -> Result<(), ModelError> {
         if !adapter.needs_dora_factors() {
             return Ok(());
         }
@@ -203,6 +225,9 @@ impl Llama {
                 return Err(ModelError::Config("DoRA on a projection with a bias is not supported".into()));
             }
             let (out, inp) = (proj.base().out_features(), proj.base().in_features());
+            let (a, b) = site.f32_matrices().ok_or_else(|| {
+                ModelError::Config("DoRA factors need the adapter's f32 weights, not a quantized copy".into())
+            })?;
             let w = proj.base().dequantized_weight()?;
             let magnitude = site.magnitude.as_deref().unwrap_or_default();
             let mut factor = Vec::with_capacity(out);
@@ -210,8 +235,8 @@ impl Llama {
             for o in 0..out {
                 row.copy_from_slice(&w[o * inp..(o + 1) * inp]);
                 for r in 0..site.rank {
-                    let b = site.scale * site.b[o * site.rank + r];
-                    for (x, a) in row.iter_mut().zip(&site.a[r * inp..(r + 1) * inp]) {
+                    let b = site.scale * b[o * site.rank + r];
+                    for (x, a) in row.iter_mut().zip(&a[r * inp..(r + 1) * inp]) {
                         *x += b * a;
                     }
                 }

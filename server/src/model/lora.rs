@@ -6,7 +6,7 @@ use super::linear::{with_f32_slice, Linear};
 use super::ModelError;
 use adapters::{BaseShape, LoraAdapter, ModuleShape};
 use candle_core::{Device, Tensor};
-use kernels::lora::{lora_delta, LoraSiteWeights, Segment};
+use kernels::lora::{lora_delta, Segment};
 use std::ops::Range;
 
 /// The targetable projections of a decoder layer, in `BaseShape::modules` order.
@@ -19,6 +19,17 @@ pub const MODULES: [&str; 7] = [
     "mlp.up_proj",
     "mlp.down_proj",
 ];
+
+/// How adapters' `A` and `B` are held while they serve on this base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraStorage {
+    /// As loaded: exact, the mode that matches the reference.
+    F32,
+    /// int8 with one scale per rank row: a quarter of the bytes, which is what bounds a decode
+    /// step of many distinct adapters. The default next to a quantized base, whose own weight
+    /// error is far larger than this rounding.
+    Int8,
+}
 
 /// Index of a module in `MODULES`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,16 +90,9 @@ impl<'a> LoraBatch<'a> {
         self.segments
             .iter()
             .filter_map(|(rows, adapter)| {
-                adapter.site(layer, module.0).map(|s| Segment {
-                    rows: rows.clone(),
-                    weights: LoraSiteWeights {
-                        a: &s.a,
-                        b: &s.b,
-                        rank: s.rank,
-                        scale: s.scale,
-                        dora_factor: s.dora_factor.as_deref(),
-                    },
-                })
+                adapter
+                    .site(layer, module.0)
+                    .map(|s| Segment { rows: rows.clone(), weights: s.kernel_weights() })
             })
             .collect()
     }
