@@ -4,8 +4,8 @@
 
 use super::config::ModelConfig;
 use super::kv_cache::KvCache;
-use super::linear::{with_f32_slice, Embedding, Linear};
-use super::lora::{LoraBatch, LoraLinear, LoraStorage, ModuleId};
+use super::linear::{Embedding, Linear};
+use super::lora::{forward_shared_input, LoraBatch, LoraLinear, LoraStorage, ModuleId};
 use super::ModelError;
 use adapters::LoraAdapter;
 use candle_core::{Device, Tensor};
@@ -110,9 +110,10 @@ impl Attention {
         let (rows, _) = x.dims2()?;
         // (rows, n_heads * head_dim) and (rows, n_kv_heads * head_dim)
         let lora = batch.lora;
-        let mut q = with_f32_slice(&self.q_proj.forward(x, lora)?, <[f32]>::to_vec)?;
-        let mut k = with_f32_slice(&self.k_proj.forward(x, lora)?, <[f32]>::to_vec)?;
-        let v = with_f32_slice(&self.v_proj.forward(x, lora)?, <[f32]>::to_vec)?;
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            forward_shared_input(&[&self.q_proj, &self.k_proj, &self.v_proj], x, lora)?
+                .try_into()
+                .map_err(|_| ModelError::Config("q/k/v projection count".into()))?;
         rope.apply(&mut q, cfg.num_heads, batch.positions)?;
         rope.apply(&mut k, cfg.num_kv_heads, batch.positions)?;
         write_kv(kv, &k, &v, batch.seqs)?;
@@ -139,8 +140,14 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, lora: &LoraBatch) -> Result<Tensor, ModelError> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, lora)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x, lora)?)?, lora)
+        let [gate, up]: [Vec<f32>; 2] = forward_shared_input(&[&self.gate_proj, &self.up_proj], x, lora)?
+            .try_into()
+            .map_err(|_| ModelError::Config("gate/up projection count".into()))?;
+        let rows = x.dims2()?.0;
+        let shape = (rows, self.up_proj.base().out_features());
+        let gate = candle_nn::ops::silu(&Tensor::from_vec(gate, shape, &Device::Cpu)?)?;
+        let up = Tensor::from_vec(up, shape, &Device::Cpu)?;
+        self.down_proj.forward(&(gate * up)?, lora)
     }
 }
 

@@ -6,7 +6,7 @@ use super::linear::{with_f32_slice, Linear};
 use super::ModelError;
 use adapters::{BaseShape, LoraAdapter, ModuleShape};
 use candle_core::{Device, Tensor};
-use kernels::lora::{lora_delta, Segment};
+use kernels::lora::{lora_delta, lora_delta_fused, Segment, SiteDelta};
 use std::ops::Range;
 
 /// The targetable projections of a decoder layer, in `BaseShape::modules` order.
@@ -126,4 +126,28 @@ impl LoraLinear {
         with_f32_slice(x, |xs| lora_delta(xs, self.base.in_features(), &mut y, out, &segments))??;
         Ok(Tensor::from_vec(y, (rows, out), &Device::Cpu)?)
     }
+}
+
+/// Projections that read the same input (q/k/v, gate/up) as row-major f32 outputs, in `projs`
+/// order: each base matmul, then one fused LoRA call whose shrinks share each pass over `x`
+/// (`kernels::lora::lora_delta_fused`; bit-identical to one call per projection).
+pub fn forward_shared_input(
+    projs: &[&LoraLinear],
+    x: &Tensor,
+    lora: &LoraBatch,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let mut ys = projs.iter().map(|p| p.base.forward_vec(x)).collect::<Result<Vec<_>, _>>()?;
+    let segments: Vec<Vec<Segment>> = projs.iter().map(|p| lora.site(p.layer, p.module)).collect();
+    if segments.iter().all(Vec::is_empty) {
+        return Ok(ys);
+    }
+    let in_features = projs.first().map_or(0, |p| p.base.in_features());
+    let mut sites: Vec<SiteDelta> = ys
+        .iter_mut()
+        .zip(projs)
+        .zip(&segments)
+        .map(|((y, p), segments)| SiteDelta { y, out_features: p.base.out_features(), segments })
+        .collect();
+    with_f32_slice(x, |xs| lora_delta_fused(xs, in_features, &mut sites))??;
+    Ok(ys)
 }
