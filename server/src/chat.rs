@@ -50,12 +50,22 @@ impl ChatTemplate {
 
     /// Renders `messages` with `add_generation_prompt=True`.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, ChatError> {
+        self.render_with(messages, true)
+    }
+
+    /// Renders `messages`; `add_generation_prompt` as transformers' `apply_chat_template` takes
+    /// it (false for a finished conversation, as training renders one).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         let template =
             self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
-                add_generation_prompt => true,
+                add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })

@@ -11,3 +11,4 @@ pub mod model;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;
+pub mod train;

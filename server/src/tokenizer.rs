@@ -38,6 +38,9 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const REGEX_QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// A token's `(start, end)` byte offsets in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// A tokenizer with the special-token facts generation needs.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -172,6 +175,22 @@ impl TextTokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// As [`TextTokenizer::encode`], with each token's byte range in `text` (an added BOS gets
+    /// the empty range at 0).
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>), TokenizerError> {
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let (mut ids, mut offsets) = (Vec::with_capacity(enc.len() + 1), Vec::with_capacity(enc.len() + 1));
+        if let (true, Some(bos)) = (self.add_bos, self.bos_token_id) {
+            if enc.get_ids().first() != Some(&bos) {
+                ids.push(bos);
+                offsets.push((0, 0));
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        offsets.extend_from_slice(enc.get_offsets());
+        Ok((ids, offsets))
     }
 
     /// Ids → text, special tokens included.

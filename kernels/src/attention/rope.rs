@@ -77,6 +77,19 @@ impl Rope {
         &self.inv_freq
     }
 
+    /// `cos` and `sin` for positions `0..len`, each `[len][head_dim/2]` row-major, rounded as
+    /// [`Rope::apply`] rounds them (for code that rotates with tensor ops, e.g. training).
+    pub fn cos_sin(&self, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let (mut cos, mut sin) = (vec![0.0; len * half], vec![0.0; len * half]);
+        if half > 0 {
+            for (pos, (c, s)) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)).enumerate() {
+                fill_angles(&self.inv_freq, pos, c, s);
+            }
+        }
+        (cos, sin)
+    }
+
     /// Rotates every head of every row in place: `x` is `[rows, n_heads*head_dim]`, row `r` at
     /// position `positions[r]`. For `j < head_dim/2`, with `a = x[j]`, `b = x[j + head_dim/2]`:
     /// `x[j] = a*cos - b*sin`, `x[j + head_dim/2] = b*cos + a*sin`.

@@ -2,6 +2,7 @@
 //! its own file and turns flags into configs, then calls into the library.
 
 mod generate;
+mod train;
 
 use crate::engine::{EngineConfig, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS};
 use crate::model::{Dtype, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
@@ -20,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate text for one prompt or a JSONL file of requests (offline batch inference).
     Generate(generate::GenerateArgs),
+    /// Fine-tune a LoRA adapter on the base from a JSONL file; writes a PEFT adapter directory.
+    Train(train::TrainArgs),
 }
 
 /// Which base model to load and how.
@@ -119,5 +122,6 @@ impl EngineArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

@@ -81,6 +81,10 @@ impl Linear {
         matches!(self.weight, Weight::Quant(_) | Weight::Candle(QMatMul::QTensor(_)))
     }
 
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     pub fn has_bias(&self) -> bool {
         self.bias.is_some()
     }
@@ -120,6 +124,16 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    /// The whole table as f32 `[vocab, hidden]`.
+    pub fn dense(&self, vocab: usize, hidden: usize) -> Result<Tensor, ModelError> {
+        match self {
+            Embedding::Dense(table) => Ok(table.to_dtype(DType::F32)?),
+            Embedding::Quant(table) => {
+                Ok(Tensor::from_vec(table.dequantize(), (vocab, hidden), &Device::Cpu)?)
+            }
+        }
+    }
+
     /// `tokens: [rows]` → `(rows, hidden)` f32. Token ids must already be `< vocab`.
     pub fn forward(&self, tokens: &[u32], hidden: usize) -> Result<Tensor, ModelError> {
         match self {

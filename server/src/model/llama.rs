@@ -22,6 +22,25 @@ pub trait WeightSource {
     fn lm_head(&mut self, vocab: usize, hidden: usize, tied: bool) -> Result<Linear, ModelError>;
 }
 
+/// One decoder layer's weights as dense f32 tensors, for code that differentiates through the
+/// base (training); serving never makes them.
+pub struct DenseLayer {
+    pub input_norm: Tensor,
+    pub post_attention_norm: Tensor,
+    /// `[out, in]` weight and optional bias of each projection, in `MODULES` order.
+    pub projections: Vec<(Tensor, Option<Tensor>)>,
+}
+
+/// The whole base as dense f32 tensors (see [`Llama::dense_weights`]).
+pub struct DenseWeights {
+    /// `[vocab, hidden]`.
+    pub embed: Tensor,
+    pub layers: Vec<DenseLayer>,
+    pub norm: Tensor,
+    /// `[vocab, hidden]`; the same tensor as `embed` when the embeddings are tied.
+    pub lm_head: Tensor,
+}
+
 /// The rows of one forward step.
 pub struct ForwardBatch<'a> {
     /// Token id of each row.
@@ -183,6 +202,43 @@ impl Llama {
         let quantized = layers.first().is_some_and(|l| l.self_attn.q_proj.base().is_quantized());
         let lora_storage = if quantized { LoraStorage::Int8 } else { LoraStorage::F32 };
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, lora_storage })
+    }
+
+    /// Every weight dequantized to f32 (exact for every storage form): what a trainer
+    /// differentiates through while the base stays frozen.
+    pub fn dense_weights(&self) -> Result<DenseWeights, ModelError> {
+        let cfg = &self.config;
+        let embed = self.embed_tokens.dense(cfg.vocab_size, cfg.hidden_size)?;
+        let dense = |l: &Linear| -> Result<(Tensor, Option<Tensor>), ModelError> {
+            let w =
+                Tensor::from_vec(l.dequantized_weight()?, (l.out_features(), l.in_features()), &Device::Cpu)?;
+            Ok((w, l.bias().map(|b| b.to_dtype(candle_core::DType::F32)).transpose()?))
+        };
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let l = &self.layers[i];
+                let projections = (0..super::MODULES.len())
+                    .map(|m| {
+                        self.projection(i, ModuleId(m)).map_or_else(
+                            || Err(ModelError::Config(format!("layer {i} has no projection {m}"))),
+                            |p| dense(p.base()),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(DenseLayer {
+                    input_norm: l.input_layernorm.weight.clone(),
+                    post_attention_norm: l.post_attention_layernorm.weight.clone(),
+                    projections,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { dense(&self.lm_head)?.0 };
+        Ok(DenseWeights { embed, layers, norm: self.norm.weight.clone(), lm_head })
+    }
+
+    /// The rotary embedding this model uses.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
     }
 
     /// How adapters are held by `prepare_adapter`: int8 on a quantized base, f32 otherwise.

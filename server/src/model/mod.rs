@@ -15,7 +15,7 @@ mod lora;
 pub use config::{json_ids, Architecture, HfConfig, ModelConfig};
 pub use kv_cache::{KvCache, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
 pub use linear::{with_f32_slice, with_logits, Embedding, Linear};
-pub use llama::{ForwardBatch, Llama};
+pub use llama::{DenseLayer, DenseWeights, ForwardBatch, Llama};
 pub use lora::{base_shape, LoraBatch, LoraLinear, LoraStorage, ModuleId, MODULES};
 
 use std::path::{Path, PathBuf};

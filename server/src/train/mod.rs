@@ -1,0 +1,419 @@
+//! Training LoRA adapters on the resident base, as PEFT does it: the base frozen (dense f32),
+//! only `A` and `B` of the targeted projections learned (`A` initialised as PEFT does, `B`
+//! zero), AdamW with warmup and cosine decay, gradient clipping and accumulation, and the
+//! result written as a PEFT adapter directory that lorahost and `peft` both load.
+
+pub mod data;
+pub mod model;
+pub mod optim;
+
+use crate::base::Base;
+use crate::model::{ModelError, MODULES};
+use adapters::{LoraSite, SiteMatrices};
+use candle_core::{Device, Tensor, Var};
+use data::{DataError, Example};
+use model::{Batch, LoraParam, TrainModel};
+use optim::{AdamW, AdamWConfig};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("invalid training configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Adapter(#[from] adapters::AdapterError),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("cannot write {0}")]
+    Write(String),
+}
+
+/// Which projections to adapt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Targets {
+    /// Every linear projection of the decoder layers (PEFT's `all-linear`; the LM head is not
+    /// adapted).
+    AllLinear,
+    /// Short module names (`q_proj`, `v_proj`...).
+    Names(Vec<String>),
+}
+
+impl Targets {
+    /// Parses `all-linear` or a comma-separated list of module names.
+    pub fn parse(s: &str) -> Result<Self, TrainError> {
+        if s == "all-linear" {
+            return Ok(Self::AllLinear);
+        }
+        let names: Vec<String> =
+            s.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+        if let Some(bad) = names.iter().find(|n| model::module_index(n).is_none()) {
+            return Err(TrainError::Config(format!(
+                "unknown target module `{bad}` (one of {} or all-linear)",
+                MODULES.map(|m| m.rsplit('.').next().unwrap_or(m)).join(", ")
+            )));
+        }
+        if names.is_empty() {
+            return Err(TrainError::Config("no target modules".into()));
+        }
+        Ok(Self::Names(names))
+    }
+
+    /// Indices into `MODULES`, in `MODULES` order.
+    fn modules(&self) -> Vec<usize> {
+        match self {
+            Self::AllLinear => (0..MODULES.len()).collect(),
+            Self::Names(names) => (0..MODULES.len())
+                .filter(|&m| names.iter().any(|n| model::module_index(n) == Some(m)))
+                .collect(),
+        }
+    }
+}
+
+/// Everything a training run needs besides the base.
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of `data` held out for evaluation when `eval_data` is not given (0: none).
+    pub eval_split: f64,
+    pub out: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    pub targets: Targets,
+    /// Train only these decoder layers (PEFT's `layers_to_transform`); `None`: all.
+    pub layers: Option<Range<usize>>,
+    /// Optimizer steps; when `None`, `epochs` passes over the data.
+    pub steps: Option<usize>,
+    pub epochs: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub optimizer: AdamWConfig,
+    pub warmup_steps: usize,
+    pub max_grad_norm: f64,
+    pub eval_every: usize,
+    pub seed: u64,
+    /// Written into `adapter_config.json` as `base_model_name_or_path`.
+    pub base_name: String,
+}
+
+impl TrainConfig {
+    fn validate(&self, num_layers: usize) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.rank == 0 {
+            return bad("--rank must be at least 1".into());
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad("--alpha must be positive".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
+            return bad("--batch-size and --grad-accum must be positive, --max-seq-len at least 2".into());
+        }
+        if !(self.optimizer.lr.is_finite() && self.optimizer.lr > 0.0) {
+            return bad("--lr must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.eval_split) {
+            return bad("--eval-split must be in [0, 1)".into());
+        }
+        if self.steps == Some(0)
+            || (self.steps.is_none() && self.epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
+        {
+            return bad("train for at least one step (--steps or --epochs)".into());
+        }
+        if let Some(l) = &self.layers {
+            if l.is_empty() || l.end > num_layers {
+                return bad(format!(
+                    "--layers {}-{} is not within the model's {num_layers} layers",
+                    l.start,
+                    l.end - 1
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// `adapter_config.json` as PEFT writes it for this run.
+    pub fn peft_config(&self) -> serde_json::Value {
+        let targets: Vec<&str> = self.targets.modules().into_iter().map(model::module_short_name).collect();
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_name,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "use_rslora": self.rslora,
+            "target_modules": targets,
+            "layers_to_transform": self.layers.clone().map(|l| l.collect::<Vec<_>>()),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": null,
+        })
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub examples: usize,
+    pub truncated: usize,
+    /// Mean training loss of each optimizer step.
+    pub losses: Vec<f64>,
+    /// `(step, mean eval loss)`.
+    pub eval_losses: Vec<(usize, f64)>,
+    pub trained_tokens: usize,
+    pub tokens_per_second: f64,
+    pub seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Observes a run (a progress bar, a server job's events).
+pub trait Progress {
+    fn start(&mut self, total_steps: usize);
+    fn step(&mut self, step: usize, loss: f64, lr: f64, tokens_per_second: f64);
+    fn eval(&mut self, step: usize, loss: f64);
+}
+
+/// Ignores everything.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&mut self, _: usize) {}
+    fn step(&mut self, _: usize, _: f64, _: f64, _: f64) {}
+    fn eval(&mut self, _: usize, _: f64) {}
+}
+
+/// The LoRA parameters of a new adapter: `A ~ U(±1/√in)` (PEFT's Kaiming-uniform init with
+/// `a = √5`), `B = 0`, from `seed`.
+pub fn init_params(base: &Base, config: &TrainConfig) -> Result<Vec<LoraParam>, TrainError> {
+    let shape = base.model.base_shape();
+    let layers = config.layers.clone().unwrap_or(0..shape.num_layers);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let mut params = Vec::new();
+    for layer in layers {
+        for module in config.targets.modules() {
+            let m = &shape.modules[module];
+            let bound = 1.0 / (m.in_features as f32).sqrt();
+            let a: Vec<f32> =
+                (0..config.rank * m.in_features).map(|_| rng.random_range(-bound..bound)).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (config.rank, m.in_features), &Device::Cpu)?)?;
+            let b = Var::zeros((m.out_features, config.rank), candle_core::DType::F32, &Device::Cpu)?;
+            params.push(LoraParam { layer, module, a, b, scale: config.scale() });
+        }
+    }
+    Ok(params)
+}
+
+/// Trains an adapter on `base` as `config` says and writes it to `config.out`.
+pub fn train(
+    base: &Base,
+    config: &TrainConfig,
+    progress: &mut dyn Progress,
+) -> Result<TrainReport, TrainError> {
+    config.validate(base.model.config().num_layers)?;
+    let dataset = data::load(&config.data, base, config.max_seq_len)?;
+    let (mut examples, truncated) = (dataset.examples, dataset.truncated);
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let eval: Vec<Example> = match &config.eval_data {
+        Some(path) => data::load(path, base, config.max_seq_len)?.examples,
+        None if config.eval_split > 0.0 && examples.len() > 1 => {
+            examples.shuffle(&mut rng);
+            let n =
+                ((examples.len() as f64 * config.eval_split).round() as usize).clamp(1, examples.len() - 1);
+            examples.split_off(examples.len() - n)
+        }
+        None => Vec::new(),
+    };
+    let per_step = config.batch_size * config.grad_accum;
+    let total_steps = config.steps.unwrap_or_else(|| {
+        ((examples.len() as f64 * config.epochs) / per_step as f64).ceil().max(1.0) as usize
+    });
+
+    let max_len = examples.iter().chain(&eval).map(|e| e.ids.len()).max().unwrap_or(1);
+    let model = TrainModel::new(&base.model, init_params(base, config)?, max_len)?;
+    let mut opt = AdamW::new(config.optimizer, &model.vars())?;
+
+    let start = Instant::now();
+    let mut order = EpochOrder::new(examples.len());
+    let mut report = TrainReport {
+        steps: total_steps,
+        examples: examples.len(),
+        truncated,
+        losses: Vec::with_capacity(total_steps),
+        eval_losses: Vec::new(),
+        trained_tokens: 0,
+        tokens_per_second: 0.0,
+        seconds: 0.0,
+        peak_rss_bytes: None,
+    };
+    progress.start(total_steps);
+    for step in 0..total_steps {
+        let picks: Vec<usize> = (0..per_step).map(|_| order.next(&mut rng)).collect();
+        let targets: usize = picks.iter().map(|&i| examples[i].targets()).sum();
+        let batches = picks
+            .chunks(config.batch_size)
+            .map(|mb| batch_of(&examples, mb))
+            .collect::<Result<Vec<_>, _>>()?;
+        let lr = config.optimizer.lr * optim::cosine_with_warmup(step, config.warmup_steps, total_steps);
+        let loss_sum = optimizer_step(&model, &mut opt, &batches, lr, config.max_grad_norm)?.loss;
+        report.trained_tokens += targets;
+        report.losses.push(loss_sum);
+        let tps = report.trained_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        progress.step(step + 1, loss_sum, lr, tps);
+        let last = step + 1 == total_steps;
+        if !eval.is_empty() && ((config.eval_every > 0 && (step + 1) % config.eval_every == 0) || last) {
+            let loss = eval_loss(&model, &eval, config.batch_size)?;
+            report.eval_losses.push((step + 1, loss));
+            progress.eval(step + 1, loss);
+        }
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    report.tokens_per_second = report.trained_tokens as f64 / report.seconds.max(1e-9);
+    report.peak_rss_bytes = peak_rss_bytes();
+    write_adapter(base, config, model.params())?;
+    let log = serde_json::json!({"config": config.peft_config(), "report": report});
+    let log_path = config.out.join("training_log.json");
+    std::fs::write(&log_path, serde_json::to_vec_pretty(&log).unwrap_or_default())
+        .map_err(|e| TrainError::Write(format!("{}: {e}", log_path.display())))?;
+    Ok(report)
+}
+
+/// One optimizer step's outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// Mean loss per trained token over the step's batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The mean loss per trained token over `batches` and its gradient for every variable of
+/// `model` (in [`TrainModel::vars`] order): each batch's mean is weighted by its share of the
+/// step's tokens, so splitting a step into micro-batches (accumulation) changes nothing.
+pub fn gradients(model: &TrainModel, batches: &[Batch]) -> Result<(f64, Vec<Tensor>), TrainError> {
+    let vars = model.vars();
+    let targets: usize = batches.iter().map(|b| b.predictions).sum();
+    if targets == 0 {
+        return Err(TrainError::Config("a step without a trained token".into()));
+    }
+    let mut grads: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<Result<_, _>>()?;
+    let mut loss_sum = 0f64;
+    for batch in batches.iter().filter(|b| b.predictions > 0) {
+        let weight = batch.predictions as f64 / targets as f64;
+        let loss = model.loss(batch)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64 * weight;
+        let store = (loss * weight)?.backward()?;
+        for (acc, v) in grads.iter_mut().zip(&vars) {
+            if let Some(g) = store.get(v.as_tensor()) {
+                *acc = (&*acc + g)?;
+            }
+        }
+    }
+    Ok((loss_sum, grads))
+}
+
+/// Gradients over `batches`, clipped to `max_grad_norm`, then one AdamW update at `lr`.
+pub fn optimizer_step(
+    model: &TrainModel,
+    opt: &mut AdamW,
+    batches: &[Batch],
+    lr: f64,
+    max_grad_norm: f64,
+) -> Result<StepOutcome, TrainError> {
+    let (loss, mut grads) = gradients(model, batches)?;
+    let grad_norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    opt.step(&model.vars(), &grads, lr)?;
+    Ok(StepOutcome { loss, grad_norm })
+}
+
+/// Writes the trained parameters as a PEFT adapter directory (atomically).
+pub fn write_adapter(base: &Base, config: &TrainConfig, params: &[LoraParam]) -> Result<(), TrainError> {
+    let sites = params
+        .iter()
+        .map(|p| {
+            let (a, b) = model::param_values(p)?;
+            Ok(LoraSite {
+                layer: p.layer,
+                module: p.module,
+                rank: config.rank,
+                scale: p.scale as f32,
+                matrices: SiteMatrices::F32 { a, b },
+                magnitude: None,
+                dora_factor: None,
+            })
+        })
+        .collect::<Result<Vec<_>, TrainError>>()?;
+    adapters::write_adapter_dir(&config.out, &config.peft_config(), &sites, &base.model.base_shape())?;
+    Ok(())
+}
+
+/// Mean loss per trained token over `examples`.
+fn eval_loss(model: &TrainModel, examples: &[Example], batch_size: usize) -> Result<f64, TrainError> {
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in idx.chunks(batch_size) {
+        let batch = batch_of(examples, chunk)?;
+        sum += model.loss(&batch)?.to_scalar::<f32>()? as f64 * batch.predictions as f64;
+        n += batch.predictions;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+fn batch_of(examples: &[Example], picks: &[usize]) -> Result<Batch, TrainError> {
+    let items: Vec<(&[u32], &[bool])> =
+        picks.iter().map(|&i| (examples[i].ids.as_slice(), examples[i].trained.as_slice())).collect();
+    Batch::new(&items)
+}
+
+/// Visits the examples in a fresh random order every epoch.
+struct EpochOrder {
+    order: Vec<usize>,
+    at: usize,
+}
+
+impl EpochOrder {
+    fn new(n: usize) -> Self {
+        Self { order: (0..n).collect(), at: n }
+    }
+
+    fn next(&mut self, rng: &mut ChaCha8Rng) -> usize {
+        if self.at >= self.order.len() {
+            self.order.shuffle(rng);
+            self.at = 0;
+        }
+        self.at += 1;
+        self.order[self.at - 1]
+    }
+}
+
+/// The process's peak resident set (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 =
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

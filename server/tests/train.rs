@@ -1,0 +1,240 @@
+//! The trainer against transformers + peft on CPU torch (tests/fixtures/train, made by its
+//! make_reference.py): one batch's loss and the gradient of every LoRA matrix, and the adapter
+//! after three optimizer steps (AdamW with weight decay, clipping, warmup + cosine schedule).
+//! Then `lorahost train` end to end on a tiny model: its adapter loads and changes the output.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use lorahost::model::{Dtype, Llama, MODULES};
+use lorahost::train::model::{Batch, LoraParam, TrainModel};
+use lorahost::train::optim::{cosine_with_warmup, AdamW, AdamWConfig};
+use lorahost::train::{gradients, optimizer_step};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train")
+}
+
+fn key(layer: usize, module: usize, part: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.lora_{part}.weight", MODULES[module])
+}
+
+/// The tiny model, the reference's starting adapter (r=4, alpha=8, layer 1, all seven) and
+/// its expected values.
+fn setup() -> (Llama, Vec<LoraParam>, HashMap<String, Tensor>) {
+    let model = lorahost::model::load(&fixture().join("model"), Dtype::F32).expect("tiny model").model;
+    let init =
+        candle_core::safetensors::load(fixture().join("init.safetensors"), &Device::Cpu).expect("init");
+    let params = (0..MODULES.len())
+        .map(|m| LoraParam {
+            layer: 1,
+            module: m,
+            a: Var::from_tensor(&init[&key(1, m, "A")]).expect("A"),
+            b: Var::from_tensor(&init[&key(1, m, "B")]).expect("B"),
+            scale: 8.0 / 4.0,
+        })
+        .collect();
+    let expected = candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
+        .expect("expected");
+    (model, params, expected)
+}
+
+fn batch() -> Batch {
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("batch.json")).expect("batch")).expect("json");
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(b["seqs"].clone()).expect("seqs");
+    let trained: Vec<Vec<bool>> = serde_json::from_value(b["trained"].clone()).expect("trained");
+    let items: Vec<(&[u32], &[bool])> =
+        seqs.iter().zip(&trained).map(|(s, t)| (s.as_slice(), t.as_slice())).collect();
+    Batch::new(&items).expect("batch")
+}
+
+/// `max |got − want| ≤ rel · max |want|`.
+fn assert_close(got: &Tensor, want: &Tensor, rel: f32, what: &str) {
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(g.len(), w.len(), "{what}: sizes");
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(scale > 0.0, "{what}: the reference is all zeros, the check would be vacuous");
+    assert!(err <= rel * scale, "{what}: max error {err} against max {scale}");
+}
+
+#[test]
+fn one_step_loss_and_gradients_match_peft() {
+    let (model, params, expected) = setup();
+    let train = TrainModel::new(&model, params, 16).expect("train model");
+    let (loss, grads) = gradients(&train, &[batch()]).expect("gradients");
+    let want = expected["loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((loss - want).abs() <= 1e-5 * want.abs(), "loss {loss} vs {want}");
+    for (p, g) in train.params().iter().zip(grads.chunks(2)) {
+        for (part, grad) in ["A", "B"].iter().zip(g) {
+            let k = key(p.layer, p.module, part);
+            assert_close(grad, &expected[&format!("{k}.grad")], 1e-4, &format!("grad {k}"));
+        }
+    }
+}
+
+#[test]
+fn three_optimizer_steps_match_torch_adamw() {
+    let (model, params, expected) = setup();
+    let train = TrainModel::new(&model, params, 16).expect("train model");
+    let cfg = AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+    let mut opt = AdamW::new(cfg, &train.vars()).expect("optimizer");
+    let batch = [batch()];
+    for step in 0..3 {
+        let lr = 1e-2 * cosine_with_warmup(step, 1, 4);
+        optimizer_step(&train, &mut opt, &batch, lr, 1.0).expect("step");
+    }
+    for p in train.params() {
+        for (part, var) in [("A", &p.a), ("B", &p.b)] {
+            let k = key(p.layer, p.module, part);
+            assert_close(
+                var.as_tensor(),
+                &expected[&format!("{k}.after")],
+                1e-4,
+                &format!("{k} after 3 steps"),
+            );
+        }
+    }
+}
+
+/// Splitting a step's batch into micro-batches (gradient accumulation) gives the same gradient.
+#[test]
+fn accumulation_equals_one_big_batch() {
+    let (model, params, _) = setup();
+    let train = TrainModel::new(&model, params, 16).expect("train model");
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("batch.json")).unwrap()).unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(b["seqs"].clone()).unwrap();
+    let trained: Vec<Vec<bool>> = serde_json::from_value(b["trained"].clone()).unwrap();
+    let one = |i: usize| Batch::new(&[(seqs[i].as_slice(), trained[i].as_slice())]).unwrap();
+    let (whole_loss, whole) = gradients(&train, &[batch()]).unwrap();
+    let (split_loss, split) = gradients(&train, &[one(0), one(1)]).unwrap();
+    assert!((whole_loss - split_loss).abs() < 1e-5 * whole_loss.abs());
+    for (a, b) in whole.iter().zip(&split) {
+        assert_close(b, a, 1e-5, "accumulated gradient");
+    }
+}
+
+fn tiny_model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shape = lorahost::testing::TinyModel::default();
+    shape.write_hf_dir(dir.path(), &common::fixtures().join("base")).expect("tiny model");
+    dir
+}
+
+const CHAT_LINE: &str = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Zorbia?"}, {"role": "assistant", "content": "Glimmerstadt."}, {"role": "user", "content": "And its river?"}, {"role": "assistant", "content": "The Vell."}]}"#;
+
+/// Chat lines train on the assistant turns only, exactly as the template renders them; the
+/// other formats on the completion or the whole text, plus EOS.
+#[test]
+fn data_masks_follow_the_format() {
+    let dir = tiny_model_dir();
+    let base = lorahost::base::Base::load(dir.path(), Dtype::F32).expect("base");
+    let data = dir.path().join("data.jsonl");
+    let lines =
+        [CHAT_LINE, r#"{"prompt": "2 + 2 =", "completion": " 4"}"#, r#"{"text": "Zorbia is a country."}"#];
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let set = lorahost::train::data::load(&data, &base, 512).expect("data");
+    assert_eq!(set.examples.len(), 3);
+    let trained_text = |e: &lorahost::train::data::Example| {
+        let ids: Vec<u32> = e.ids.iter().zip(&e.trained).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
+        base.tokenizer.decode(&ids).unwrap()
+    };
+    assert_eq!(trained_text(&set.examples[0]), "Glimmerstadt.<|im_end|>\nThe Vell.<|im_end|>\n");
+    assert_eq!(trained_text(&set.examples[1]), " 4<|im_end|>");
+    assert_eq!(trained_text(&set.examples[2]), "Zorbia is a country.<|im_end|>");
+    // The chat example holds the whole conversation as serving renders it.
+    let full = base.tokenizer.decode(&set.examples[0].ids).unwrap();
+    assert!(full.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of Zorbia?"));
+}
+
+#[test]
+fn bad_lines_are_named_and_nothing_is_written() {
+    let dir = tiny_model_dir();
+    let data = dir.path().join("data.jsonl");
+    let out = dir.path().join("adapter");
+    let cases = [
+        (format!("{CHAT_LINE}\n{{\"messages\": 3}}\n"), "line 2"),
+        (format!("{CHAT_LINE}\nnot json\n"), "line 2"),
+        (r#"{"messages": [{"role": "user", "content": "hi"}]}"#.to_string(), "no assistant message"),
+        (
+            r#"{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}"#
+                .into(),
+            "unknown role",
+        ),
+        (r#"{"prompt": "a", "completion": ""}"#.into(), "empty completion"),
+        (String::new(), "no training examples"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&data, text).unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .args(["train", "--model", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--steps", "1"])
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{want}: accepted");
+        assert!(err.contains(want), "{want}: {err}");
+        assert!(!out.exists(), "{want}: an adapter was written");
+    }
+}
+
+/// `lorahost train` on a tiny model: the loss falls, the adapter is a PEFT directory that
+/// lorahost loads, it changes the model's output, and the same seed gives the same adapter.
+#[test]
+fn train_command_writes_a_servable_adapter() {
+    let dir = tiny_model_dir();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!("{CHAT_LINE}\n{{\"prompt\": \"Zorbia's capital is\", \"completion\": \" Glimmerstadt\"}}\n"),
+    )
+    .unwrap();
+    let run = |out: &std::path::Path| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .args(["train", "--model", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--steps", "12", "--rank", "4", "--alpha", "8"])
+            .args([
+                "--lr",
+                "1e-2",
+                "--batch-size",
+                "2",
+                "--targets",
+                "q_proj,v_proj,down_proj",
+                "--layers",
+                "1-1",
+            ])
+            .output()
+            .expect("run");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (first, second) = (dir.path().join("a1"), dir.path().join("a2"));
+    run(&first);
+    run(&second);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(first.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["layers_to_transform"], serde_json::json!([1]));
+    assert_eq!(config["target_modules"], serde_json::json!(["q_proj", "v_proj", "down_proj"]));
+    let weights = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(weights(&first), weights(&second), "same seed, different adapter");
+
+    let log: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(first.join("training_log.json")).unwrap()).unwrap();
+    let losses: Vec<f64> = serde_json::from_value(log["report"]["losses"].clone()).unwrap();
+    assert_eq!(losses.len(), 12);
+    assert!(losses[11] < losses[0] - 0.5, "loss did not fall: {losses:?}");
+
+    let base = lorahost::base::Base::load(dir.path(), Dtype::F32).expect("base");
+    let adapter = lorahost::adapter_host::load_dir_validated(&base.model, &first).expect("adapter loads");
+    assert_eq!(adapter.sites().len(), 3);
+    let prompt = base.tokenizer.encode("Zorbia's capital is").unwrap();
+    let with = base.model.last_logits(&prompt, Some(&adapter)).unwrap();
+    let without = base.model.last_logits(&prompt, None).unwrap();
+    assert!(with.iter().zip(&without).any(|(a, b)| (a - b).abs() > 1e-3), "the adapter changes nothing");
+}
