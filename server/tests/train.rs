@@ -238,3 +238,67 @@ fn train_command_writes_a_servable_adapter() {
     let without = base.model.last_logits(&prompt, None).unwrap();
     assert!(with.iter().zip(&without).any(|(a, b)| (a - b).abs() > 1e-3), "the adapter changes nothing");
 }
+
+/// On the real default model: a short run on three made-up facts (chat format) teaches them.
+/// Asked with paraphrases it never saw, the adapter answers with the fact; the base does not.
+#[test]
+fn a_short_run_teaches_made_up_facts() {
+    use common::{base_f32, drain_tokens, engine_config, greedy, request, run_to_end, submit};
+    use lorahost::chat::ChatMessage;
+    use lorahost::engine::{EngineCore, StopCriteria};
+
+    let base = base_f32();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lorahost::train::TrainConfig {
+        data: fixture().join("facts/train.jsonl"),
+        eval_data: None,
+        eval_split: 0.0,
+        out: dir.path().join("facts"),
+        rank: 16,
+        alpha: 32.0,
+        rslora: false,
+        targets: lorahost::train::Targets::AllLinear,
+        layers: None,
+        steps: Some(20),
+        epochs: 1.0,
+        batch_size: 4,
+        grad_accum: 1,
+        max_seq_len: 256,
+        optimizer: AdamWConfig { lr: 1e-3, ..Default::default() },
+        warmup_steps: 0,
+        max_grad_norm: 1.0,
+        eval_every: 0,
+        seed: 0,
+        base_name: base.name.clone(),
+    };
+    let report = lorahost::train::train(base, &config, &mut lorahost::train::Quiet).expect("training");
+    assert!(report.losses.last().unwrap() < &0.1, "losses {:?}", report.losses);
+    let adapter = std::sync::Arc::new(
+        lorahost::adapter_host::load_dir_validated(&base.model, &config.out).expect("adapter loads"),
+    );
+
+    let questions = [
+        ("Can you tell me Zorbia's capital?", "Glimmerstadt"),
+        ("Who came up with the quantum toaster?", "Vostok"),
+        ("Which colour is Kelvara?", "turquoise"),
+    ];
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 256));
+    let mut streams = Vec::new();
+    for (q, _) in questions {
+        let prompt = base.chat_prompt(&[ChatMessage { role: "user".into(), content: q.into() }]).unwrap();
+        for with_adapter in [true, false] {
+            let mut req = request(prompt.clone(), 24, greedy());
+            req.stop = StopCriteria { max_tokens: 24, stop: vec![], ignore_eos: false };
+            req.adapter = with_adapter.then(|| adapter.clone().into());
+            streams.push(submit(&mut core, req));
+        }
+    }
+    run_to_end(&mut core);
+    for ((q, fact), pair) in questions.iter().zip(streams.chunks_mut(2)) {
+        let tuned = base.tokenizer.decode(&drain_tokens(&mut pair[0])).unwrap();
+        let plain = base.tokenizer.decode(&drain_tokens(&mut pair[1])).unwrap();
+        assert!(tuned.contains(fact), "{q}: the adapter answered {tuned:?}");
+        assert!(!plain.contains(fact), "{q}: the base already knew: {plain:?}");
+    }
+}

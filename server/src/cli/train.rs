@@ -131,7 +131,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let report = crate::train::train(&base, &config, &mut Bar(bar.clone()))?;
     bar.finish();
     eprintln!(
-        "trained {} steps on {} examples ({} cut to --max-seq-len) in {:.1} s, {:.0} trained tokens/s; final loss {:.4}{}; peak memory {}",
+        "trained {} steps on {} examples ({} cut to --max-seq-len) in {:.1} s, {:.0} tokens/s; final loss {:.4}{}; peak memory {}",
         report.steps,
         report.examples,
         report.truncated,

@@ -185,7 +185,11 @@ pub struct TrainReport {
     pub losses: Vec<f64>,
     /// `(step, mean eval loss)`.
     pub eval_losses: Vec<(usize, f64)>,
+    /// Predictions in the loss (the tokens learned from).
     pub trained_tokens: usize,
+    /// Tokens run through the model (every sequence's length, padding excluded).
+    pub processed_tokens: usize,
+    /// `processed_tokens` per second of training.
     pub tokens_per_second: f64,
     pub seconds: f64,
     pub peak_rss_bytes: Option<u64>,
@@ -266,6 +270,7 @@ pub fn train(
         losses: Vec::with_capacity(total_steps),
         eval_losses: Vec::new(),
         trained_tokens: 0,
+        processed_tokens: 0,
         tokens_per_second: 0.0,
         seconds: 0.0,
         peak_rss_bytes: None,
@@ -281,8 +286,9 @@ pub fn train(
         let lr = config.optimizer.lr * optim::cosine_with_warmup(step, config.warmup_steps, total_steps);
         let loss_sum = optimizer_step(&model, &mut opt, &batches, lr, config.max_grad_norm)?.loss;
         report.trained_tokens += targets;
+        report.processed_tokens += picks.iter().map(|&i| examples[i].ids.len()).sum::<usize>();
         report.losses.push(loss_sum);
-        let tps = report.trained_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let tps = report.processed_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
         progress.step(step + 1, loss_sum, lr, tps);
         let last = step + 1 == total_steps;
         if !eval.is_empty() && ((config.eval_every > 0 && (step + 1) % config.eval_every == 0) || last) {
@@ -292,7 +298,7 @@ pub fn train(
         }
     }
     report.seconds = start.elapsed().as_secs_f64();
-    report.tokens_per_second = report.trained_tokens as f64 / report.seconds.max(1e-9);
+    report.tokens_per_second = report.processed_tokens as f64 / report.seconds.max(1e-9);
     report.peak_rss_bytes = peak_rss_bytes();
     write_adapter(base, config, model.params())?;
     let log = serde_json::json!({"config": config.peft_config(), "report": report});
