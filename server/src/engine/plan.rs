@@ -3,11 +3,16 @@
 //!
 //! Policy: running sequences keep going, oldest first, decode rows before prefill chunks (so a
 //! long prompt never stalls sequences that are generating: its prefill is chunked into whatever
-//! token budget is left). Waiting sequences are admitted in arrival order while tokens, sequence
-//! slots and KV blocks allow. When a running sequence needs a block and none is free, the newest
+//! token budget is left). Preempted sequences are re-admitted first, in order. Then new
+//! sequences are admitted fairly across clients (`fair`: the client with the least service so
+//! far, its oldest request first) while tokens, sequence slots and KV blocks allow; admission
+//! stops at the first chosen request that does not fit, so a large request is never overtaken
+//! forever by smaller ones. When a running sequence needs a block and none is free, the newest
 //! running sequence is preempted: its blocks are freed and it is recomputed later.
 
 use super::blocks::blocks_for;
+use super::fair::{admission_cost, ClientId, FairShare};
+use std::collections::HashMap;
 
 pub type SeqId = u64;
 
@@ -21,6 +26,10 @@ pub struct SeqSched {
     pub computed: usize,
     /// KV blocks held.
     pub blocks: usize,
+    /// Who the sequence is accounted to for fairness.
+    pub client: ClientId,
+    /// Preempted earlier: it was admitted (and charged) before, and goes back in first.
+    pub resumed: bool,
 }
 
 impl SeqSched {
@@ -74,7 +83,7 @@ impl StepPlan {
 }
 
 /// Chooses this step's rows. Deterministic in its inputs.
-pub fn plan(state: &SchedState, budgets: &Budgets) -> StepPlan {
+pub fn plan(state: &SchedState, budgets: &Budgets, fair: &FairShare) -> StepPlan {
     let mut out = StepPlan::default();
     let mut free = budgets.free_blocks;
     let mut tokens_left = budgets.max_step_tokens;
@@ -129,12 +138,13 @@ pub fn plan(state: &SchedState, budgets: &Budgets) -> StepPlan {
         }
     }
 
-    // Admission, in order; stop at the first that does not fit so order is kept.
+    // Admission: resumed sequences first, then new ones in fair order; stop at the first that
+    // does not fit so nobody is overtaken forever.
     let mut running = alive.len();
     // Keep a block per running sequence in reserve so admitting does not force an immediate
     // preemption on the next decode step.
     let reserve = running.min(budgets.free_blocks / 8);
-    for seq in &state.waiting {
+    for seq in admission_order(&state.waiting, fair) {
         if running >= budgets.max_running || tokens_left == 0 {
             break;
         }
@@ -155,12 +165,39 @@ pub fn plan(state: &SchedState, budgets: &Budgets) -> StepPlan {
     out
 }
 
+/// The order in which waiting sequences would be admitted: resumed ones as queued, then new ones
+/// by virtual token counter (the client with the smallest counter, projected with the cost of
+/// the admissions chosen before it, gives its oldest sequence; ties go to the client whose
+/// oldest sequence came first).
+pub fn admission_order(waiting: &[SeqSched], fair: &FairShare) -> Vec<SeqSched> {
+    let mut order: Vec<SeqSched> = waiting.iter().filter(|s| s.resumed).copied().collect();
+    // Per client, its new sequences oldest first; clients in order of their oldest sequence.
+    let mut queues: Vec<(ClientId, std::collections::VecDeque<SeqSched>)> = Vec::new();
+    let mut slot: HashMap<ClientId, usize> = HashMap::new();
+    for seq in waiting.iter().filter(|s| !s.resumed) {
+        let i = *slot.entry(seq.client).or_insert_with(|| {
+            queues.push((seq.client, Default::default()));
+            queues.len() - 1
+        });
+        queues[i].1.push_back(*seq);
+    }
+    let mut projected: Vec<u64> = queues.iter().map(|(c, _)| fair.counter(*c)).collect();
+    loop {
+        let pick = (0..queues.len()).filter(|&i| !queues[i].1.is_empty()).min_by_key(|&i| (projected[i], i));
+        let Some(i) = pick else { break };
+        let Some(seq) = queues[i].1.pop_front() else { break };
+        projected[i] += admission_cost(seq.len);
+        order.push(seq);
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn seq(id: SeqId, len: usize, computed: usize, bs: usize) -> SeqSched {
-        SeqSched { id, len, computed, blocks: blocks_for(computed, bs) }
+        SeqSched { id, len, computed, blocks: blocks_for(computed, bs), client: 0, resumed: false }
     }
 
     fn budgets(tokens: usize, free: usize) -> Budgets {
@@ -170,7 +207,7 @@ mod tests {
     #[test]
     fn decode_rows_come_before_prefill_chunks() {
         let state = SchedState { running: vec![seq(1, 100, 10, 4), seq(2, 9, 8, 4)], waiting: vec![] };
-        let p = plan(&state, &budgets(16, 100));
+        let p = plan(&state, &budgets(16, 100), &FairShare::default());
         assert_eq!(p.rows[0], PlannedRows { id: 2, count: 1, new_blocks: 1 });
         assert_eq!(p.rows[1].id, 1);
         assert_eq!(p.rows[1].count, 15, "prefill takes what is left of the token budget");
@@ -180,7 +217,7 @@ mod tests {
     #[test]
     fn long_prompt_is_chunked_and_does_not_block_admission_of_short_decodes() {
         let state = SchedState { running: vec![seq(1, 5, 4, 4)], waiting: vec![seq(2, 1000, 0, 4)] };
-        let p = plan(&state, &budgets(64, 1000));
+        let p = plan(&state, &budgets(64, 1000), &FairShare::default());
         assert_eq!(p.rows[0].id, 1);
         assert_eq!(p.admit, vec![2]);
         assert_eq!(p.rows[1], PlannedRows { id: 2, count: 63, new_blocks: 16 });
@@ -194,11 +231,11 @@ mod tests {
         };
         let mut b = budgets(25, 100);
         b.max_running = 2;
-        let p = plan(&state, &b);
+        let p = plan(&state, &b, &FairShare::default());
         assert_eq!(p.admit, vec![1, 2]);
         assert_eq!(p.total_rows(), 20);
         // Not enough blocks for the second: admission stops there.
-        let p = plan(&state, &budgets(100, 4));
+        let p = plan(&state, &budgets(100, 4), &FairShare::default());
         assert_eq!(p.admit, vec![1]);
     }
 
@@ -207,7 +244,7 @@ mod tests {
         // Three decoding sequences, each at a block boundary, no free blocks.
         let state =
             SchedState { running: vec![seq(1, 9, 8, 4), seq(2, 9, 8, 4), seq(3, 9, 8, 4)], waiting: vec![] };
-        let p = plan(&state, &budgets(16, 0));
+        let p = plan(&state, &budgets(16, 0), &FairShare::default());
         assert_eq!(p.preempt, vec![3], "the newest is preempted first");
         assert_eq!(p.rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(p.rows.iter().map(|r| r.new_blocks).sum::<usize>(), 2);
@@ -216,7 +253,7 @@ mod tests {
     #[test]
     fn a_lone_sequence_that_cannot_grow_is_not_scheduled() {
         let state = SchedState { running: vec![seq(1, 9, 8, 4)], waiting: vec![] };
-        let p = plan(&state, &budgets(16, 0));
+        let p = plan(&state, &budgets(16, 0), &FairShare::default());
         assert_eq!(p.preempt, vec![1]);
         assert!(p.rows.is_empty());
     }
@@ -224,7 +261,149 @@ mod tests {
     #[test]
     fn zero_budget_plans_nothing() {
         let state = SchedState { running: vec![seq(1, 9, 8, 4)], waiting: vec![seq(2, 3, 0, 4)] };
-        let p = plan(&state, &budgets(0, 10));
+        let p = plan(&state, &budgets(0, 10), &FairShare::default());
         assert_eq!(p, StepPlan::default());
+    }
+
+    /// A toy engine around `plan`, charging the counters as the engine core does: whole prompts
+    /// prefill in one step, then one token per step until the request's `max_tokens`.
+    struct Sim {
+        fair: FairShare,
+        budgets: Budgets,
+        running: Vec<(SeqSched, usize)>,
+        waiting: Vec<SeqSched>,
+        max_tokens: HashMap<SeqId, usize>,
+        arrived_at: HashMap<SeqId, usize>,
+        /// (client, steps waited) per admission.
+        waits: Vec<(ClientId, usize)>,
+        next_id: SeqId,
+        step: usize,
+    }
+
+    impl Sim {
+        fn new(max_running: usize) -> Self {
+            let budgets =
+                Budgets { max_step_tokens: 4096, max_running, block_size: 16, free_blocks: 1 << 20 };
+            Self {
+                fair: FairShare::default(),
+                budgets,
+                running: vec![],
+                waiting: vec![],
+                max_tokens: HashMap::new(),
+                arrived_at: HashMap::new(),
+                waits: vec![],
+                next_id: 1,
+                step: 0,
+            }
+        }
+
+        fn submit(&mut self, client: ClientId, prompt: usize, max_tokens: usize) -> SeqId {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.fair.arrive(client, self.waiting.iter().map(|s| s.client));
+            self.waiting.push(SeqSched { id, len: prompt, computed: 0, blocks: 0, client, resumed: false });
+            self.max_tokens.insert(id, max_tokens);
+            self.arrived_at.insert(id, self.step);
+            id
+        }
+
+        fn step(&mut self) {
+            let state = SchedState {
+                running: self.running.iter().map(|(s, _)| *s).collect(),
+                waiting: self.waiting.clone(),
+            };
+            let p = plan(&state, &self.budgets, &self.fair);
+            assert!(p.preempt.is_empty());
+            for id in &p.admit {
+                let pos = self.waiting.iter().position(|s| s.id == *id).expect("admitted from waiting");
+                let seq = self.waiting.remove(pos);
+                self.fair.admitted(seq.client, seq.len);
+                self.waits.push((seq.client, self.step - self.arrived_at[id]));
+                self.running.push((seq, 0));
+            }
+            for r in &p.rows {
+                let (seq, generated) = self.running.iter_mut().find(|(s, _)| s.id == r.id).expect("row");
+                seq.computed += r.count;
+                if seq.computed == seq.len {
+                    seq.len += 1;
+                    *generated += 1;
+                    self.fair.generated(seq.client);
+                }
+            }
+            let max_tokens = &self.max_tokens;
+            self.running.retain(|(s, generated)| *generated < max_tokens[&s.id]);
+            self.step += 1;
+        }
+
+        fn queued(&self, client: ClientId) -> bool {
+            self.waiting.iter().any(|s| s.client == client)
+        }
+    }
+
+    #[test]
+    fn backlogged_clients_stay_within_the_virtual_token_bound() {
+        // (client, prompt, max_tokens): long prompts, long outputs, and small requests.
+        let shapes = [(1, 200, 4), (2, 8, 60), (3, 20, 20)];
+        let max_cost = shapes
+            .iter()
+            .map(|&(_, p, m)| super::super::fair::PREFILL_WEIGHT * p as u64 + super::super::fair::DECODE_WEIGHT * m as u64)
+            .max()
+            .unwrap_or(0);
+        let mut sim = Sim::new(4);
+        for _ in 0..40 {
+            for &(c, p, m) in &shapes {
+                sim.submit(c, p, m);
+            }
+        }
+        let mut checked = 0;
+        while shapes.iter().all(|&(c, _, _)| sim.queued(c)) {
+            let counters: Vec<u64> = shapes.iter().map(|&(c, _, _)| sim.fair.counter(c)).collect();
+            let spread = counters.iter().max().unwrap_or(&0) - counters.iter().min().unwrap_or(&0);
+            assert!(spread <= 2 * max_cost, "step {}: counters {counters:?} spread beyond 2 x {max_cost}", sim.step);
+            sim.step();
+            checked += 1;
+        }
+        assert!(checked > 100, "the clients stayed backlogged for {checked} steps");
+        // Each client got admissions in proportion: nobody was starved while backlogged.
+        for &(c, _, _) in &shapes {
+            assert!(sim.waits.iter().filter(|(w, _)| *w == c).count() >= 5, "client {c} admitted too rarely");
+        }
+    }
+
+    #[test]
+    fn a_late_client_is_admitted_within_a_bounded_number_of_steps_despite_a_flood() {
+        let (prompt, max_tokens, slots) = (16, 10, 4);
+        let mut sim = Sim::new(slots);
+        for _ in 0..200 {
+            sim.submit(1, prompt, max_tokens);
+        }
+        for _ in 0..50 {
+            sim.step();
+        }
+        sim.submit(2, prompt, max_tokens);
+        while sim.queued(2) {
+            sim.step();
+        }
+        let (_, waited) = *sim.waits.iter().find(|(c, _)| *c == 2).expect("client 2 admitted");
+        // A slot frees at least every max_tokens + 1 steps; the late client needs at most two
+        // admissions (a tie with the flooder goes to the flooder's older request first).
+        assert!(waited <= 2 * (max_tokens + 1), "waited {waited} steps");
+        assert!(sim.waiting.len() > 100, "the flood is still queued: FIFO would have made client 2 wait for it");
+    }
+
+    #[test]
+    fn resumed_sequences_go_first_and_a_big_request_is_not_overtaken() {
+        let mk = |id, len, client, resumed| SeqSched { id, len, computed: 0, blocks: 0, client, resumed };
+        let mut fair = FairShare::default();
+        fair.admitted(1, 1000);
+        let waiting = vec![mk(1, 10, 1, false), mk(2, 10, 2, false), mk(3, 10, 1, true)];
+        let order: Vec<SeqId> = admission_order(&waiting, &fair).iter().map(|s| s.id).collect();
+        assert_eq!(order, vec![3, 2, 1], "resumed first, then the client with less service");
+        // The fair choice does not fit: nothing behind it is admitted in its place.
+        let state = SchedState { running: vec![], waiting: vec![mk(1, 4, 1, false), mk(2, 400, 2, false)] };
+        let mut fair = FairShare::default();
+        fair.admitted(1, 1000);
+        let p = plan(&state, &Budgets { max_step_tokens: 512, max_running: 8, block_size: 4, free_blocks: 20 }, &fair);
+        assert!(p.admit.is_empty(), "{p:?}");
     }
 }
