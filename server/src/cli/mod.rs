@@ -1,7 +1,9 @@
 //! Command-line interface: the `lorahost` subcommands and their flags. Each subcommand lives in
 //! its own file and turns flags into configs, then calls into the library.
 
+mod adapters;
 mod generate;
+mod serve;
 
 use crate::engine::{EngineConfig, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS};
 use crate::model::{Dtype, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
@@ -20,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate text for one prompt or a JSONL file of requests (offline batch inference).
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API with runtime adapter upload.
+    Serve(serve::ServeArgs),
+    /// Manage the adapters of a running server.
+    Adapters(adapters::AdaptersArgs),
 }
 
 /// Which base model to load and how.
@@ -66,7 +72,7 @@ pub struct AdapterArgs {
     #[arg(long, env = "LORAHOST_ADAPTERS_DIR")]
     pub adapters_dir: Option<PathBuf>,
     /// Host memory for loaded adapters (LRU beyond it; adapters in use are never evicted).
-    #[arg(long, default_value_t = adapters::cache::DEFAULT_BUDGET_BYTES, env = "LORAHOST_ADAPTER_CACHE_BYTES")]
+    #[arg(long, default_value_t = ::adapters::cache::DEFAULT_BUDGET_BYTES, env = "LORAHOST_ADAPTER_CACHE_BYTES")]
     pub adapter_cache_bytes: usize,
 }
 
@@ -78,7 +84,7 @@ impl AdapterArgs {
     ) -> anyhow::Result<Option<crate::adapter_host::AdapterHost>> {
         let Some(dir) = &self.adapters_dir else { return Ok(None) };
         let cache =
-            adapters::cache::CacheConfig { budget_bytes: self.adapter_cache_bytes, ..Default::default() };
+            ::adapters::cache::CacheConfig { budget_bytes: self.adapter_cache_bytes, ..Default::default() };
         let host = crate::adapter_host::AdapterHost::open(dir, model, cache)
             .with_context(|| format!("opening the adapter store {}", dir.display()))?;
         Ok(Some(host))
@@ -119,5 +125,7 @@ impl EngineArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Adapters(args) => adapters::run(args),
     }
 }

@@ -10,10 +10,11 @@
 //! could later starve the others.
 //!
 //! Consequence (the VTC bound): while two clients are both backlogged, their counters differ by
-//! at most `2 × U`, where `U` is the largest weighted cost of one request
-//! (`PREFILL_WEIGHT × prompt + DECODE_WEIGHT × max_tokens`), whatever the mix of adapters, prompt
-//! lengths or arrival rates; and a newly arriving client is picked at the next admission that
-//! has room for its request, at the latest after each other queued client got one admission.
+//! at most `2 × U`, with `U = PREFILL_WEIGHT × longest prompt + DECODE_WEIGHT × the tokens the
+//! running batch can still generate` (at most `max_running × max_tokens`), whatever the mix of
+//! adapters, prompt lengths or arrival rates; and a newly arriving client is picked at the next
+//! admission that has room for its request, at the latest after each other queued client got
+//! one admission.
 //! This module holds only the counters; the choice is made by `plan::plan`.
 
 use std::collections::HashMap;
@@ -128,8 +129,8 @@ mod tests {
         let mut f = FairShare::default();
         f.admitted(1, 10);
         f.admitted(2, 50);
-        f.admitted(3, 5);
         f.admitted(4, 20);
+        f.admitted(3, 5);
         f.forget_idle(|c| c == 4);
         assert_eq!(f.counter(2), 50, "ahead of every active client: kept");
         assert_eq!(f.counter(1), 0, "behind the active floor: forgotten");

@@ -14,12 +14,12 @@ mod sampler;
 mod stop;
 
 pub use self::core::{check_request, default_client, EngineCore, EngineStats};
-pub use fair::ClientId;
 pub use blocks::{blocks_for, BlockAllocator};
+pub use fair::ClientId;
 pub use plan::SeqId;
 pub use request::{
     AdapterChoice, Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent,
-    TokenLogprob, ValidRequest,
+    TokenLogprob, ValidRequest, MAX_TOP_LOGPROBS,
 };
 pub use sampler::{argmax, Sampler};
 

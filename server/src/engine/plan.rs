@@ -343,15 +343,18 @@ mod tests {
     #[test]
     fn backlogged_clients_stay_within_the_virtual_token_bound() {
         // (client, prompt, max_tokens): long prompts, long outputs, and small requests.
+        use super::super::fair::{DECODE_WEIGHT, PREFILL_WEIGHT};
         let shapes = [(1, 200, 4), (2, 8, 60), (3, 20, 20)];
-        let max_cost = shapes
-            .iter()
-            .map(|&(_, p, m)| super::super::fair::PREFILL_WEIGHT * p as u64 + super::super::fair::DECODE_WEIGHT * m as u64)
-            .max()
-            .unwrap_or(0);
-        let mut sim = Sim::new(4);
-        for _ in 0..40 {
-            for &(c, p, m) in &shapes {
+        let slots = 4;
+        let longest_prompt = shapes.iter().map(|s| s.1).max().unwrap_or(0) as u64;
+        let longest_output = shapes.iter().map(|s| s.2).max().unwrap_or(0) as u64;
+        // VTC's U: one admission plus everything the running batch can still generate.
+        let max_cost = PREFILL_WEIGHT * longest_prompt + DECODE_WEIGHT * slots as u64 * longest_output;
+        let mut sim = Sim::new(slots);
+        // Each client's requests queued as one block: arrival order alone (FIFO) would serve
+        // client 1 until its block is done.
+        for &(c, p, m) in &shapes {
+            for _ in 0..40 {
                 sim.submit(c, p, m);
             }
         }
@@ -359,7 +362,11 @@ mod tests {
         while shapes.iter().all(|&(c, _, _)| sim.queued(c)) {
             let counters: Vec<u64> = shapes.iter().map(|&(c, _, _)| sim.fair.counter(c)).collect();
             let spread = counters.iter().max().unwrap_or(&0) - counters.iter().min().unwrap_or(&0);
-            assert!(spread <= 2 * max_cost, "step {}: counters {counters:?} spread beyond 2 x {max_cost}", sim.step);
+            assert!(
+                spread <= 2 * max_cost,
+                "step {}: counters {counters:?} spread beyond 2 x {max_cost}",
+                sim.step
+            );
             sim.step();
             checked += 1;
         }
@@ -388,7 +395,10 @@ mod tests {
         // A slot frees at least every max_tokens + 1 steps; the late client needs at most two
         // admissions (a tie with the flooder goes to the flooder's older request first).
         assert!(waited <= 2 * (max_tokens + 1), "waited {waited} steps");
-        assert!(sim.waiting.len() > 100, "the flood is still queued: FIFO would have made client 2 wait for it");
+        assert!(
+            sim.waiting.len() > 100,
+            "the flood is still queued: FIFO would have made client 2 wait for it"
+        );
     }
 
     #[test]
@@ -403,7 +413,11 @@ mod tests {
         let state = SchedState { running: vec![], waiting: vec![mk(1, 4, 1, false), mk(2, 400, 2, false)] };
         let mut fair = FairShare::default();
         fair.admitted(1, 1000);
-        let p = plan(&state, &Budgets { max_step_tokens: 512, max_running: 8, block_size: 4, free_blocks: 20 }, &fair);
+        let p = plan(
+            &state,
+            &Budgets { max_step_tokens: 512, max_running: 8, block_size: 4, free_blocks: 20 },
+            &fair,
+        );
         assert!(p.admit.is_empty(), "{p:?}");
     }
 }
