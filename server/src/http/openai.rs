@@ -161,32 +161,34 @@ impl ChatRequest {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
-        let messages: Vec<ChatMessage> =
-            self.messages
-                .into_iter()
-                .map(|m| {
-                    let content = match m.content {
-                        None => String::new(),
-                        Some(ContentField::Text(t)) => t,
-                        Some(ContentField::Parts(parts)) => {
-                            let mut text = String::new();
-                            for p in parts {
-                                match (p.kind.as_str(), p.text) {
-                                    ("text", Some(t)) => text.push_str(&t),
-                                    (kind, _) => return Err(ApiError::invalid(
+        let messages: Vec<ChatMessage> = self
+            .messages
+            .into_iter()
+            .map(|m| {
+                let content = match m.content {
+                    None => String::new(),
+                    Some(ContentField::Text(t)) => t,
+                    Some(ContentField::Parts(parts)) => {
+                        let mut text = String::new();
+                        for p in parts {
+                            match (p.kind.as_str(), p.text) {
+                                ("text", Some(t)) => text.push_str(&t),
+                                (kind, _) => {
+                                    return Err(ApiError::invalid(
                                         "messages",
                                         format!(
                                             "content parts of type `{kind}` are not supported (only text)"
                                         ),
-                                    )),
+                                    ))
                                 }
                             }
-                            text
                         }
-                    };
-                    Ok(ChatMessage { role: m.role, content })
-                })
-                .collect::<Result<_, ApiError>>()?;
+                        text
+                    }
+                };
+                Ok(ChatMessage { role: m.role, content })
+            })
+            .collect::<Result<_, ApiError>>()?;
         let prompt = backend.chat_prompt(&messages).map_err(|e| ApiError::invalid("messages", e))?;
         let (top, format) = match (self.logprobs, self.top_logprobs) {
             (false, Some(n)) if n > 0 => {
@@ -232,7 +234,7 @@ impl CommonFields {
         if top_logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
             return Err(ApiError::invalid(
                 "logprobs",
-                format!("at most {MAX_TOP_LOGPROBS} alternatives per token"),
+                format!("logprobs must be at most {MAX_TOP_LOGPROBS}"),
             ));
         }
         let stop = match self.stop {
