@@ -239,3 +239,38 @@ fn a_cold_adapter_waits_in_the_queue_not_in_the_batch() {
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.pinned), (1, 0), "loaded once, unpinned when the sequence ended");
 }
+
+#[test]
+fn a_late_client_is_not_starved_by_a_flood_from_another() {
+    let (_dir, base) = tiny_base(TinyModel::default());
+    let mut config = engine_config(64 << 20, 16, 512);
+    config.max_running = 1;
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), config);
+    let (flooder, late) = (1, 2);
+    let (tx, mut flood_events) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..20u32 {
+        core.add_for(request(vec![3 + i; 8], 4, greedy()), tx.clone(), flooder).expect("queued");
+    }
+    core.step().expect("step");
+    let (late_tx, mut late_events) = tokio::sync::mpsc::unbounded_channel();
+    core.add_for(request(vec![5; 8], 4, greedy()), late_tx, late).expect("queued");
+    // Arrival order would run the 19 queued flood requests first; fair admission runs the late
+    // client's request after at most one more flood request.
+    let mut flood_finished = 0;
+    loop {
+        core.step().expect("step");
+        while let Ok(ev) = flood_events.try_recv() {
+            flood_finished += usize::from(matches!(ev, TokenEvent::Finished(_)));
+        }
+        let mut late_finished = false;
+        while let Ok(ev) = late_events.try_recv() {
+            late_finished |= matches!(ev, TokenEvent::Finished(_));
+        }
+        if late_finished {
+            break;
+        }
+        assert!(core.has_work(), "the late request never finished");
+    }
+    assert!(flood_finished <= 2, "{flood_finished} flood requests ran before the late one");
+    assert_eq!(core.stats().queued, 20 - flood_finished, "the rest of the flood is still queued");
+}

@@ -44,10 +44,9 @@ impl FairShare {
     /// for admission. A client that had nothing queued is lifted so it cannot claim the service
     /// it did not ask for while it was away.
     pub fn arrive(&mut self, client: ClientId, queued: impl IntoIterator<Item = ClientId>) {
-        let mut others = queued.into_iter().peekable();
         let mut floor: Option<u64> = None;
         let mut client_queued = false;
-        while let Some(c) = others.next() {
+        for c in queued {
             if c == client {
                 client_queued = true;
                 break;
