@@ -265,8 +265,16 @@ async fn health_ready_models_and_unknown_routes() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], BASE);
     get(&f.app, "/v1/nothing", None).await.error(StatusCode::NOT_FOUND);
-    let wrong_method = get(&f.app, "/v1/completions", None).await;
-    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    get(&f.app, "/v1/completions", None).await.error(StatusCode::METHOD_NOT_ALLOWED);
+    // A JSON body is read as JSON whatever the content type says (`curl -d` sends a form type).
+    let form = request(
+        "POST",
+        "/v1/completions",
+        None,
+        Body::from(json!({"model": BASE, "prompt": "a", "max_tokens": 1}).to_string()),
+        Some("application/x-www-form-urlencoded"),
+    );
+    assert_eq!(send(&f.app, form).await.status, StatusCode::OK);
     let metrics = get(&f.app, "/metrics", None).await;
     assert_eq!(metrics.status, StatusCode::OK);
     assert!(

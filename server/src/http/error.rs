@@ -25,6 +25,8 @@ pub enum ApiError {
     NotFound { what: &'static str, name: String },
     #[error("{0}")]
     TooLarge(String),
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
     /// Well-formed, but a parameter value is not acceptable.
     #[error("{message}")]
     InvalidParameter { param: Option<&'static str>, message: String },
@@ -60,6 +62,9 @@ impl ApiError {
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found")),
             ApiError::TooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("payload_too_large"))
+            }
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"))
             }
             ApiError::InvalidParameter { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", Some("invalid_parameter"))

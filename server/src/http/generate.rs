@@ -12,7 +12,7 @@ use super::metrics::{Outcome, RequestReport};
 use super::openai::{ChatRequest, CompletionRequest, LogprobsFormat, Prepared};
 use super::AppState;
 use crate::engine::TokenEvent;
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,9 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub async fn completions(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::Malformed(e.body_text()))?;
+    let req: CompletionRequest = parse_json(&body)?;
     let model = req.common.model.clone();
     let prepared = req.prepare(state.backend())?;
     run(state, caller, model, prepared, Kind::Completion).await
@@ -38,12 +38,17 @@ pub async fn completions(
 pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Json(req) = body.map_err(|e| ApiError::Malformed(e.body_text()))?;
+    let req: ChatRequest = parse_json(&body)?;
     let model = req.common.model.clone();
     let prepared = req.prepare(state.backend())?;
     run(state, caller, model, prepared, Kind::Chat).await
+}
+
+/// Parses a JSON body whatever its content type says (`curl -d` sends a form type).
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Malformed(format!("invalid request body: {e}")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

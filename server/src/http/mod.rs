@@ -230,6 +230,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES));
     api.layer(axum::middleware::from_fn_with_state(state.clone(), count_responses)).with_state(state)
 }
@@ -241,6 +242,10 @@ async fn health() -> Json<serde_json::Value> {
 async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     state.check_accepting()?;
     Ok(Json(json!({"status": "ready", "model": state.backend().model_id()})))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 async fn not_found(request: Request) -> ApiError {
