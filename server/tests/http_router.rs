@@ -462,7 +462,7 @@ async fn bad_uploads_are_4xx_and_store_nothing() {
     let f = fixture(false, Limits { max_adapter_bytes: 1000, ..Limits::default() });
     let config = json!({"r": 4}).to_string();
     let long = "x".repeat(200);
-    for name in ["..", ".hidden", "a%2Fb", "a%20b", "%2E%2E%2Fescape", long.as_str()] {
+    for name in ["..", ".hidden", "a%2Fb", "a%20b", "%2E%2E%2Fescape", long.as_str(), BASE] {
         let message = upload(&f.app, name, None, b"w").await.error(StatusCode::BAD_REQUEST);
         assert!(message.contains("invalid adapter name"), "{name}: {message}");
     }

@@ -106,6 +106,10 @@ async fn upload(
     // Uploads go to the caller's own tenant; the name becomes a path component, so it is checked
     // (charset, length, no separators or dot names) before anything is read.
     let key = AdapterKey::new(caller.tenant.clone(), name).map_err(|e| ApiError::Malformed(e.to_string()))?;
+    if name == state.backend().model_id() {
+        // `model` resolves to the base first: an adapter of that name could never be used.
+        return Err(ApiError::Malformed(format!("invalid adapter name {name:?}: it is the base model's id")));
+    }
     let mut multipart = multipart.map_err(|e| ApiError::Malformed(e.body_text()))?;
     let limit = state.limits().max_adapter_bytes;
     let (mut config, mut weights): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
