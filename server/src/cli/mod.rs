@@ -68,7 +68,8 @@ impl ModelArgs {
 /// Where named adapters live and how much host memory loaded adapters may take.
 #[derive(Debug, Args)]
 pub struct AdapterArgs {
-    /// The adapter store: the durable source of truth for named adapters.
+    /// The adapter store: the durable source of truth for named adapters (`serve` defaults to
+    /// ~/.local/share/lorahost/adapters).
     #[arg(long, env = "LORAHOST_ADAPTERS_DIR")]
     pub adapters_dir: Option<PathBuf>,
     /// Host memory for loaded adapters (LRU beyond it; adapters in use are never evicted).

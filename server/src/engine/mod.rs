@@ -182,9 +182,12 @@ impl Engine {
         Ok(rx)
     }
 
-    /// The engine's counters as of its last step.
+    /// The engine's counters as of its last step; `queued` also counts the requests submitted
+    /// since (the queue `with_max_waiting` bounds).
     pub fn stats(&self) -> EngineStats {
-        self.shared.stats()
+        let mut stats = self.shared.stats();
+        stats.queued += self.shared.in_channel.load(Ordering::SeqCst);
+        stats
     }
 
     pub fn max_sequence_tokens(&self) -> usize {
