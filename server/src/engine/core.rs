@@ -16,6 +16,7 @@ use adapters::cache::{Acquire, HostCache, Lease};
 use adapters::{AdapterId, LoraAdapter};
 use kernels::attention::SeqRows;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -103,6 +104,8 @@ pub struct EngineCore {
     adapter_cache: Option<HostCache<LoraAdapter>>,
     /// Service received per client, for fair admission.
     fair: FairShare,
+    /// Shared count of new requests not admitted yet (see `with_queue_counter`).
+    queue_counter: Option<Arc<AtomicUsize>>,
 }
 
 impl EngineCore {
@@ -123,6 +126,21 @@ impl EngineCore {
             preemptions: 0,
             adapter_cache: None,
             fair: FairShare::default(),
+            queue_counter: None,
+        }
+    }
+
+    /// A counter its owner increments for every request it hands to `add`; the core decrements
+    /// it the moment a request leaves the queue of new requests (first admitted, or ended before
+    /// that), so the count is exact without waiting for a step to finish.
+    pub fn with_queue_counter(mut self, counter: Arc<AtomicUsize>) -> Self {
+        self.queue_counter = Some(counter);
+        self
+    }
+
+    fn left_queue(&self) {
+        if let Some(c) = &self.queue_counter {
+            c.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -300,6 +318,9 @@ impl EngineCore {
                 if seq.admitted_at.is_none() {
                     seq.admitted_at = Some(Instant::now());
                     self.fair.admitted(seq.client, seq.prompt_len);
+                    if let Some(c) = &self.queue_counter {
+                        c.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
             }
         }
@@ -441,6 +462,9 @@ impl EngineCore {
     fn remove(&mut self, id: SeqId) {
         if let Some(mut seq) = self.seqs.remove(&id) {
             self.blocks.release(seq.blocks.drain(..));
+            if seq.admitted_at.is_none() {
+                self.left_queue();
+            }
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);

@@ -81,12 +81,13 @@ enum Command {
     Shutdown,
 }
 
-/// What the engine thread publishes for the handles: its last stats, and how many submitted
-/// requests it has not taken off the channel yet (so the queue depth counts them too).
+/// What the engine thread shares with the handles: its last stats, and the exact number of new
+/// requests not admitted yet (counted by `submit`, uncounted by the core when it admits or ends
+/// one, or by the loop when `add` refuses one).
 #[derive(Default)]
 struct Shared {
     stats: Mutex<EngineStats>,
-    in_channel: AtomicUsize,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -120,13 +121,13 @@ impl Engine {
         adapter_cache: Option<HostCache<LoraAdapter>>,
     ) -> Result<Self, EngineError> {
         let vocab_size = model.config().vocab_size;
-        let mut core = EngineCore::new(model, tokenizer, config);
+        let shared = Arc::new(Shared::default());
+        let mut core = EngineCore::new(model, tokenizer, config).with_queue_counter(shared.queued.clone());
         if let Some(cache) = adapter_cache {
             core = core.with_adapter_cache(cache);
         }
         let max_sequence_tokens = core.max_sequence_tokens();
         let (tx, rx) = mpsc::channel();
-        let shared = Arc::new(Shared::default());
         shared.publish(core.stats());
         let published = shared.clone();
         let thread = std::thread::Builder::new()
@@ -166,27 +167,24 @@ impl Engine {
     ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
         check_request(&req, self.max_sequence_tokens, self.vocab_size)?;
         // Count this request before checking, so concurrent submits cannot all pass the check.
-        let in_channel = self.shared.in_channel.fetch_add(1, Ordering::SeqCst);
-        if let Some(limit) = self.max_waiting {
-            let queued = in_channel + self.shared.stats().queued;
-            if queued >= limit {
-                self.shared.in_channel.fetch_sub(1, Ordering::SeqCst);
-                return Err(EngineError::Overloaded { queued, limit });
-            }
+        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        if let Some(limit) = self.max_waiting.filter(|&limit| queued >= limit) {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded { queued, limit });
         }
         let (tx, rx) = unbounded_channel();
         if self.commands.send(Command::Submit(req, client, tx)).is_err() {
-            self.shared.in_channel.fetch_sub(1, Ordering::SeqCst);
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
         Ok(rx)
     }
 
-    /// The engine's counters as of its last step; `queued` also counts the requests submitted
-    /// since (the queue `with_max_waiting` bounds).
+    /// The engine's counters as of its last step, with `queued` as of now: every submitted
+    /// request not admitted yet (the queue `with_max_waiting` bounds).
     pub fn stats(&self) -> EngineStats {
         let mut stats = self.shared.stats();
-        stats.queued += self.shared.in_channel.load(Ordering::SeqCst);
+        stats.queued = self.shared.queued.load(Ordering::SeqCst);
         stats
     }
 
@@ -218,21 +216,18 @@ fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>, shared: &Shared
             }
         }
         commands.extend(rx.try_iter());
-        let mut taken = 0;
         for command in commands {
             match command {
                 Command::Submit(req, client, events) => {
-                    taken += 1;
                     if let Err(e) = core.add_for(req, events.clone(), client) {
+                        shared.queued.fetch_sub(1, Ordering::SeqCst);
                         let _ = events.send(TokenEvent::Failed(e.to_string()));
                     }
                 }
                 Command::Shutdown => return,
             }
         }
-        // Publish before uncounting, so a request is never in neither count.
         shared.publish(core.stats());
-        shared.in_channel.fetch_sub(taken, Ordering::SeqCst);
         if core.has_work() {
             match core.step() {
                 Ok(true) => {}
