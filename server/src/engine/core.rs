@@ -314,14 +314,16 @@ impl EngineCore {
         for &id in &step.admit {
             self.waiting.retain(|&w| w != id);
             self.running.push(id);
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                if seq.admitted_at.is_none() {
+            let first_admission = match self.seqs.get_mut(&id) {
+                Some(seq) if seq.admitted_at.is_none() => {
                     seq.admitted_at = Some(Instant::now());
                     self.fair.admitted(seq.client, seq.prompt_len);
-                    if let Some(c) = &self.queue_counter {
-                        c.fetch_sub(1, Ordering::SeqCst);
-                    }
+                    true
                 }
+                _ => false,
+            };
+            if first_admission {
+                self.left_queue();
             }
         }
         for r in &step.rows {
