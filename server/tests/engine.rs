@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use lorahost::engine::{EngineCore, EngineError, TokenEvent, ValidRequest};
+use lorahost::engine::{ClientId, EngineCore, EngineError, TokenEvent, ValidRequest};
 use lorahost::model::KvCache;
 use lorahost::testing::TinyModel;
 
@@ -246,7 +246,7 @@ fn a_late_client_is_not_starved_by_a_flood_from_another() {
     let mut config = engine_config(64 << 20, 16, 512);
     config.max_running = 1;
     let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), config);
-    let (flooder, late) = (1, 2);
+    let (flooder, late) = (ClientId::new(1, 0), ClientId::new(2, 0));
     let (tx, mut flood_events) = tokio::sync::mpsc::unbounded_channel();
     for i in 0..20u32 {
         core.add_for(request(vec![3 + i; 8], 4, greedy()), tx.clone(), flooder).expect("queued");

@@ -480,7 +480,8 @@ impl EngineCore {
 /// Counters kept before idle clients are forgotten (memory bound only: see `FairShare`).
 const FORGET_CLIENTS_ABOVE: usize = 4096;
 
-/// The client a request is accounted to when the caller does not say: its adapter.
+/// The client a request is accounted to when the caller does not say: one tenant, an account
+/// per adapter.
 pub fn default_client(req: &ValidRequest) -> ClientId {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -489,7 +490,7 @@ pub fn default_client(req: &ValidRequest) -> ClientId {
         Some(AdapterChoice::Loaded(a)) => a.id.hash(&mut h),
         Some(AdapterChoice::Cached(id)) => id.hash(&mut h),
     }
-    h.finish()
+    ClientId::new(0, h.finish())
 }
 
 /// The checks a request must pass before it is queued.

@@ -4,15 +4,16 @@
 //! Policy: running sequences keep going, oldest first, decode rows before prefill chunks (so a
 //! long prompt never stalls sequences that are generating: its prefill is chunked into whatever
 //! token budget is left). Preempted sequences are re-admitted first, in order. Then new
-//! sequences are admitted fairly across clients (`fair`: the client with the least service so
-//! far, its oldest request first) while tokens, sequence slots and KV blocks allow; admission
+//! sequences are admitted fairly (`fair`: the tenant with the least service so far, then its
+//! account with the least, then that account's oldest request) while tokens, sequence slots and
+//! KV blocks allow; admission
 //! stops at the first chosen request that does not fit, so a large request is never overtaken
 //! forever by smaller ones. When a running sequence needs a block and none is free, the newest
 //! running sequence is preempted: its blocks are freed and it is recomputed later.
 
 use super::blocks::blocks_for;
 use super::fair::{admission_cost, ClientId, FairShare};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 pub type SeqId = u64;
 
@@ -166,27 +167,52 @@ pub fn plan(state: &SchedState, budgets: &Budgets, fair: &FairShare) -> StepPlan
 }
 
 /// The order in which waiting sequences would be admitted: resumed ones as queued, then new ones
-/// by virtual token counter (the client with the smallest counter, projected with the cost of
-/// the admissions chosen before it, gives its oldest sequence; ties go to the client whose
-/// oldest sequence came first).
+/// by virtual token counter at two levels: the tenant with the smallest counter, then its account
+/// with the smallest counter, gives its oldest sequence. Counters are projected with the cost of
+/// the admissions chosen before; ties go to whoever's oldest sequence came first.
 pub fn admission_order(waiting: &[SeqSched], fair: &FairShare) -> Vec<SeqSched> {
-    let mut order: Vec<SeqSched> = waiting.iter().filter(|s| s.resumed).copied().collect();
-    // Per client, its new sequences oldest first; clients in order of their oldest sequence.
-    let mut queues: Vec<(ClientId, std::collections::VecDeque<SeqSched>)> = Vec::new();
-    let mut slot: HashMap<ClientId, usize> = HashMap::new();
-    for seq in waiting.iter().filter(|s| !s.resumed) {
-        let i = *slot.entry(seq.client).or_insert_with(|| {
-            queues.push((seq.client, Default::default()));
-            queues.len() - 1
-        });
-        queues[i].1.push_back(*seq);
+    /// One account's new sequences, oldest first, and its projected counter.
+    struct Account {
+        counter: u64,
+        seqs: VecDeque<SeqSched>,
     }
-    let mut projected: Vec<u64> = queues.iter().map(|(c, _)| fair.counter(*c)).collect();
-    loop {
-        let pick = (0..queues.len()).filter(|&i| !queues[i].1.is_empty()).min_by_key(|&i| (projected[i], i));
-        let Some(i) = pick else { break };
-        let Some(seq) = queues[i].1.pop_front() else { break };
-        projected[i] += admission_cost(seq.len);
+    /// One tenant's accounts, in order of their oldest sequence, and its projected counter.
+    struct Tenant {
+        counter: u64,
+        accounts: Vec<Account>,
+    }
+    let mut order: Vec<SeqSched> = waiting.iter().filter(|s| s.resumed).copied().collect();
+    let mut tenants: Vec<Tenant> = Vec::new();
+    let mut tenant_slot: HashMap<u64, usize> = HashMap::new();
+    let mut account_slot: HashMap<ClientId, usize> = HashMap::new();
+    for seq in waiting.iter().filter(|s| !s.resumed) {
+        let t = *tenant_slot.entry(seq.client.tenant).or_insert_with(|| {
+            tenants.push(Tenant { counter: fair.tenant_counter(seq.client.tenant), accounts: Vec::new() });
+            tenants.len() - 1
+        });
+        let accounts = &mut tenants[t].accounts;
+        let a = *account_slot.entry(seq.client).or_insert_with(|| {
+            accounts.push(Account { counter: fair.counter(seq.client), seqs: VecDeque::new() });
+            accounts.len() - 1
+        });
+        accounts[a].seqs.push_back(*seq);
+    }
+    let has_work = |t: &Tenant| t.accounts.iter().any(|a| !a.seqs.is_empty());
+    while let Some(t) =
+        (0..tenants.len()).filter(|&t| has_work(&tenants[t])).min_by_key(|&t| (tenants[t].counter, t))
+    {
+        let tenant = &mut tenants[t];
+        let Some(a) = (0..tenant.accounts.len())
+            .filter(|&a| !tenant.accounts[a].seqs.is_empty())
+            .min_by_key(|&a| (tenant.accounts[a].counter, a))
+        else {
+            break;
+        };
+        let account = &mut tenant.accounts[a];
+        let Some(seq) = account.seqs.pop_front() else { break };
+        let cost = admission_cost(seq.len);
+        account.counter += cost;
+        tenant.counter += cost;
         order.push(seq);
     }
     order
@@ -197,7 +223,14 @@ mod tests {
     use super::*;
 
     fn seq(id: SeqId, len: usize, computed: usize, bs: usize) -> SeqSched {
-        SeqSched { id, len, computed, blocks: blocks_for(computed, bs), client: 0, resumed: false }
+        SeqSched {
+            id,
+            len,
+            computed,
+            blocks: blocks_for(computed, bs),
+            client: ClientId::default(),
+            resumed: false,
+        }
     }
 
     fn budgets(tokens: usize, free: usize) -> Budgets {
@@ -344,7 +377,8 @@ mod tests {
     fn backlogged_clients_stay_within_the_virtual_token_bound() {
         // (client, prompt, max_tokens): long prompts, long outputs, and small requests.
         use super::super::fair::{DECODE_WEIGHT, PREFILL_WEIGHT};
-        let shapes = [(1, 200, 4), (2, 8, 60), (3, 20, 20)];
+        let shapes =
+            [(ClientId::new(1, 0), 200, 4), (ClientId::new(2, 0), 8, 60), (ClientId::new(3, 0), 20, 20)];
         let slots = 4;
         let longest_prompt = shapes.iter().map(|s| s.1).max().unwrap_or(0) as u64;
         let longest_output = shapes.iter().map(|s| s.2).max().unwrap_or(0) as u64;
@@ -360,7 +394,8 @@ mod tests {
         }
         let mut checked = 0;
         while shapes.iter().all(|&(c, _, _)| sim.queued(c)) {
-            let counters: Vec<u64> = shapes.iter().map(|&(c, _, _)| sim.fair.counter(c)).collect();
+            let counters: Vec<u64> =
+                shapes.iter().map(|&(c, _, _)| sim.fair.tenant_counter(c.tenant)).collect();
             let spread = counters.iter().max().unwrap_or(&0) - counters.iter().min().unwrap_or(&0);
             assert!(
                 spread <= 2 * max_cost,
@@ -373,7 +408,10 @@ mod tests {
         assert!(checked > 100, "the clients stayed backlogged for {checked} steps");
         // Each client got admissions in proportion: nobody was starved while backlogged.
         for &(c, _, _) in &shapes {
-            assert!(sim.waits.iter().filter(|(w, _)| *w == c).count() >= 5, "client {c} admitted too rarely");
+            assert!(
+                sim.waits.iter().filter(|(w, _)| *w == c).count() >= 5,
+                "client {c:?} admitted too rarely"
+            );
         }
     }
 
@@ -382,16 +420,17 @@ mod tests {
         let (prompt, max_tokens, slots) = (16, 10, 4);
         let mut sim = Sim::new(slots);
         for _ in 0..200 {
-            sim.submit(1, prompt, max_tokens);
+            sim.submit(ClientId::new(1, 0), prompt, max_tokens);
         }
         for _ in 0..50 {
             sim.step();
         }
-        sim.submit(2, prompt, max_tokens);
-        while sim.queued(2) {
+        let late = ClientId::new(2, 0);
+        sim.submit(late, prompt, max_tokens);
+        while sim.queued(late) {
             sim.step();
         }
-        let (_, waited) = *sim.waits.iter().find(|(c, _)| *c == 2).expect("client 2 admitted");
+        let (_, waited) = *sim.waits.iter().find(|(c, _)| *c == late).expect("client 2 admitted");
         // A slot frees at least every max_tokens + 1 steps; the late client needs at most two
         // admissions (a tie with the flooder goes to the flooder's older request first).
         assert!(waited <= 2 * (max_tokens + 1), "waited {waited} steps");
@@ -403,21 +442,55 @@ mod tests {
 
     #[test]
     fn resumed_sequences_go_first_and_a_big_request_is_not_overtaken() {
-        let mk = |id, len, client, resumed| SeqSched { id, len, computed: 0, blocks: 0, client, resumed };
+        let mk = |id, len, tenant, resumed| SeqSched {
+            id,
+            len,
+            computed: 0,
+            blocks: 0,
+            client: ClientId::new(tenant, 0),
+            resumed,
+        };
         let mut fair = FairShare::default();
-        fair.admitted(1, 1000);
+        fair.admitted(ClientId::new(1, 0), 1000);
         let waiting = vec![mk(1, 10, 1, false), mk(2, 10, 2, false), mk(3, 10, 1, true)];
         let order: Vec<SeqId> = admission_order(&waiting, &fair).iter().map(|s| s.id).collect();
         assert_eq!(order, vec![3, 2, 1], "resumed first, then the client with less service");
         // The fair choice does not fit: nothing behind it is admitted in its place.
         let state = SchedState { running: vec![], waiting: vec![mk(1, 4, 1, false), mk(2, 400, 2, false)] };
         let mut fair = FairShare::default();
-        fair.admitted(1, 1000);
+        fair.admitted(ClientId::new(1, 0), 1000);
         let p = plan(
             &state,
             &Budgets { max_step_tokens: 512, max_running: 8, block_size: 4, free_blocks: 20 },
             &fair,
         );
         assert!(p.admit.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_tenant_gets_no_larger_share_by_spreading_over_more_adapters() {
+        let mut sim = Sim::new(4);
+        // Tenant 1 spreads its requests over eight adapters; tenant 2 uses one.
+        for i in 0..240u64 {
+            sim.submit(ClientId::new(1, i % 8), 16, 8);
+        }
+        for _ in 0..240 {
+            sim.submit(ClientId::new(2, 0), 16, 8);
+        }
+        while sim.queued(ClientId::new(2, 0)) && sim.waiting.iter().any(|s| s.client.tenant == 1) {
+            sim.step();
+        }
+        let admitted = |tenant| sim.waits.iter().filter(|(c, _)| c.tenant == tenant).count();
+        let (one, two) = (admitted(1), admitted(2));
+        assert!(
+            one.abs_diff(two) <= 2,
+            "tenant 1 (8 adapters) got {one} admissions, tenant 2 (1 adapter) {two}"
+        );
+        // Within tenant 1, its adapters share equally too.
+        let per_adapter: Vec<usize> =
+            (0..8).map(|a| sim.waits.iter().filter(|(c, _)| *c == ClientId::new(1, a)).count()).collect();
+        let (lo, hi) =
+            (per_adapter.iter().min().copied().unwrap_or(0), per_adapter.iter().max().copied().unwrap_or(0));
+        assert!(hi - lo <= 1, "{per_adapter:?}");
     }
 }

@@ -202,12 +202,15 @@ impl AppState {
     }
 }
 
-/// The fairness account of a tenant's requests to one model.
+/// The fairness accounts of a request: its tenant, and the model within the tenant.
 fn client_id(tenant: &str, adapter: Option<&str>) -> ClientId {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (tenant, adapter).hash(&mut h);
-    h.finish()
+    fn hash_of(v: impl std::hash::Hash) -> u64 {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        v.hash(&mut h);
+        h.finish()
+    }
+    ClientId::new(hash_of(tenant), hash_of(adapter))
 }
 
 /// Every route. No I/O: tests drive it with `tower::ServiceExt::oneshot`.
