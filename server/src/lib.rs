@@ -7,6 +7,7 @@ pub mod chat;
 pub mod cli;
 pub mod engine;
 pub mod fetch;
+pub mod http;
 pub mod model;
 #[doc(hidden)]
 pub mod testing;

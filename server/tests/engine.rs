@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use lorahost::engine::{EngineCore, EngineError, TokenEvent, ValidRequest};
+use lorahost::engine::{ClientId, EngineCore, EngineError, TokenEvent, ValidRequest};
 use lorahost::model::KvCache;
 use lorahost::testing::TinyModel;
 
@@ -238,4 +238,82 @@ fn a_cold_adapter_waits_in_the_queue_not_in_the_batch() {
     }
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.pinned), (1, 0), "loaded once, unpinned when the sequence ended");
+}
+
+#[test]
+fn a_late_client_is_not_starved_by_a_flood_from_another() {
+    let (_dir, base) = tiny_base(TinyModel::default());
+    let mut config = engine_config(64 << 20, 16, 512);
+    config.max_running = 1;
+    let mut core = EngineCore::new(base.model.clone(), base.tokenizer.clone(), config);
+    let (flooder, late) = (ClientId::new(1, 0), ClientId::new(2, 0));
+    let (tx, mut flood_events) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..20u32 {
+        core.add_for(request(vec![3 + i; 8], 4, greedy()), tx.clone(), flooder).expect("queued");
+    }
+    core.step().expect("step");
+    let (late_tx, mut late_events) = tokio::sync::mpsc::unbounded_channel();
+    core.add_for(request(vec![5; 8], 4, greedy()), late_tx, late).expect("queued");
+    // Arrival order would run the 19 queued flood requests first; fair admission runs the late
+    // client's request after at most one more flood request.
+    let mut flood_finished = 0;
+    loop {
+        core.step().expect("step");
+        while let Ok(ev) = flood_events.try_recv() {
+            flood_finished += usize::from(matches!(ev, TokenEvent::Finished(_)));
+        }
+        let mut late_finished = false;
+        while let Ok(ev) = late_events.try_recv() {
+            late_finished |= matches!(ev, TokenEvent::Finished(_));
+        }
+        if late_finished {
+            break;
+        }
+        assert!(core.has_work(), "the late request never finished");
+    }
+    assert!(flood_finished <= 2, "{flood_finished} flood requests ran before the late one");
+    assert_eq!(core.stats().queued, 20 - flood_finished, "the rest of the flood is still queued");
+}
+
+#[test]
+fn the_queue_of_new_requests_is_bounded_and_recovers() {
+    let (_dir, base) = tiny_base(TinyModel::default());
+    let mut config = engine_config(64 << 20, 16, 512);
+    config.max_running = 1;
+    let engine = lorahost::engine::Engine::start(base.model.clone(), base.tokenizer.clone(), config, None)
+        .expect("engine")
+        .with_max_waiting(2);
+    // One running and two waiting fit; a fourth request cannot, whatever the engine thread has
+    // admitted meanwhile.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..4u32 {
+        match engine.submit(request(vec![3 + i; 8], 2000, greedy())) {
+            Ok(rx) => accepted.push(rx),
+            Err(EngineError::Overloaded { limit: 2, .. }) => refused += 1,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(refused >= 1 && accepted.len() <= 3, "{} accepted, {refused} refused", accepted.len());
+    // The callers go away: their sequences are cancelled and the queue empties.
+    drop(accepted);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stats = engine.stats();
+        if stats.queued == 0 && stats.running == 0 && stats.free_blocks == stats.total_blocks {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not drained: {stats:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut rx = engine.submit(request(vec![5; 8], 3, greedy())).expect("accepted again");
+    let mut tokens = 0;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            TokenEvent::Token(_) => tokens += 1,
+            TokenEvent::Finished(_) => break,
+            TokenEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(tokens, 3);
 }

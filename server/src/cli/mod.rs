@@ -1,7 +1,9 @@
 //! Command-line interface: the `lorahost` subcommands and their flags. Each subcommand lives in
 //! its own file and turns flags into configs, then calls into the library.
 
+mod adapters;
 mod generate;
+mod serve;
 mod train;
 
 use crate::engine::{EngineConfig, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS};
@@ -21,6 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate text for one prompt or a JSONL file of requests (offline batch inference).
     Generate(generate::GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API with runtime adapter upload.
+    Serve(serve::ServeArgs),
+    /// Manage the adapters of a running server.
+    Adapters(adapters::AdaptersArgs),
     /// Fine-tune a LoRA adapter on the base from a JSONL file; writes a PEFT adapter directory.
     Train(train::TrainArgs),
 }
@@ -65,11 +71,12 @@ impl ModelArgs {
 /// Where named adapters live and how much host memory loaded adapters may take.
 #[derive(Debug, Args)]
 pub struct AdapterArgs {
-    /// The adapter store: the durable source of truth for named adapters.
+    /// The adapter store: the durable source of truth for named adapters (`serve` defaults to
+    /// ~/.local/share/lorahost/adapters).
     #[arg(long, env = "LORAHOST_ADAPTERS_DIR")]
     pub adapters_dir: Option<PathBuf>,
     /// Host memory for loaded adapters (LRU beyond it; adapters in use are never evicted).
-    #[arg(long, default_value_t = adapters::cache::DEFAULT_BUDGET_BYTES, env = "LORAHOST_ADAPTER_CACHE_BYTES")]
+    #[arg(long, default_value_t = ::adapters::cache::DEFAULT_BUDGET_BYTES, env = "LORAHOST_ADAPTER_CACHE_BYTES")]
     pub adapter_cache_bytes: usize,
 }
 
@@ -81,7 +88,7 @@ impl AdapterArgs {
     ) -> anyhow::Result<Option<crate::adapter_host::AdapterHost>> {
         let Some(dir) = &self.adapters_dir else { return Ok(None) };
         let cache =
-            adapters::cache::CacheConfig { budget_bytes: self.adapter_cache_bytes, ..Default::default() };
+            ::adapters::cache::CacheConfig { budget_bytes: self.adapter_cache_bytes, ..Default::default() };
         let host = crate::adapter_host::AdapterHost::open(dir, model, cache)
             .with_context(|| format!("opening the adapter store {}", dir.display()))?;
         Ok(Some(host))
@@ -122,6 +129,8 @@ impl EngineArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Adapters(args) => adapters::run(args),
         Command::Train(args) => train::run(args),
     }
 }

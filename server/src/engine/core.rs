@@ -3,6 +3,7 @@
 //! its own thread, tests drive it directly.
 
 use super::blocks::BlockAllocator;
+use super::fair::{ClientId, FairShare};
 use super::plan::{plan, Budgets, SchedState, SeqId, SeqSched, StepPlan};
 use super::request::AdapterChoice;
 use super::request::{Completion, FinishReason, GeneratedToken, StopCriteria, TokenEvent, ValidRequest};
@@ -15,6 +16,7 @@ use adapters::cache::{Acquire, HostCache, Lease};
 use adapters::{AdapterId, LoraAdapter};
 use kernels::attention::SeqRows;
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -34,6 +36,8 @@ struct Sequence {
     admitted_at: Option<Instant>,
     first_token_at: Option<Instant>,
     preemptions: usize,
+    /// Who the sequence is accounted to for fair admission.
+    client: ClientId,
 }
 
 /// A sequence's adapter: none, waiting for the cache, or held (pinned by a lease when it came
@@ -59,7 +63,14 @@ impl Sequence {
     }
 
     fn sched(&self, id: SeqId) -> SeqSched {
-        SeqSched { id, len: self.tokens.len(), computed: self.computed, blocks: self.blocks.len() }
+        SeqSched {
+            id,
+            len: self.tokens.len(),
+            computed: self.computed,
+            blocks: self.blocks.len(),
+            client: self.client,
+            resumed: self.admitted_at.is_some(),
+        }
     }
 }
 
@@ -69,7 +80,10 @@ pub struct EngineStats {
     pub steps: u64,
     pub preemptions: u64,
     pub running: usize,
+    /// Sequences not running: new requests plus preempted ones.
     pub waiting: usize,
+    /// New requests not admitted yet (the queue `--max-waiting` bounds).
+    pub queued: usize,
     pub free_blocks: usize,
     pub total_blocks: usize,
 }
@@ -88,6 +102,10 @@ pub struct EngineCore {
     preemptions: u64,
     /// Where `AdapterChoice::Cached` adapters come from.
     adapter_cache: Option<HostCache<LoraAdapter>>,
+    /// Service received per client, for fair admission.
+    fair: FairShare,
+    /// Shared count of new requests not admitted yet (see `with_queue_counter`).
+    queue_counter: Option<Arc<AtomicUsize>>,
 }
 
 impl EngineCore {
@@ -107,6 +125,22 @@ impl EngineCore {
             steps: 0,
             preemptions: 0,
             adapter_cache: None,
+            fair: FairShare::default(),
+            queue_counter: None,
+        }
+    }
+
+    /// A counter its owner increments for every request it hands to `add`; the core decrements
+    /// it the moment a request leaves the queue of new requests (first admitted, or ended before
+    /// that), so the count is exact without waiting for a step to finish.
+    pub fn with_queue_counter(mut self, counter: Arc<AtomicUsize>) -> Self {
+        self.queue_counter = Some(counter);
+        self
+    }
+
+    fn left_queue(&self) {
+        if let Some(c) = &self.queue_counter {
+            c.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -122,11 +156,23 @@ impl EngineCore {
         cache_tokens.min(self.model.config().max_position_embeddings)
     }
 
-    /// Queues a request. Fails without side effects when it can never fit.
+    /// Queues a request, accounted to a client derived from its adapter (see `add_for`).
     pub fn add(
         &mut self,
         req: ValidRequest,
         events: UnboundedSender<TokenEvent>,
+    ) -> Result<SeqId, EngineError> {
+        let client = default_client(&req);
+        self.add_for(req, events, client)
+    }
+
+    /// Queues a request accounted to `client` for fair admission. Fails without side effects
+    /// when it can never fit.
+    pub fn add_for(
+        &mut self,
+        req: ValidRequest,
+        events: UnboundedSender<TokenEvent>,
+        client: ClientId,
     ) -> Result<SeqId, EngineError> {
         check_request(&req, self.max_sequence_tokens(), self.model.config().vocab_size)?;
         let adapter = match req.adapter {
@@ -152,7 +198,10 @@ impl EngineCore {
             admitted_at: None,
             first_token_at: None,
             preemptions: 0,
+            client,
         };
+        let queued = self.waiting.iter().filter_map(|w| self.seqs.get(w)).filter(|s| s.admitted_at.is_none());
+        self.fair.arrive(client, queued.map(|s| s.client));
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
         Ok(id)
@@ -173,6 +222,7 @@ impl EngineCore {
             preemptions: self.preemptions,
             running: self.running.len(),
             waiting: self.waiting.len(),
+            queued: self.seqs.values().filter(|s| s.admitted_at.is_none()).count(),
             free_blocks: self.blocks.num_free(),
             total_blocks: self.blocks.num_blocks(),
         }
@@ -203,7 +253,7 @@ impl EngineCore {
             block_size: self.kv.block_size(),
             free_blocks: self.blocks.num_free(),
         };
-        let step_plan = plan(&state, &budgets);
+        let step_plan = plan(&state, &budgets, &self.fair);
         self.apply(&step_plan)?;
         if step_plan.rows.is_empty() {
             return Ok(false);
@@ -264,8 +314,16 @@ impl EngineCore {
         for &id in &step.admit {
             self.waiting.retain(|&w| w != id);
             self.running.push(id);
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.admitted_at.get_or_insert_with(Instant::now);
+            let first_admission = match self.seqs.get_mut(&id) {
+                Some(seq) if seq.admitted_at.is_none() => {
+                    seq.admitted_at = Some(Instant::now());
+                    self.fair.admitted(seq.client, seq.prompt_len);
+                    true
+                }
+                _ => false,
+            };
+            if first_admission {
+                self.left_queue();
             }
         }
         for r in &step.rows {
@@ -348,6 +406,7 @@ impl EngineCore {
         let sampled =
             seq.sampler.sample(logits, &seq.tokens[..seq.prompt_len], &seq.tokens[seq.prompt_len..]);
         seq.tokens.push(sampled.id);
+        self.fair.generated(seq.client);
         seq.first_token_at.get_or_insert_with(Instant::now);
         let is_eos = !seq.stop.ignore_eos && self.tokenizer.eos_token_ids.contains(&sampled.id);
         let step = if is_eos {
@@ -405,10 +464,33 @@ impl EngineCore {
     fn remove(&mut self, id: SeqId) {
         if let Some(mut seq) = self.seqs.remove(&id) {
             self.blocks.release(seq.blocks.drain(..));
+            if seq.admitted_at.is_none() {
+                self.left_queue();
+            }
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
+        if self.fair.clients() > FORGET_CLIENTS_ABOVE {
+            let seqs = &self.seqs;
+            self.fair.forget_idle(|c| seqs.values().any(|s| s.client == c));
+        }
     }
+}
+
+/// Counters kept before idle clients are forgotten (memory bound only: see `FairShare`).
+const FORGET_CLIENTS_ABOVE: usize = 4096;
+
+/// The client a request is accounted to when the caller does not say: one tenant, an account
+/// per adapter.
+pub fn default_client(req: &ValidRequest) -> ClientId {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match &req.adapter {
+        None => 0u8.hash(&mut h),
+        Some(AdapterChoice::Loaded(a)) => a.id.hash(&mut h),
+        Some(AdapterChoice::Cached(id)) => id.hash(&mut h),
+    }
+    ClientId::new(0, h.finish())
 }
 
 /// The checks a request must pass before it is queued.

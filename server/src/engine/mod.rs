@@ -7,17 +7,19 @@
 
 mod blocks;
 mod core;
+pub mod fair;
 pub mod plan;
 mod request;
 mod sampler;
 mod stop;
 
-pub use self::core::{check_request, EngineCore, EngineStats};
+pub use self::core::{check_request, default_client, EngineCore, EngineStats};
 pub use blocks::{blocks_for, BlockAllocator};
+pub use fair::ClientId;
 pub use plan::SeqId;
 pub use request::{
     AdapterChoice, Completion, FinishReason, GeneratedToken, SamplingParams, StopCriteria, TokenEvent,
-    TokenLogprob, ValidRequest,
+    TokenLogprob, ValidRequest, MAX_TOP_LOGPROBS,
 };
 pub use sampler::{argmax, Sampler};
 
@@ -25,8 +27,9 @@ use crate::model::{KvCacheConfig, Llama, ModelError};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 use adapters::cache::HostCache;
 use adapters::LoraAdapter;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -63,6 +66,8 @@ pub enum EngineError {
     PromptTooLong { prompt_tokens: usize, max_tokens: usize, limit: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("{queued} requests are already waiting (the limit is {limit}); retry later")]
+    Overloaded { queued: usize, limit: usize },
     #[error("model error: {0}")]
     Model(#[from] ModelError),
     #[error("tokenizer error: {0}")]
@@ -72,8 +77,27 @@ pub enum EngineError {
 }
 
 enum Command {
-    Submit(ValidRequest, UnboundedSender<TokenEvent>),
+    Submit(ValidRequest, ClientId, UnboundedSender<TokenEvent>),
     Shutdown,
+}
+
+/// What the engine thread shares with the handles: its last stats, and the exact number of new
+/// requests not admitted yet (counted by `submit`, uncounted by the core when it admits or ends
+/// one, or by the loop when `add` refuses one).
+#[derive(Default)]
+struct Shared {
+    stats: Mutex<EngineStats>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    fn stats(&self) -> EngineStats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self, stats: EngineStats) {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner) = stats;
+    }
 }
 
 /// A handle to the engine thread. Cheap to share behind an `Arc`; dropping the last handle
@@ -83,6 +107,9 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
     max_sequence_tokens: usize,
     vocab_size: usize,
+    shared: Arc<Shared>,
+    /// New requests allowed to wait for admission; beyond it `submit` answers `Overloaded`.
+    max_waiting: Option<usize>,
 }
 
 impl Engine {
@@ -94,25 +121,71 @@ impl Engine {
         adapter_cache: Option<HostCache<LoraAdapter>>,
     ) -> Result<Self, EngineError> {
         let vocab_size = model.config().vocab_size;
-        let mut core = EngineCore::new(model, tokenizer, config);
+        let shared = Arc::new(Shared::default());
+        let mut core = EngineCore::new(model, tokenizer, config).with_queue_counter(shared.queued.clone());
         if let Some(cache) = adapter_cache {
             core = core.with_adapter_cache(cache);
         }
         let max_sequence_tokens = core.max_sequence_tokens();
         let (tx, rx) = mpsc::channel();
+        shared.publish(core.stats());
+        let published = shared.clone();
         let thread = std::thread::Builder::new()
             .name("lorahost-engine".into())
-            .spawn(move || run_loop(&mut core, &rx))
+            .spawn(move || run_loop(&mut core, &rx, &published))
             .map_err(|_| EngineError::Internal("cannot spawn the engine thread"))?;
-        Ok(Self { commands: tx, thread: Some(thread), max_sequence_tokens, vocab_size })
+        Ok(Self {
+            commands: tx,
+            thread: Some(thread),
+            max_sequence_tokens,
+            vocab_size,
+            shared,
+            max_waiting: None,
+        })
     }
 
-    /// Queues a request; its tokens arrive on the returned stream.
+    /// Bounds the queue of new requests waiting for admission: `submit` beyond it fails with
+    /// `Overloaded` (the server answers 429).
+    pub fn with_max_waiting(mut self, max_waiting: usize) -> Self {
+        self.max_waiting = Some(max_waiting);
+        self
+    }
+
+    /// Queues a request, accounted to its adapter for fairness; its tokens arrive on the
+    /// returned stream.
     pub fn submit(&self, req: ValidRequest) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        let client = default_client(&req);
+        self.submit_for(req, client)
+    }
+
+    /// Queues a request accounted to `client` for fair admission (the server uses tenant and
+    /// adapter); its tokens arrive on the returned stream.
+    pub fn submit_for(
+        &self,
+        req: ValidRequest,
+        client: ClientId,
+    ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
         check_request(&req, self.max_sequence_tokens, self.vocab_size)?;
+        // Count this request before checking, so concurrent submits cannot all pass the check.
+        let queued = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        if let Some(limit) = self.max_waiting.filter(|&limit| queued >= limit) {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded { queued, limit });
+        }
         let (tx, rx) = unbounded_channel();
-        self.commands.send(Command::Submit(req, tx)).map_err(|_| EngineError::Stopped)?;
+        if self.commands.send(Command::Submit(req, client, tx)).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
         Ok(rx)
+    }
+
+    /// The engine's counters as of its last step, with `queued` as of now: every submitted
+    /// request not admitted yet (the queue `with_max_waiting` bounds).
+    pub fn stats(&self) -> EngineStats {
+        let mut stats = self.shared.stats();
+        stats.queued = self.shared.queued.load(Ordering::SeqCst);
+        stats
     }
 
     pub fn max_sequence_tokens(&self) -> usize {
@@ -132,7 +205,7 @@ impl Drop for Engine {
 /// How long an engine with nothing runnable waits before looking at its adapter loads again.
 const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
-fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>) {
+fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>, shared: &Shared) {
     let mut pending: Vec<Command> = Vec::new();
     loop {
         let mut commands = std::mem::take(&mut pending);
@@ -145,14 +218,16 @@ fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>) {
         commands.extend(rx.try_iter());
         for command in commands {
             match command {
-                Command::Submit(req, events) => {
-                    if let Err(e) = core.add(req, events.clone()) {
+                Command::Submit(req, client, events) => {
+                    if let Err(e) = core.add_for(req, events.clone(), client) {
+                        shared.queued.fetch_sub(1, Ordering::SeqCst);
                         let _ = events.send(TokenEvent::Failed(e.to_string()));
                     }
                 }
                 Command::Shutdown => return,
             }
         }
+        shared.publish(core.stats());
         if core.has_work() {
             match core.step() {
                 Ok(true) => {}
@@ -164,6 +239,7 @@ fn run_loop(core: &mut EngineCore, rx: &mpsc::Receiver<Command>) {
                 },
                 Err(e) => tracing::error!(error = %e, "engine step failed; its sequences were failed"),
             }
+            shared.publish(core.stats());
         }
     }
 }

@@ -1,0 +1,174 @@
+//! `lorahost adapters list|upload|delete --server URL`: a small client for a running server's
+//! `/v1/adapters` routes (plain HTTP/1.1 over hyper; put TLS in front with a proxy).
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use sha2::Digest as _;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct AdaptersArgs {
+    #[command(subcommand)]
+    pub command: AdaptersCommand,
+    /// The server, e.g. http://127.0.0.1:8080.
+    #[arg(long, global = true, env = "LORAHOST_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// API key (sent as `Authorization: Bearer KEY`).
+    #[arg(long, global = true, env = "LORAHOST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdaptersCommand {
+    /// List the adapters this key may use.
+    List,
+    /// Upload a PEFT adapter directory under NAME (replaces an adapter of that name).
+    Upload {
+        name: String,
+        /// Directory with adapter_config.json and adapter_model.safetensors.
+        dir: PathBuf,
+    },
+    /// Delete the adapter NAME.
+    Delete { name: String },
+}
+
+pub fn run(args: AdaptersArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: AdaptersArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.server, args.api_key.clone())?;
+    match &args.command {
+        AdaptersCommand::List => {
+            let body = client.send(Method::GET, "/v1/adapters", None).await?;
+            let list = body["data"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no adapters");
+            }
+            for a in list {
+                println!(
+                    "{}\trank {}\tgeneration {}\t{} bytes\t{}",
+                    a["id"].as_str().unwrap_or("?"),
+                    a["rank"],
+                    a["generation"],
+                    a["bytes"],
+                    a["residency"].as_str().unwrap_or("?"),
+                );
+            }
+        }
+        AdaptersCommand::Upload { name, dir } => {
+            let read = |file: &str| {
+                let path = dir.join(file);
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+            };
+            let config = read(adapters::CONFIG_FILE)?;
+            let weights = read(adapters::WEIGHTS_FILE)?;
+            let (content_type, body) =
+                multipart(&[(adapters::CONFIG_FILE, &config), (adapters::WEIGHTS_FILE, &weights)]);
+            let path = format!("/v1/adapters/{}", encode_segment(name));
+            let reply = client.send(Method::PUT, &path, Some((content_type, body))).await?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+        }
+        AdaptersCommand::Delete { name } => {
+            let path = format!("/v1/adapters/{}", encode_segment(name));
+            client.send(Method::DELETE, &path, None).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+struct Client {
+    authority: String,
+    prefix: String,
+    api_key: Option<String>,
+}
+
+impl Client {
+    fn new(server: &str, api_key: Option<String>) -> anyhow::Result<Self> {
+        let uri: Uri = server.parse().with_context(|| format!("--server {server:?} is not a URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => bail!("--server: only http:// is supported here, not {other}://"),
+            None => bail!("--server must start with http://"),
+        }
+        let authority = uri.authority().context("--server has no host")?.to_string();
+        let authority = if uri.port().is_some() { authority } else { format!("{authority}:80") };
+        Ok(Self { authority, prefix: uri.path().trim_end_matches('/').to_string(), api_key })
+    }
+
+    /// Sends one request and returns the JSON reply; a non-2xx reply is an error with the
+    /// server's message.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(String, Vec<u8>)>,
+    ) -> anyhow::Result<Value> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.authority))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.prefix))
+            .header(hyper::header::HOST, &self.authority);
+        if let Some(key) = &self.api_key {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let (content_type, bytes) = body.unwrap_or_default();
+        if !content_type.is_empty() {
+            request = request.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        let response = sender.send_request(request.body(Full::new(Bytes::from(bytes)))?).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if !status.is_success() {
+            let message = value["error"]["message"].as_str().map(str::to_string);
+            bail!("{status}: {}", message.unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()));
+        }
+        Ok(value)
+    }
+}
+
+/// A `multipart/form-data` body of files; returns the content type and the bytes.
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    // Derived from the content, so it cannot be a prefix the content was made to contain.
+    let mut h = sha2::Sha256::new();
+    for (_, bytes) in parts {
+        sha2::Digest::update(&mut h, bytes);
+    }
+    let boundary = format!("lorahost-{}", crate::fetch::hex(&sha2::Digest::finalize(h)[..16]));
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Percent-encodes a path segment (adapter names are plain, but a bad one should reach the
+/// server as written and be refused there, not change the path).
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

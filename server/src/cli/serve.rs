@@ -1,0 +1,134 @@
+//! `lorahost serve`: load the base, open the adapter store, start the engine and serve the
+//! OpenAI-compatible API until SIGTERM or ctrl-c, then drain.
+
+use super::{AdapterArgs, EngineArgs, ModelArgs};
+use crate::base::Base;
+use crate::engine::Engine;
+use crate::http::{self, AppParts, AppState, Auth, EngineBackend, Limits};
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "LORAHOST_HOST")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one; the address is printed at start).
+    #[arg(long, default_value_t = 8080, env = "LORAHOST_PORT")]
+    pub port: u16,
+    /// TOML file of API keys: `[[keys]]` tables with `key`, `tenant` and optional `admin = true`.
+    /// Without it the server is open: every caller is the tenant `default`.
+    #[arg(long, env = "LORAHOST_API_KEYS")]
+    pub api_keys: Option<PathBuf>,
+    /// New requests allowed to wait for admission; beyond it requests get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Largest adapter upload (config plus weights), in bytes; larger uploads get 413.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_ADAPTER_BYTES)]
+    pub max_adapter_bytes: usize,
+    /// Seconds a generation request may take before it is cancelled (503).
+    #[arg(long, default_value_t = http::DEFAULT_REQUEST_TIMEOUT.as_secs())]
+    pub request_timeout: u64,
+    /// Seconds requests in flight may take to finish after SIGTERM or ctrl-c before they are
+    /// cancelled.
+    #[arg(long, default_value_t = http::DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
+    pub shutdown_timeout: u64,
+}
+
+/// Where named adapters live without `--adapters-dir`: user data, not cache (uploads must
+/// survive a cache clean).
+fn default_adapters_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("lorahost").join("adapters");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".local").join("share").join("lorahost").join("adapters")
+}
+
+pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.max_waiting > 0, "--max-waiting must be positive");
+    anyhow::ensure!(args.request_timeout > 0, "--request-timeout must be positive");
+    // Read the keys before loading anything heavy, so a bad file fails at once.
+    let auth = match &args.api_keys {
+        Some(path) => Auth::Keys(http::ApiKeys::load(path)?),
+        None => Auth::Open,
+    };
+    args.model.init_threads()?;
+    let path = args.model.resolve()?;
+    let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
+    if args.adapters.adapters_dir.is_none() {
+        args.adapters.adapters_dir = Some(default_adapters_dir());
+    }
+    let host = args.adapters.open(base.model.clone())?.context("the adapter store did not open")?;
+    let engine = Engine::start(
+        base.model.clone(),
+        base.tokenizer.clone(),
+        args.engine.config()?,
+        Some(host.cache.clone()),
+    )?
+    .with_max_waiting(args.max_waiting);
+    let backend = Arc::new(EngineBackend { base, engine });
+    let limits = Limits {
+        max_adapter_bytes: args.max_adapter_bytes,
+        request_timeout: Duration::from_secs(args.request_timeout),
+    };
+    let open = auth.is_open();
+    let state = AppState::new(AppParts { backend, store: host.store, cache: Some(host.cache), auth, limits });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lorahost-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let address = format!("{}:{}", args.host, args.port);
+    let drain = Duration::from_secs(args.shutdown_timeout);
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("cannot listen on {address}"))?;
+        let local = listener.local_addr().context("reading the bound address")?;
+        if open {
+            tracing::warn!("no --api-keys: the server is open, every caller is the tenant `default`");
+            eprintln!(
+                "lorahost: warning: no --api-keys given, the server is open to anyone who can reach it"
+            );
+        }
+        eprintln!("lorahost: serving {} on http://{local}", state.backend().model_id());
+        http::serve(listener, state, shutdown_signal(), drain).await.context("serving")
+    })?;
+    eprintln!("lorahost: stopped");
+    Ok(())
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,122 @@
+//! Every error the HTTP API can answer, and the one `match` that maps each to a status code and
+//! an OpenAI-shaped body: `{"error": {"message", "type", "code"}}`.
+
+use crate::engine::EngineError;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Seconds a client told to back off (429, 503 while draining) should wait before retrying.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request cannot be parsed: bad JSON, wrong types, missing fields or parts.
+    #[error("{0}")]
+    Malformed(String),
+    /// No key, or a key that is not in the keys file.
+    #[error("missing or invalid API key (send `Authorization: Bearer KEY`)")]
+    Unauthorized,
+    /// A valid key that may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Unknown to this caller (another tenant's adapter is unknown too).
+    #[error("the {what} `{name}` does not exist or you do not have access to it")]
+    NotFound { what: &'static str, name: String },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// Well-formed, but a parameter value is not acceptable.
+    #[error("{message}")]
+    InvalidParameter { param: Option<&'static str>, message: String },
+    /// An uploaded adapter that fails validation against the resident base.
+    #[error("invalid adapter: {0}")]
+    InvalidAdapter(String),
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("the request did not finish within {0} seconds")]
+    Timeout(u64),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError::InvalidParameter { param: Some(param), message: message.into() }
+    }
+
+    /// Status, OpenAI error type and code.
+    fn parts(&self) -> (StatusCode, &'static str, Option<&'static str>) {
+        match self {
+            ApiError::Malformed(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            ApiError::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, "authentication_error", Some("invalid_api_key"))
+            }
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", Some("forbidden")),
+            ApiError::NotFound { what: "model", .. } => {
+                (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found"))
+            }
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "invalid_request_error", Some("not_found")),
+            ApiError::TooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("payload_too_large"))
+            }
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"))
+            }
+            ApiError::InvalidParameter { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", Some("invalid_parameter"))
+            }
+            ApiError::InvalidAdapter(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", Some("invalid_adapter"))
+            }
+            ApiError::Overloaded(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("server_overloaded"))
+            }
+            ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready")),
+            ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("timeout")),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    /// The JSON body (also sent as an SSE event when a stream fails after it started).
+    pub fn body(&self) -> serde_json::Value {
+        let (_, kind, code) = self.parts();
+        let param = match self {
+            ApiError::InvalidParameter { param, .. } => *param,
+            _ => None,
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "code": code, "param": param}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidRequest(m) => ApiError::InvalidParameter { param: None, message: m },
+            e @ EngineError::PromptTooLong { .. } => ApiError::invalid("max_tokens", e.to_string()),
+            e @ EngineError::Overloaded { .. } => ApiError::Overloaded(e.to_string()),
+            EngineError::Stopped => ApiError::NotReady("the engine has stopped".into()),
+            e @ (EngineError::Model(_) | EngineError::Tokenizer(_) | EngineError::Internal(_)) => {
+                ApiError::Internal(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The OpenAI-compatible HTTP server: routes, authentication, validation and responses. It
+//! never sees a tensor or a KV block: requests are validated into `ValidRequest`s and handed to
+//! a `Backend` (the engine), whose token streams become JSON or server-sent events.
+//!
+//! `router(state)` has no I/O, so every route is testable without a socket; `serve(listener,
+//! state, shutdown)` runs it and drains in order on shutdown: stop accepting, stop admitting,
+//! let requests in flight finish until the deadline, cancel the rest.
+
+mod adapters;
+pub mod auth;
+pub mod backend;
+pub mod error;
+mod generate;
+pub mod metrics;
+pub mod openai;
+
+pub use auth::{ApiKeys, Auth, Caller};
+pub use backend::{Backend, EngineBackend};
+pub use error::ApiError;
+
+use crate::engine::{AdapterChoice, ClientId};
+use ::adapters::cache::HostCache;
+use ::adapters::store::{AdapterKey, FsStore};
+use ::adapters::{AdapterId, LoraAdapter};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics::Metrics;
+use serde_json::json;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Default `--max-adapter-bytes`: a rank-64 all-linear adapter of a 7B model in f16 is ~320 MB.
+pub const DEFAULT_MAX_ADAPTER_BYTES: usize = 1 << 30;
+/// Default `--request-timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default `--shutdown-timeout`: how long requests in flight may finish after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest JSON body of a generation request.
+pub const MAX_JSON_BODY_BYTES: usize = 8 << 20;
+
+/// Per-request limits of the HTTP layer (the engine has its own).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_adapter_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_adapter_bytes: DEFAULT_MAX_ADAPTER_BYTES, request_timeout: DEFAULT_REQUEST_TIMEOUT }
+    }
+}
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    store: FsStore,
+    cache: Option<HostCache<LoraAdapter>>,
+    auth: Auth,
+    limits: Limits,
+    metrics: Metrics,
+    /// Set on shutdown: `/ready` fails and new requests get 503.
+    draining: AtomicBool,
+    /// Set at the shutdown deadline: requests still running end now.
+    cancel: watch::Sender<bool>,
+}
+
+/// The parts a server is made of.
+pub struct AppParts {
+    pub backend: Arc<dyn Backend>,
+    pub store: FsStore,
+    /// Serves adapters to the engine; `None` only in tests whose backend does not load them.
+    pub cache: Option<HostCache<LoraAdapter>>,
+    pub auth: Auth,
+    pub limits: Limits,
+}
+
+/// The model a request names, resolved for its caller.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub adapter: Option<AdapterChoice>,
+    /// Who the request is accounted to for fair scheduling: tenant and adapter.
+    pub client: ClientId,
+}
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        let (cancel, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                backend: parts.backend,
+                store: parts.store,
+                cache: parts.cache,
+                auth: parts.auth,
+                limits: parts.limits,
+                metrics: Metrics::default(),
+                draining: AtomicBool::new(false),
+                cancel,
+            }),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.inner.backend.as_ref()
+    }
+
+    pub fn store(&self) -> &FsStore {
+        &self.inner.store
+    }
+
+    pub fn cache(&self) -> Option<&HostCache<LoraAdapter>> {
+        self.inner.cache.as_ref()
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.inner.auth
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Stop admitting: `/ready` answers 503, new requests too.
+    pub fn begin_drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// End every request still running (the shutdown deadline passed).
+    pub fn cancel_all(&self) {
+        self.inner.cancel.send_replace(true);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    fn cancel_signal(&self) -> watch::Receiver<bool> {
+        self.inner.cancel.subscribe()
+    }
+
+    fn check_accepting(&self) -> Result<(), ApiError> {
+        if self.is_draining() {
+            Err(ApiError::NotReady("the server is shutting down".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The store key `reference` names for `caller`: a name in the caller's tenant, or
+    /// `tenant/name` for an admin. `None` when it cannot name an adapter (so: not found).
+    fn adapter_key(&self, caller: &Caller, reference: &str) -> Option<AdapterKey> {
+        match reference.split_once('/') {
+            Some((tenant, name)) if caller.admin => AdapterKey::new(tenant, name).ok(),
+            _ => AdapterKey::new(caller.tenant.clone(), reference).ok(),
+        }
+    }
+
+    /// `model` is the base's id or an adapter the caller may use; anything else is 404.
+    pub fn resolve_model(&self, caller: &Caller, model: &str) -> Result<Target, ApiError> {
+        if model == self.backend().model_id() {
+            return Ok(Target { adapter: None, client: client_id(&caller.tenant, None) });
+        }
+        let not_found = || ApiError::NotFound { what: "model", name: model.to_string() };
+        let key = self.adapter_key(caller, model).ok_or_else(not_found)?;
+        let stored = self.store().get(&key).ok_or_else(not_found)?;
+        Ok(Target {
+            adapter: Some(AdapterChoice::Cached(stored.id)),
+            client: client_id(key.tenant(), Some(key.name())),
+        })
+    }
+
+    /// Drops a replaced or deleted adapter from the cache once no name refers to its bytes
+    /// (sequences holding a lease finish on it first).
+    fn forget_if_unreferenced(&self, id: AdapterId) {
+        if let Some(cache) = self.cache() {
+            if !self.store().is_referenced(id) {
+                cache.invalidate(id);
+            }
+        }
+    }
+
+    /// Starts loading a fresh upload, so its first request finds it resident.
+    fn warm(&self, id: AdapterId) {
+        if let Some(cache) = self.cache() {
+            drop(cache.try_acquire(id));
+        }
+    }
+}
+
+/// The fairness accounts of a request: its tenant, and the model within the tenant.
+fn client_id(tenant: &str, adapter: Option<&str>) -> ClientId {
+    fn hash_of(v: impl std::hash::Hash) -> u64 {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        v.hash(&mut h);
+        h.finish()
+    }
+    ClientId::new(hash_of(tenant), hash_of(adapter))
+}
+
+/// Every route. No I/O: tests drive it with `tower::ServiceExt::oneshot`.
+pub fn router(state: AppState) -> Router {
+    let upload_limit =
+        state.limits().max_adapter_bytes.saturating_mul(2).saturating_add(adapters::MULTIPART_OVERHEAD_BYTES);
+    let api = Router::new()
+        .route("/v1/completions", post(generate::completions))
+        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/models", get(adapters::list_models))
+        .route("/v1/adapters", get(adapters::list_adapters))
+        .route(
+            "/v1/adapters/{name}",
+            get(adapters::get_adapter)
+                .delete(adapters::delete_adapter)
+                .put(adapters::put_adapter)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES));
+    api.layer(axum::middleware::from_fn_with_state(state.clone(), count_responses)).with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.check_accepting()?;
+    Ok(Json(json!({"status": "ready", "model": state.backend().model_id()})))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::NotFound { what: "route", name: request.uri().path().to_string() }
+}
+
+/// `/metrics`: open on an open server; with keys, admins only (it names every tenant's adapters).
+async fn metrics_text(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    if !state.auth().is_open() {
+        let header = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !state.auth().authenticate(header)?.admin {
+            return Err(ApiError::Forbidden("/metrics needs an admin key".into()));
+        }
+    }
+    let engine = state.backend().stats();
+    let cache = state.cache().map(|c| c.stats());
+    let stored = state.store().list(None).len();
+    let text = state.metrics().render(&engine, cache.as_ref(), stored);
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// The route template of a path, for metric labels (never the raw path: names are unbounded).
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/v1/adapters" => "/v1/adapters",
+        "/health" => "/health",
+        "/ready" => "/ready",
+        "/metrics" => "/metrics",
+        p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}",
+        _ => "other",
+    }
+}
+
+async fn count_responses(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = route_label(request.uri().path());
+    let response = next.run(request).await;
+    state.metrics().response(route, response.status().as_u16());
+    response
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` resolves, then drains: stops accepting,
+/// answers 503 to new requests, lets requests in flight finish for up to `drain_deadline`, then
+/// cancels the rest and returns once every connection is closed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_deadline: Duration,
+) -> std::io::Result<()> {
+    let (drain_tx, mut drain_rx) = watch::channel(false);
+    let draining = state.clone();
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections or requests");
+        draining.begin_drain();
+        drain_tx.send_replace(true);
+    };
+    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful);
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        _ = drain_rx.wait_for(|d| *d) => {}
+    }
+    tokio::select! {
+        result = &mut server => return result,
+        _ = tokio::time::sleep(drain_deadline) => {
+            tracing::warn!("shutdown deadline passed: cancelling the requests still running");
+            state.cancel_all();
+        }
+    }
+    server.await
+}

@@ -1,0 +1,631 @@
+//! The HTTP router without a socket (`tower::ServiceExt::oneshot`), against a fake backend that
+//! answers instantly: routes, status codes and error bodies, authentication and tenant
+//! isolation, validation, uploads, SSE framing, overload, timeouts, disconnects and draining.
+
+use adapters::store::FsStore;
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use lorahost::chat::ChatMessage;
+use lorahost::engine::{
+    AdapterChoice, ClientId, Completion, EngineError, EngineStats, FinishReason, GeneratedToken, TokenEvent,
+    TokenLogprob, ValidRequest,
+};
+use lorahost::http::{router, ApiKeys, AppParts, AppState, Auth, Backend, Limits};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tower::ServiceExt;
+
+const BASE: &str = "fake-base";
+const ALICE: &str = "alice-key-0123456789";
+const BOB: &str = "bob-key-0123456789ab";
+const ROOT: &str = "root-key-0123456789a";
+const KEYS: &str = r#"
+[[keys]]
+key = "alice-key-0123456789"
+tenant = "alice"
+
+[[keys]]
+key = "bob-key-0123456789ab"
+tenant = "bob"
+
+[[keys]]
+key = "root-key-0123456789a"
+tenant = "ops"
+admin = true
+"#;
+
+/// Answers every request at once with `max_tokens` tokens `w0 w1 ...` (ids 100, 101, ...), or
+/// with nothing at all while `hang` is set (the stream stays open: the request is "running").
+#[derive(Default)]
+struct FakeBackend {
+    submitted: Mutex<Vec<(ValidRequest, ClientId)>>,
+    /// Senders of hanging requests, to see whether the server dropped (cancelled) them.
+    hanging: Mutex<Vec<UnboundedSender<TokenEvent>>>,
+    hang: AtomicBool,
+    overloaded: AtomicBool,
+}
+
+impl Backend for FakeBackend {
+    fn model_id(&self) -> &str {
+        BASE
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        if let Some(m) = messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
+        {
+            return Err(format!("unknown role {}", m.role));
+        }
+        let text: String = messages.iter().map(|m| format!("{}:{}\n", m.role, m.content)).collect();
+        self.encode(&text)
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        format!("w{}", id - 100)
+    }
+
+    fn max_sequence_tokens(&self) -> usize {
+        4096
+    }
+
+    fn submit(
+        &self,
+        req: ValidRequest,
+        client: ClientId,
+    ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        if self.overloaded.load(Ordering::SeqCst) {
+            return Err(EngineError::Overloaded { queued: 4, limit: 4 });
+        }
+        self.submitted.lock().unwrap().push((req.clone(), client));
+        let (tx, rx) = unbounded_channel();
+        if self.hang.load(Ordering::SeqCst) {
+            let _ = tx.send(TokenEvent::Token(token(0, &req)));
+            self.hanging.lock().unwrap().push(tx);
+            return Ok(rx);
+        }
+        for i in 0..req.stop.max_tokens {
+            let _ = tx.send(TokenEvent::Token(token(i, &req)));
+        }
+        let _ = tx.send(TokenEvent::Finished(Completion {
+            reason: FinishReason::Length,
+            trailing_text: String::new(),
+            prompt_tokens: req.prompt_ids.len(),
+            completion_tokens: req.stop.max_tokens,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+            preemptions: 0,
+        }));
+        Ok(rx)
+    }
+
+    fn stats(&self) -> EngineStats {
+        EngineStats::default()
+    }
+
+    fn validate_adapter(&self, config: &[u8], weights: &[u8]) -> Result<(), String> {
+        let config: Value =
+            serde_json::from_slice(config).map_err(|e| format!("adapter_config.json: {e}"))?;
+        if config["r"].as_u64().unwrap_or(0) == 0 {
+            return Err("adapter_config.json: field `r`: must be at least 1".into());
+        }
+        if weights.starts_with(b"corrupt") {
+            return Err("adapter_model.safetensors is not a valid safetensors file".into());
+        }
+        Ok(())
+    }
+}
+
+fn token(i: usize, req: &ValidRequest) -> GeneratedToken {
+    let id = 100 + i as u32;
+    GeneratedToken {
+        id,
+        text: format!("w{i} "),
+        logprob: req.sampling.top_logprobs.map(|_| -0.5),
+        top_logprobs: (0..req.sampling.top_logprobs.unwrap_or(0))
+            .map(|k| TokenLogprob { id: id + k as u32, logprob: -0.5 - k as f32 })
+            .collect(),
+    }
+}
+
+struct Fixture {
+    app: Router,
+    state: AppState,
+    backend: Arc<FakeBackend>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(keys: bool, limits: Limits) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FsStore::open(dir.path().join("adapters")).expect("store");
+    let backend = Arc::new(FakeBackend::default());
+    let auth = if keys { Auth::Keys(ApiKeys::parse(KEYS).expect("keys")) } else { Auth::Open };
+    let state = AppState::new(AppParts { backend: backend.clone(), store, cache: None, auth, limits });
+    Fixture { app: router(state.clone()), state, backend, _dir: dir }
+}
+
+fn open() -> Fixture {
+    fixture(false, Limits::default())
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// An OpenAI-shaped error with this status; returns the message.
+    fn error(&self, status: StatusCode) -> String {
+        assert_eq!(self.status, status, "{}", self.text());
+        let v = self.json();
+        assert!(v["error"]["type"].is_string(), "{v}");
+        v["error"]["message"].as_str().expect("message").to_string()
+    }
+}
+
+async fn send(app: &Router, req: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(req).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.expect("body").to_bytes().to_vec();
+    Reply { status, headers, body }
+}
+
+fn request(
+    method: &str,
+    uri: &str,
+    key: Option<&str>,
+    body: Body,
+    content_type: Option<&str>,
+) -> Request<Body> {
+    let mut r = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        r = r.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    if let Some(ct) = content_type {
+        r = r.header(header::CONTENT_TYPE, ct);
+    }
+    r.body(body).expect("request")
+}
+
+async fn get(app: &Router, uri: &str, key: Option<&str>) -> Reply {
+    send(app, request("GET", uri, key, Body::empty(), None)).await
+}
+
+async fn post(app: &Router, uri: &str, key: Option<&str>, body: Value) -> Reply {
+    send(app, request("POST", uri, key, Body::from(body.to_string()), Some("application/json"))).await
+}
+
+async fn delete(app: &Router, uri: &str, key: Option<&str>) -> Reply {
+    send(app, request("DELETE", uri, key, Body::empty(), None)).await
+}
+
+const BOUNDARY: &str = "test-boundary-7d1f";
+
+fn multipart(parts: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+async fn upload_parts(app: &Router, name: &str, key: Option<&str>, parts: &[(&str, &[u8])]) -> Reply {
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    send(app, request("PUT", &format!("/v1/adapters/{name}"), key, Body::from(multipart(parts)), Some(&ct)))
+        .await
+}
+
+async fn upload(app: &Router, name: &str, key: Option<&str>, weights: &[u8]) -> Reply {
+    let config = json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).to_string();
+    upload_parts(
+        app,
+        name,
+        key,
+        &[("adapter_config.json", config.as_bytes()), ("adapter_model.safetensors", weights)],
+    )
+    .await
+}
+
+fn chat(model: &str, max_tokens: usize) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})
+}
+
+#[tokio::test]
+async fn health_ready_models_and_unknown_routes() {
+    let f = open();
+    assert_eq!(get(&f.app, "/health", None).await.status, StatusCode::OK);
+    let ready = get(&f.app, "/ready", None).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.json()["model"], BASE);
+    let models = get(&f.app, "/v1/models", None).await.json();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], BASE);
+    get(&f.app, "/v1/nothing", None).await.error(StatusCode::NOT_FOUND);
+    get(&f.app, "/v1/completions", None).await.error(StatusCode::METHOD_NOT_ALLOWED);
+    // A JSON body is read as JSON whatever the content type says (`curl -d` sends a form type).
+    let form = request(
+        "POST",
+        "/v1/completions",
+        None,
+        Body::from(json!({"model": BASE, "prompt": "a", "max_tokens": 1}).to_string()),
+        Some("application/x-www-form-urlencoded"),
+    );
+    assert_eq!(send(&f.app, form).await.status, StatusCode::OK);
+    let metrics = get(&f.app, "/metrics", None).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(
+        metrics.text().contains("lorahost_http_responses_total{route=\"/health\",status=\"200\"} 1"),
+        "{}",
+        metrics.text()
+    );
+}
+
+#[tokio::test]
+async fn completion_json_has_text_usage_and_logprobs() {
+    let f = open();
+    let body = json!({"model": BASE, "prompt": "abc", "max_tokens": 3, "logprobs": 2, "temperature": 0});
+    let r = post(&f.app, "/v1/completions", None, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().is_some_and(|id| id.starts_with("cmpl-")));
+    assert_eq!(v["model"], BASE);
+    assert_eq!(v["choices"][0]["text"], "w0 w1 w2 ");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"], json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}));
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(["w0", "w1", "w2"]));
+    assert_eq!(lp["text_offset"], json!([0, 3, 6]));
+    assert_eq!(lp["top_logprobs"][0].as_object().map(|o| o.len()), Some(2));
+    // The request the engine got: tokenised prompt, greedy, bounded.
+    let (req, _) = f.backend.submitted.lock().unwrap()[0].clone();
+    assert_eq!(req.prompt_ids, vec![97, 98, 99]);
+    assert_eq!(req.sampling.temperature, 0.0);
+    assert_eq!(req.stop.max_tokens, 3);
+    assert!(req.adapter.is_none());
+}
+
+#[tokio::test]
+async fn n_choices_and_prompt_lists_fan_out_with_distinct_seeds() {
+    let f = open();
+    let body =
+        json!({"model": BASE, "prompt": ["ab", "cde"], "n": 2, "max_tokens": 1, "seed": 7, "stop": "x"});
+    let v = post(&f.app, "/v1/completions", None, body).await.json();
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(4));
+    assert_eq!(v["usage"]["prompt_tokens"], 5, "each prompt counted once");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    let submitted = f.backend.submitted.lock().unwrap();
+    let seeds: Vec<Option<u64>> = submitted.iter().map(|(r, _)| r.sampling.seed).collect();
+    assert_eq!(seeds, vec![Some(7), Some(8), Some(7), Some(8)]);
+    assert_eq!(submitted[2].0.prompt_ids, vec![99, 100, 101]);
+    assert_eq!(submitted[0].0.stop.stop, vec!["x".to_string()]);
+}
+
+/// The `data:` payloads of an SSE body, checking the framing on the way.
+fn sse_events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("\n\n"), "events end with a blank line: {body:?}");
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data event: {e:?}")).to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_streaming_frames_and_equals_the_json_answer() {
+    let f = open();
+    let mut body = chat(BASE, 4);
+    let whole = post(&f.app, "/v1/chat/completions", None, body.clone()).await.json();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(&f.app, "/v1/chat/completions", None, body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
+    let events = sse_events(&r.text());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("JSON chunk")).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 4);
+}
+
+#[tokio::test]
+async fn completion_streaming_ends_with_done() {
+    let f = open();
+    let r = post(
+        &f.app,
+        "/v1/completions",
+        None,
+        json!({"model": BASE, "prompt": "a", "max_tokens": 2, "stream": true}),
+    )
+    .await;
+    let events = sse_events(&r.text());
+    assert_eq!(events.len(), 4, "{events:?}");
+    let texts: Vec<Value> = events[..3]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].clone())
+        .collect();
+    assert_eq!(texts, vec![json!("w0 "), json!("w1 "), json!("")]);
+    assert_eq!(events[3], "[DONE]");
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_or_422_and_reach_no_engine() {
+    let f = open();
+    let malformed = send(
+        &f.app,
+        request("POST", "/v1/completions", None, Body::from("{not json"), Some("application/json")),
+    )
+    .await;
+    malformed.error(StatusCode::BAD_REQUEST);
+    post(&f.app, "/v1/completions", None, json!({"model": BASE})).await.error(StatusCode::BAD_REQUEST);
+    post(&f.app, "/v1/completions", None, json!({"model": BASE, "prompt": 5}))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    for (body, param) in [
+        (json!({"model": BASE, "prompt": "a", "temperature": -1}), "temperature"),
+        (json!({"model": BASE, "prompt": "a", "top_p": 0}), "top_p"),
+        (json!({"model": BASE, "prompt": "a", "n": 0}), "n"),
+        (json!({"model": BASE, "prompt": "a", "n": 17}), "n"),
+        (json!({"model": BASE, "prompt": "a", "max_tokens": 0}), "max_tokens"),
+        (json!({"model": BASE, "prompt": "a", "logprobs": 21}), "logprobs"),
+        (json!({"model": BASE, "prompt": "a", "echo": true}), "echo"),
+        (json!({"model": BASE, "prompt": "a", "stop": [""]}), "stop"),
+        (json!({"model": BASE, "prompt": ""}), "prompt"),
+    ] {
+        let message =
+            post(&f.app, "/v1/completions", None, body.clone()).await.error(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(message.contains(param), "{body}: {message}");
+    }
+    let bad_role = json!({"model": BASE, "messages": [{"role": "wizard", "content": "x"}]});
+    post(&f.app, "/v1/chat/completions", None, bad_role).await.error(StatusCode::UNPROCESSABLE_ENTITY);
+    let no_messages = json!({"model": BASE, "messages": []});
+    post(&f.app, "/v1/chat/completions", None, no_messages).await.error(StatusCode::UNPROCESSABLE_ENTITY);
+    let message = post(&f.app, "/v1/chat/completions", None, chat("no-such-model", 1))
+        .await
+        .error(StatusCode::NOT_FOUND);
+    assert!(message.contains("no-such-model"));
+    assert!(f.backend.submitted.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn upload_replace_describe_use_and_delete() {
+    let f = open();
+    let r = upload(&f.app, "my-lora", None, b"weights-1").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let first = r.json();
+    assert_eq!(
+        (first["id"].as_str(), first["generation"].as_u64(), first["rank"].as_u64()),
+        (Some("my-lora"), Some(1), Some(4))
+    );
+    assert_eq!(first["targets"], json!(["q_proj"]));
+    assert_eq!(first["parent"], BASE);
+    let r = upload(&f.app, "my-lora", None, b"weights-2").await;
+    assert_eq!(r.status, StatusCode::OK, "replacing answers 200");
+    let second = r.json();
+    assert_eq!(second["generation"], 2);
+    assert_ne!(second["adapter_id"], first["adapter_id"]);
+    let described = get(&f.app, "/v1/adapters/my-lora", None).await.json();
+    assert_eq!(described["adapter_id"], second["adapter_id"]);
+    assert_eq!(described["residency"], "disk");
+    let listed = get(&f.app, "/v1/adapters", None).await.json();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1));
+    let models = get(&f.app, "/v1/models", None).await.json();
+    assert_eq!(models["data"][1]["id"], "my-lora");
+    assert_eq!(models["data"][1]["parent"], BASE);
+    // Servable at once: the request carries the stored generation's id.
+    let r = post(&f.app, "/v1/chat/completions", None, chat("my-lora", 1)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let stored = f.state.store().list(None)[0].id;
+    let (req, _) = f.backend.submitted.lock().unwrap()[0].clone();
+    assert!(matches!(req.adapter, Some(AdapterChoice::Cached(id)) if id == stored));
+    assert_eq!(delete(&f.app, "/v1/adapters/my-lora", None).await.status, StatusCode::OK);
+    delete(&f.app, "/v1/adapters/my-lora", None).await.error(StatusCode::NOT_FOUND);
+    get(&f.app, "/v1/adapters/my-lora", None).await.error(StatusCode::NOT_FOUND);
+    post(&f.app, "/v1/chat/completions", None, chat("my-lora", 1)).await.error(StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_uploads_are_4xx_and_store_nothing() {
+    let f = fixture(false, Limits { max_adapter_bytes: 1000, ..Limits::default() });
+    let config = json!({"r": 4}).to_string();
+    let long = "x".repeat(200);
+    for name in ["..", ".hidden", "a%2Fb", "a%20b", "%2E%2E%2Fescape", long.as_str(), BASE] {
+        let message = upload(&f.app, name, None, b"w").await.error(StatusCode::BAD_REQUEST);
+        assert!(message.contains("invalid adapter name"), "{name}: {message}");
+    }
+    upload(&f.app, "bad", None, b"corrupt bytes").await.error(StatusCode::UNPROCESSABLE_ENTITY);
+    let rank0 = json!({"r": 0}).to_string();
+    let message = upload_parts(
+        &f.app,
+        "bad",
+        None,
+        &[("adapter_config.json", rank0.as_bytes()), ("adapter_model.safetensors", b"w")],
+    )
+    .await
+    .error(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(message.contains("`r`"), "{message}");
+    upload(&f.app, "big", None, &[0u8; 1001]).await.error(StatusCode::PAYLOAD_TOO_LARGE);
+    upload_parts(&f.app, "half", None, &[("adapter_config.json", config.as_bytes())])
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    upload_parts(&f.app, "odd", None, &[("adapter_config.json", config.as_bytes()), ("notes.txt", b"x")])
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    let not_multipart =
+        send(&f.app, request("PUT", "/v1/adapters/x", None, Body::from("{}"), Some("application/json")))
+            .await;
+    not_multipart.error(StatusCode::BAD_REQUEST);
+    assert!(f.state.store().list(None).is_empty(), "nothing stored");
+    // Still serving.
+    assert_eq!(upload(&f.app, "good", None, b"w").await.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn keys_tenants_and_admins() {
+    let f = fixture(true, Limits::default());
+    // No key, wrong key: 401, also for listing. Health needs no key.
+    get(&f.app, "/v1/models", None).await.error(StatusCode::UNAUTHORIZED);
+    get(&f.app, "/v1/models", Some("alice-key-0123456780")).await.error(StatusCode::UNAUTHORIZED);
+    post(&f.app, "/v1/chat/completions", None, chat(BASE, 1)).await.error(StatusCode::UNAUTHORIZED);
+    assert_eq!(get(&f.app, "/health", None).await.status, StatusCode::OK);
+    // Alice's adapter is invisible to Bob: 404 as if absent, everywhere.
+    let alice = upload(&f.app, "shared-name", Some(ALICE), b"alice-weights").await;
+    assert_eq!(alice.status, StatusCode::CREATED);
+    get(&f.app, "/v1/adapters/shared-name", Some(BOB)).await.error(StatusCode::NOT_FOUND);
+    delete(&f.app, "/v1/adapters/shared-name", Some(BOB)).await.error(StatusCode::NOT_FOUND);
+    post(&f.app, "/v1/chat/completions", Some(BOB), chat("shared-name", 1))
+        .await
+        .error(StatusCode::NOT_FOUND);
+    post(&f.app, "/v1/chat/completions", Some(BOB), chat("alice/shared-name", 1))
+        .await
+        .error(StatusCode::NOT_FOUND);
+    assert_eq!(get(&f.app, "/v1/adapters", Some(BOB)).await.json()["data"], json!([]));
+    // The same name in Bob's tenant is another adapter.
+    let bob = upload(&f.app, "shared-name", Some(BOB), b"bob-weights").await;
+    assert_eq!(bob.status, StatusCode::CREATED, "a new adapter for Bob, not a replacement of Alice's");
+    assert_ne!(bob.json()["adapter_id"], alice.json()["adapter_id"]);
+    assert_eq!(
+        post(&f.app, "/v1/chat/completions", Some(ALICE), chat("shared-name", 1)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(&f.app, "/v1/chat/completions", Some(BOB), chat("shared-name", 1)).await.status,
+        StatusCode::OK
+    );
+    {
+        let submitted = f.backend.submitted.lock().unwrap();
+        let ids: Vec<_> = submitted
+            .iter()
+            .map(|(r, _)| match &r.adapter {
+                Some(AdapterChoice::Cached(id)) => id.to_hex(),
+                _ => panic!("adapter expected"),
+            })
+            .collect();
+        assert_eq!(ids[0], alice.json()["adapter_id"].as_str().unwrap());
+        assert_eq!(ids[1], bob.json()["adapter_id"].as_str().unwrap());
+        assert_ne!(submitted[0].1, submitted[1].1, "tenants are accounted separately for fairness");
+    }
+    // Each tenant lists its own; the admin sees both, and may use `tenant/name`.
+    let listed = get(&f.app, "/v1/adapters", Some(ALICE)).await.json();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(listed["data"][0]["tenant"], "alice");
+    let all = get(&f.app, "/v1/models", Some(ROOT)).await.json();
+    let ids: Vec<&str> = all["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert_eq!(ids, vec![BASE, "alice/shared-name", "bob/shared-name"]);
+    assert_eq!(
+        post(&f.app, "/v1/chat/completions", Some(ROOT), chat("bob/shared-name", 1)).await.status,
+        StatusCode::OK
+    );
+    // Deleting is per tenant too.
+    assert_eq!(delete(&f.app, "/v1/adapters/shared-name", Some(ALICE)).await.status, StatusCode::OK);
+    assert_eq!(get(&f.app, "/v1/adapters/shared-name", Some(BOB)).await.status, StatusCode::OK);
+    // Metrics name every tenant: admins only.
+    get(&f.app, "/metrics", None).await.error(StatusCode::UNAUTHORIZED);
+    get(&f.app, "/metrics", Some(ALICE)).await.error(StatusCode::FORBIDDEN);
+    assert_eq!(get(&f.app, "/metrics", Some(ROOT)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn overload_is_429_with_retry_after() {
+    let f = open();
+    f.backend.overloaded.store(true, Ordering::SeqCst);
+    let r = post(&f.app, "/v1/chat/completions", None, chat(BASE, 1)).await;
+    r.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers.contains_key(header::RETRY_AFTER));
+    f.backend.overloaded.store(false, Ordering::SeqCst);
+    assert_eq!(post(&f.app, "/v1/chat/completions", None, chat(BASE, 1)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_timed_out_request_is_503_and_cancelled_in_the_engine() {
+    let f = fixture(false, Limits { request_timeout: Duration::from_millis(50), ..Limits::default() });
+    f.backend.hang.store(true, Ordering::SeqCst);
+    let message = post(&f.app, "/v1/chat/completions", None, chat(BASE, 5))
+        .await
+        .error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("did not finish"), "{message}");
+    assert!(f.backend.hanging.lock().unwrap()[0].is_closed(), "the engine stream was dropped: cancelled");
+    let metrics = get(&f.app, "/metrics", None).await.text();
+    assert!(metrics.contains("outcome=\"timeout\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_mid_stream_cancels_its_sequence() {
+    let f = open();
+    f.backend.hang.store(true, Ordering::SeqCst);
+    let mut body = chat(BASE, 5);
+    body["stream"] = json!(true);
+    let response = f
+        .app
+        .clone()
+        .oneshot(request(
+            "POST",
+            "/v1/chat/completions",
+            None,
+            Body::from(body.to_string()),
+            Some("application/json"),
+        ))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut stream = response.into_body();
+    // The role chunk and the first token arrive; then the client hangs up.
+    let first = stream.frame().await.expect("a frame").expect("ok");
+    assert!(String::from_utf8_lossy(first.data_ref().expect("data")).starts_with("data: "));
+    assert!(!f.backend.hanging.lock().unwrap()[0].is_closed(), "still running while the client listens");
+    drop(stream);
+    assert!(f.backend.hanging.lock().unwrap()[0].is_closed(), "dropping the response cancels the sequence");
+    let metrics = get(&f.app, "/metrics", None).await.text();
+    assert!(metrics.contains("outcome=\"cancelled\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn draining_refuses_new_work_and_the_deadline_cancels_running_work() {
+    let f = open();
+    f.backend.hang.store(true, Ordering::SeqCst);
+    let app = f.app.clone();
+    let running = tokio::spawn(async move { post(&app, "/v1/chat/completions", None, chat(BASE, 5)).await });
+    while f.backend.hanging.lock().unwrap().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    f.state.begin_drain();
+    get(&f.app, "/ready", None).await.error(StatusCode::SERVICE_UNAVAILABLE);
+    post(&f.app, "/v1/chat/completions", None, chat(BASE, 1)).await.error(StatusCode::SERVICE_UNAVAILABLE);
+    f.state.cancel_all();
+    let reply = running.await.expect("joined");
+    reply.error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(f.backend.hanging.lock().unwrap()[0].is_closed());
+}
