@@ -312,6 +312,8 @@ fn invalidation_drops_unpinned_at_once_and_pinned_on_release() {
     assert_eq!(cache.stats().skipped_loads, 1);
     assert_eq!(cache.residency(id(2)), Residency::Absent);
     assert_eq!(cache.residency(id(4)), Residency::Absent);
+    // 3 loads on the other loader thread, which may finish after 5.
+    wait_until("3 is loaded", || is_resident(&cache, id(3)));
     let stats = cache.stats();
     assert_eq!((stats.invalidations, stats.resident), (2, 2), "3 and 5 resident");
 }

@@ -103,6 +103,19 @@ impl Linear {
         }
     }
 
+    /// The weight as an f32 `[out, in]` tensor: the resident tensor itself when it is dense
+    /// f32 (no copy), a dequantized copy otherwise.
+    pub fn f32_weight(&self) -> Result<Tensor, ModelError> {
+        match &self.weight {
+            Weight::Dense(w) if w.dtype() == DType::F32 => Ok(w.clone()),
+            _ => Ok(Tensor::from_vec(
+                self.dequantized_weight()?,
+                (self.out_features, self.in_features),
+                &Device::Cpu,
+            )?),
+        }
+    }
+
     /// Bytes the weight occupies in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {

@@ -204,8 +204,9 @@ impl Llama {
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, lora_storage })
     }
 
-    /// Every weight dequantized to f32 (exact for every storage form): what a trainer
-    /// differentiates through while the base stays frozen.
+    /// Every weight as f32 (exact for every storage form): what a trainer differentiates
+    /// through while the base stays frozen. Weights already held as dense f32 (`--dtype f32`)
+    /// are shared, not copied.
     pub fn dense_weights(&self) -> Result<DenseWeights, ModelError> {
         let cfg = &self.config;
         let embed = self.embed_tokens.dense(cfg.vocab_size, cfg.hidden_size)?;

@@ -37,6 +37,8 @@ pub enum TrainError {
     Checkpoint(String),
     #[error("cannot write {0}")]
     Write(String),
+    #[error("training was cancelled")]
+    Cancelled,
 }
 
 /// Which projections to adapt.
@@ -195,11 +197,15 @@ pub struct TrainReport {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// Observes a run (a progress bar, a server job's events).
+/// Observes a run (a progress bar, a server job's events) and may stop it.
 pub trait Progress {
     fn start(&mut self, total_steps: usize);
     fn step(&mut self, step: usize, loss: f64, lr: f64, tokens_per_second: f64);
     fn eval(&mut self, step: usize, loss: f64);
+    /// Asked before every step: `true` ends the run with `TrainError::Cancelled`, writing nothing.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// Ignores everything.
@@ -277,6 +283,9 @@ pub fn train(
     };
     progress.start(total_steps);
     for step in 0..total_steps {
+        if progress.cancelled() {
+            return Err(TrainError::Cancelled);
+        }
         let picks: Vec<usize> = (0..per_step).map(|_| order.next(&mut rng)).collect();
         let targets: usize = picks.iter().map(|&i| examples[i].targets()).sum();
         let batches = picks
