@@ -268,6 +268,8 @@ fn a_short_run_teaches_made_up_facts() {
         warmup_steps: 0,
         max_grad_norm: 1.0,
         eval_every: 0,
+        checkpoint_every: 0,
+        resume: false,
         seed: 0,
         base_name: base.name.clone(),
     };
@@ -301,4 +303,88 @@ fn a_short_run_teaches_made_up_facts() {
         assert!(tuned.contains(fact), "{q}: the adapter answered {tuned:?}");
         assert!(!plain.contains(fact), "{q}: the base already knew: {plain:?}");
     }
+}
+
+/// Stops the run once `at` steps are done.
+struct StopAfter {
+    at: usize,
+    done: usize,
+}
+
+impl lorahost::train::Progress for StopAfter {
+    fn start(&mut self, _: usize) {}
+    fn step(&mut self, step: usize, _: f64, _: f64, _: f64) {
+        self.done = step;
+    }
+    fn eval(&mut self, _: usize, _: f64) {}
+    fn cancelled(&self) -> bool {
+        self.done >= self.at
+    }
+}
+
+/// A run stopped after 6 steps (checkpoint at 4) and resumed gives the same adapter, bit for bit,
+/// as the same run unbroken; a checkpoint is refused by a run with other flags; the checkpoint
+/// is gone once the adapter is written; the loss curve and the log are written beside it.
+#[test]
+fn resume_continues_an_interrupted_run_exactly() {
+    let dir = tiny_model_dir();
+    let base = lorahost::base::Base::load(dir.path(), Dtype::F32).expect("base");
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!("{CHAT_LINE}\n{{\"text\": \"Zorbia is far.\"}}\n{{\"text\": \"Kelvara is blue.\"}}\n"),
+    )
+    .unwrap();
+    let config = |out: &str| lorahost::train::TrainConfig {
+        data: data.clone(),
+        eval_data: None,
+        eval_split: 0.0,
+        out: dir.path().join(out),
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: lorahost::train::Targets::AllLinear,
+        layers: None,
+        steps: Some(10),
+        epochs: 1.0,
+        batch_size: 2,
+        grad_accum: 1,
+        max_seq_len: 128,
+        optimizer: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() },
+        warmup_steps: 2,
+        max_grad_norm: 1.0,
+        eval_every: 0,
+        checkpoint_every: 4,
+        resume: false,
+        seed: 7,
+        base_name: base.name.clone(),
+    };
+    let whole = config("whole");
+    let whole_report =
+        lorahost::train::train(&base, &whole, &mut lorahost::train::Quiet).expect("unbroken run");
+
+    let broken = config("broken");
+    let err = lorahost::train::train(&base, &broken, &mut StopAfter { at: 6, done: 0 }).unwrap_err();
+    assert!(matches!(err, lorahost::train::TrainError::Cancelled), "{err}");
+    assert!(!broken.out.exists(), "a cancelled run wrote an adapter");
+    let ckpt = dir.path().join("broken.checkpoint");
+    assert!(ckpt.is_file(), "no checkpoint after 4 steps");
+
+    let other = lorahost::train::TrainConfig { resume: true, seed: 8, ..config("broken") };
+    let err = lorahost::train::train(&base, &other, &mut lorahost::train::Quiet).unwrap_err();
+    assert!(err.to_string().contains("other data, adapter shape or optimisation"), "{err}");
+
+    let resumed = lorahost::train::TrainConfig { resume: true, ..config("broken") };
+    let report = lorahost::train::train(&base, &resumed, &mut lorahost::train::Quiet).expect("resumed run");
+    let weights = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(weights(&whole.out), weights(&broken.out), "the resumed run differs from the unbroken one");
+    // (The losses of the first steps went through the checkpoint's JSON: equal to ~1e-15.)
+    assert_eq!(report.losses.len(), whole_report.losses.len());
+    for (a, b) in report.losses.iter().zip(&whole_report.losses) {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "losses {:?} vs {:?}", report.losses, whole_report.losses);
+    }
+    assert!(!ckpt.exists(), "the checkpoint outlived the finished run");
+    let png = std::fs::read(whole.out.join("loss_curve.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(whole.out.join("training_log.json").is_file());
 }

@@ -3,9 +3,11 @@
 //! zero), AdamW with warmup and cosine decay, gradient clipping and accumulation, and the
 //! result written as a PEFT adapter directory that lorahost and `peft` both load.
 
+mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;
+mod plot;
 
 use crate::base::Base;
 use crate::model::{ModelError, MODULES};
@@ -106,6 +108,10 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     pub max_grad_norm: f64,
     pub eval_every: usize,
+    /// Save the run's state every N steps (0: never) next to `out` (`<out>.checkpoint`).
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint of an interrupted run with the same configuration.
+    pub resume: bool,
     pub seed: u64,
     /// Written into `adapter_config.json` as `base_model_name_or_path`.
     pub base_name: String,
@@ -281,8 +287,21 @@ pub fn train(
         seconds: 0.0,
         peak_rss_bytes: None,
     };
+    let ckpt = checkpoint::path_for(&config.out);
+    let fingerprint = checkpoint::fingerprint(config, total_steps, &config.data)?;
+    let mut first_step = 0;
+    if config.resume {
+        let state = checkpoint::load(&ckpt, &fingerprint, &model, &mut opt)?;
+        first_step = state.step;
+        report.losses = state.losses;
+        report.eval_losses = state.eval_losses;
+        // Replay the data order of the steps already done, so the run continues as if unbroken.
+        for _ in 0..first_step * per_step {
+            order.next(&mut rng);
+        }
+    }
     progress.start(total_steps);
-    for step in 0..total_steps {
+    for step in first_step..total_steps {
         if progress.cancelled() {
             return Err(TrainError::Cancelled);
         }
@@ -305,15 +324,32 @@ pub fn train(
             report.eval_losses.push((step + 1, loss));
             progress.eval(step + 1, loss);
         }
+        if config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0 && !last {
+            let state = checkpoint::State {
+                step: step + 1,
+                losses: report.losses.clone(),
+                eval_losses: report.eval_losses.clone(),
+            };
+            checkpoint::save(&ckpt, &fingerprint, &state, &model, &opt)?;
+        }
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_second = report.processed_tokens as f64 / report.seconds.max(1e-9);
     report.peak_rss_bytes = peak_rss_bytes();
     write_adapter(base, config, model.params())?;
+    checkpoint::remove(&ckpt);
     let log = serde_json::json!({"config": config.peft_config(), "report": report});
-    let log_path = config.out.join("training_log.json");
-    std::fs::write(&log_path, serde_json::to_vec_pretty(&log).unwrap_or_default())
-        .map_err(|e| TrainError::Write(format!("{}: {e}", log_path.display())))?;
+    let log = serde_json::to_vec_pretty(&log).map_err(|e| TrainError::Write(e.to_string()))?;
+    write_atomically(&config.out.join(LOG_FILE), &log)?;
+    // The chart is a convenience: failing to draw it does not fail a finished run.
+    let curve = config.out.join(format!(".tmp-{CURVE_FILE}"));
+    let drawn = plot::write_loss_curve(&curve, &report.losses, &report.eval_losses).and_then(|()| {
+        std::fs::rename(&curve, config.out.join(CURVE_FILE)).map_err(|e| TrainError::Write(e.to_string()))
+    });
+    if let Err(e) = drawn {
+        tracing::warn!(error = %e, "the loss curve was not drawn");
+        let _ = std::fs::remove_file(&curve);
+    }
     Ok(report)
 }
 
@@ -363,6 +399,23 @@ pub fn optimizer_step(
     let grad_norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
     opt.step(&model.vars(), &grads, lr)?;
     Ok(StepOutcome { loss, grad_norm })
+}
+
+/// Written next to the adapter's files.
+pub const LOG_FILE: &str = "training_log.json";
+pub const CURVE_FILE: &str = "loss_curve.png";
+
+/// `path` appears whole or not at all: written to a temp file, synced, renamed.
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let io = |e: std::io::Error| TrainError::Write(format!("{}: {e}", path.display()));
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    std::io::Write::write_all(&mut f, bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// Writes the trained parameters as a PEFT adapter directory (atomically).
