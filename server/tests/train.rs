@@ -388,3 +388,70 @@ fn resume_continues_an_interrupted_run_exactly() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert!(whole.out.join("training_log.json").is_file());
 }
+
+/// The configuration of the adapter in tests/fixtures/train/ours (r4, alpha 8, all-linear,
+/// layer 1 of the tiny fixture model).
+fn ours_config() -> lorahost::train::TrainConfig {
+    lorahost::train::TrainConfig {
+        data: fixture().join("batch.json"),
+        eval_data: None,
+        eval_split: 0.0,
+        out: fixture().join("ours"),
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: lorahost::train::Targets::AllLinear,
+        layers: Some(1..2),
+        steps: Some(5),
+        epochs: 1.0,
+        batch_size: 2,
+        grad_accum: 1,
+        max_seq_len: 16,
+        optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
+        warmup_steps: 0,
+        max_grad_norm: 1.0,
+        eval_every: 0,
+        checkpoint_every: 0,
+        resume: false,
+        seed: 3,
+        base_name: "tiny".into(),
+    }
+}
+
+/// Regenerates tests/fixtures/train/ours (an adapter trained and written by lorahost); then run
+/// `make_reference.py --peft-logits` so peft records its logits for it.
+#[test]
+#[ignore = "regenerates a fixture"]
+fn write_round_trip_adapter() {
+    let model = lorahost::model::load(&fixture().join("model"), Dtype::F32).expect("tiny model").model;
+    let config = ours_config();
+    let params = lorahost::train::init_params(&model.base_shape(), &config).expect("init");
+    let train = TrainModel::new(&model, params, 16).expect("train model");
+    let mut opt = AdamW::new(config.optimizer, &train.vars()).expect("optimizer");
+    for _ in 0..5 {
+        optimizer_step(&train, &mut opt, &[batch()], 1e-2, 1.0).expect("step");
+    }
+    lorahost::train::write_adapter(&model.base_shape(), &config, train.params()).expect("write");
+}
+
+/// PEFT round trip: `peft.PeftModel.from_pretrained` loads an adapter lorahost trained and
+/// wrote, and its logits (recorded in the fixture) equal lorahost's for the same adapter.
+#[test]
+fn peft_loads_our_adapter_and_agrees() {
+    let model = lorahost::model::load(&fixture().join("model"), Dtype::F32).expect("tiny model").model;
+    let adapter =
+        adapters::LoraAdapter::load_dir(&fixture().join("ours"), &model.base_shape()).expect("ours");
+    let want = candle_core::safetensors::load(fixture().join("ours_peft_logits.safetensors"), &Device::Cpu)
+        .expect("peft logits");
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("batch.json")).unwrap()).unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(b["seqs"].clone()).unwrap();
+    for (i, seq) in seqs.iter().enumerate() {
+        let ours = model.last_logits(seq, Some(&adapter)).expect("forward");
+        let ours = Tensor::from_vec(ours, 128, &Device::Cpu).unwrap();
+        assert_close(&ours, &want["last_logits"].get(i).unwrap(), 1e-4, &format!("sequence {i}"));
+        let base = Tensor::from_vec(model.last_logits(seq, None).unwrap(), 128, &Device::Cpu).unwrap();
+        let moved = (base - &ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 1e-2, "sequence {i}: the adapter barely changes the output ({moved})");
+    }
+}

@@ -11,7 +11,7 @@ mod plot;
 
 use crate::base::Base;
 use crate::model::{ModelError, MODULES};
-use adapters::{LoraSite, SiteMatrices};
+use adapters::{BaseShape, LoraSite, SiteMatrices};
 use candle_core::{Device, Tensor, Var};
 use data::{DataError, Example};
 use model::{Batch, LoraParam, TrainModel};
@@ -225,8 +225,7 @@ impl Progress for Quiet {
 
 /// The LoRA parameters of a new adapter: `A ~ U(±1/√in)` (PEFT's Kaiming-uniform init with
 /// `a = √5`), `B = 0`, from `seed`.
-pub fn init_params(base: &Base, config: &TrainConfig) -> Result<Vec<LoraParam>, TrainError> {
-    let shape = base.model.base_shape();
+pub fn init_params(shape: &BaseShape, config: &TrainConfig) -> Result<Vec<LoraParam>, TrainError> {
     let layers = config.layers.clone().unwrap_or(0..shape.num_layers);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut params = Vec::new();
@@ -270,7 +269,7 @@ pub fn train(
     });
 
     let max_len = examples.iter().chain(&eval).map(|e| e.ids.len()).max().unwrap_or(1);
-    let model = TrainModel::new(&base.model, init_params(base, config)?, max_len)?;
+    let model = TrainModel::new(&base.model, init_params(&base.model.base_shape(), config)?, max_len)?;
     let mut opt = AdamW::new(config.optimizer, &model.vars())?;
 
     let start = Instant::now();
@@ -336,7 +335,7 @@ pub fn train(
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_second = report.processed_tokens as f64 / report.seconds.max(1e-9);
     report.peak_rss_bytes = peak_rss_bytes();
-    write_adapter(base, config, model.params())?;
+    write_adapter(&base.model.base_shape(), config, model.params())?;
     checkpoint::remove(&ckpt);
     let log = serde_json::json!({"config": config.peft_config(), "report": report});
     let log = serde_json::to_vec_pretty(&log).map_err(|e| TrainError::Write(e.to_string()))?;
@@ -419,7 +418,11 @@ pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(
 }
 
 /// Writes the trained parameters as a PEFT adapter directory (atomically).
-pub fn write_adapter(base: &Base, config: &TrainConfig, params: &[LoraParam]) -> Result<(), TrainError> {
+pub fn write_adapter(
+    shape: &BaseShape,
+    config: &TrainConfig,
+    params: &[LoraParam],
+) -> Result<(), TrainError> {
     let sites = params
         .iter()
         .map(|p| {
@@ -435,7 +438,7 @@ pub fn write_adapter(base: &Base, config: &TrainConfig, params: &[LoraParam]) ->
             })
         })
         .collect::<Result<Vec<_>, TrainError>>()?;
-    adapters::write_adapter_dir(&config.out, &config.peft_config(), &sites, &base.model.base_shape())?;
+    adapters::write_adapter_dir(&config.out, &config.peft_config(), &sites, shape)?;
     Ok(())
 }
 
