@@ -105,17 +105,26 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lorahost", default=os.path.join(HERE, "..", "target", "release", "lorahost"))
     p.add_argument("--model", default=default_model())
+    p.add_argument("--rounds", type=int, default=3, help="alternating runs of each; medians reported")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = run_lorahost(args, os.path.join(tmp, "adapter"))
-    theirs = run_peft(args)
+    ours, theirs = [], []
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            ours.append(run_lorahost(args, os.path.join(tmp, "adapter")))
+        theirs.append(run_peft(args))
+    median = lambda xs: sorted(xs)[len(xs) // 2]
     print(f"{args.steps} steps, batch {args.batch_size}, rank {args.rank}, all-linear, {args.threads} threads, "
-          f"data {os.path.basename(args.data)}")
+          f"data {os.path.basename(args.data)}, {args.rounds} alternating rounds (median [min-max])")
     print("| | tokens/s | peak RSS | first / last loss |")
     print("|---|---:|---:|---|")
-    for name, (tps, rss, losses) in [("lorahost train", ours), ("transformers + peft", theirs)]:
-        print(f"| {name} | {tps:.0f} | {rss / 2**20:.0f} MiB | {losses[0]:.3f} / {losses[-1]:.3f} |")
-    print(f"| ratio (ours / peft) | {ours[0] / theirs[0]:.2f}x | {ours[1] / theirs[1]:.2f}x | |")
+    for name, runs in [("lorahost train", ours), ("transformers + peft", theirs)]:
+        tps = [r[0] for r in runs]
+        rss, losses = runs[0][1], runs[0][2]
+        print(f"| {name} | {median(tps):.0f} [{min(tps):.0f}-{max(tps):.0f}] | {rss / 2**20:.0f} MiB | "
+              f"{losses[0]:.3f} / {losses[-1]:.3f} |")
+    ratios = [a[0] / b[0] for a, b in zip(ours, theirs)]
+    print(f"| ratio (ours / peft) | {median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] | "
+          f"{ours[0][1] / theirs[0][1]:.2f}x | |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod fetch;
 pub mod http;
 pub mod model;
+pub mod runtime;
 #[doc(hidden)]
 pub mod testing;
 pub mod tokenizer;

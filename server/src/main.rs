@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    lorahost::runtime::default_candle_threads();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

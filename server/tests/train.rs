@@ -247,6 +247,7 @@ fn a_short_run_teaches_made_up_facts() {
     use lorahost::chat::ChatMessage;
     use lorahost::engine::{EngineCore, StopCriteria};
 
+    lorahost::runtime::default_candle_threads();
     let base = base_f32();
     let dir = tempfile::tempdir().unwrap();
     let config = lorahost::train::TrainConfig {
