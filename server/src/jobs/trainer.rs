@@ -1,0 +1,70 @@
+//! `Trainer`: what jobs need from the model side (checking data, training), and `BaseTrainer`,
+//! which trains on the resident base on a dedicated thread pool of `--train-threads` threads so
+//! serving keeps the rest of the cores.
+
+use crate::base::Base;
+use crate::train::{Progress, TrainConfig, TrainError, TrainReport};
+use std::path::Path;
+use std::sync::Arc;
+
+/// What an upload check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataSummary {
+    pub examples: usize,
+    pub tokens: usize,
+}
+
+pub trait Trainer: Send + Sync + 'static {
+    /// Decoder layers of the base (for `layers` in a job request).
+    fn num_layers(&self) -> usize;
+    /// Parses and tokenizes a training file as training would; the error names the line.
+    fn check_data(&self, path: &Path, max_seq_len: usize) -> Result<DataSummary, String>;
+    /// Trains and writes the adapter to `config.out`; stops with `TrainError::Cancelled` when
+    /// `progress.cancelled()` says so.
+    fn train(
+        &self,
+        config: &TrainConfig,
+        progress: &mut (dyn Progress + Send),
+    ) -> Result<TrainReport, TrainError>;
+}
+
+/// Trains on the resident base.
+pub struct BaseTrainer {
+    base: Arc<dyn AsRef<Base> + Send + Sync>,
+    pool: rayon::ThreadPool,
+}
+
+impl BaseTrainer {
+    /// `threads` compute threads for training (at least 1), apart from serving's.
+    pub fn new(base: Arc<dyn AsRef<Base> + Send + Sync>, threads: usize) -> Result<Self, String> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("lorahost-train-{i}"))
+            .build()
+            .map_err(|e| format!("cannot start the training threads: {e}"))?;
+        Ok(Self { base, pool })
+    }
+}
+
+impl Trainer for BaseTrainer {
+    fn num_layers(&self) -> usize {
+        self.base.as_ref().as_ref().model.config().num_layers
+    }
+
+    fn check_data(&self, path: &Path, max_seq_len: usize) -> Result<DataSummary, String> {
+        // Runs on the caller's thread: the training pool may be busy for a long while.
+        let data = crate::train::data::load(path, self.base.as_ref().as_ref(), max_seq_len)
+            .map_err(|e| e.to_string())?;
+        let tokens = data.examples.iter().map(|e| e.ids.len()).sum();
+        Ok(DataSummary { examples: data.examples.len(), tokens })
+    }
+
+    fn train(
+        &self,
+        config: &TrainConfig,
+        progress: &mut (dyn Progress + Send),
+    ) -> Result<TrainReport, TrainError> {
+        let base = self.base.as_ref().as_ref();
+        self.pool.install(|| crate::train::train(base, config, progress))
+    }
+}
