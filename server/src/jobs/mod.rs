@@ -199,7 +199,7 @@ impl Jobs {
                 message: format!("purpose {purpose:?} is not supported; use \"{PURPOSE_FINE_TUNE}\""),
             });
         }
-        let scratch = self.state().disk.write_scratch("upload", bytes)?;
+        let scratch = self.write_scratch("upload", bytes)?;
         let checked = self
             .shared
             .trainer
@@ -210,6 +210,13 @@ impl Jobs {
             return Err(e);
         }
         self.commit_file(tenant, filename, purpose, &scratch, bytes.len() as u64)
+    }
+
+    /// Writes a scratch file without holding the state lock (uploads can be large).
+    fn write_scratch(&self, what: &str, bytes: &[u8]) -> Result<PathBuf, JobsError> {
+        let path = self.state().disk.scratch(what);
+        store::write_synced(&path, bytes)?;
+        Ok(path)
     }
 
     fn commit_file(
@@ -398,7 +405,7 @@ impl Jobs {
 
     /// Registers a job's metrics log as a results file of `tenant`.
     fn add_result_file(&self, tenant: &str, job_id: &str, bytes: &[u8]) -> Result<FileRecord, JobsError> {
-        let scratch = self.state().disk.write_scratch("result", bytes)?;
+        let scratch = self.write_scratch("result", bytes)?;
         self.commit_file(
             tenant,
             &format!("{job_id}-training_log.json"),

@@ -79,7 +79,22 @@ impl DiskStore {
                 .map_err(|e| JobsError::Io(format!("{} is not a job record: {e}", path.display())))?;
             store.jobs.insert(record.id.clone(), record);
         }
+        store.remove_unreferenced_data()?;
         Ok(store)
+    }
+
+    /// Data whose record is gone (a crash during a delete, or before an upload's record was
+    /// written).
+    fn remove_unreferenced_data(&self) -> Result<(), JobsError> {
+        let dir = self.root.join("files");
+        for entry in fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let path = entry.map_err(io("list", &dir))?.path();
+            let id = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(DATA_SUFFIX));
+            if id.is_some_and(|id| !self.files.contains_key(id)) {
+                fs::remove_file(&path).map_err(io("remove", &path))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn data_path(&self, file_id: &str) -> PathBuf {
@@ -95,16 +110,6 @@ impl DiskStore {
     /// Where a job's trainer writes its adapter.
     pub fn work_dir(&self, job_id: &str) -> PathBuf {
         self.root.join("work").join(job_id)
-    }
-
-    /// Writes `bytes` to a scratch file and fsyncs it; the caller renames it into place.
-    pub fn write_scratch(&self, what: &str, bytes: &[u8]) -> Result<PathBuf, JobsError> {
-        let path = self.scratch(what);
-        let mut f =
-            OpenOptions::new().write(true).create_new(true).open(&path).map_err(io("create", &path))?;
-        f.write_all(bytes).map_err(io("write", &path))?;
-        f.sync_all().map_err(io("fsync", &path))?;
-        Ok(path)
     }
 
     /// Moves a complete scratch file to be the data of `file_id`, durably.
@@ -149,9 +154,17 @@ impl DiskStore {
 
     fn write_record<T: serde::Serialize>(&self, kind: &str, id: &str, record: &T) -> Result<(), JobsError> {
         let bytes = serde_json::to_vec(record).map_err(|e| JobsError::Io(e.to_string()))?;
-        let scratch = self.write_scratch(kind, &bytes)?;
+        let scratch = self.scratch(kind);
+        write_synced(&scratch, &bytes)?;
         rename_synced(&scratch, &self.root.join(kind).join(format!("{id}{RECORD_SUFFIX}")))
     }
+}
+
+/// Creates `path` (which must not exist), writes `bytes` and fsyncs it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), JobsError> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(io("create", path))?;
+    f.write_all(bytes).map_err(io("write", path))?;
+    f.sync_all().map_err(io("fsync", path))
 }
 
 /// `(path, bytes)` of every `*.json` in `dir`, in name order.
