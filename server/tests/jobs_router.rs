@@ -196,6 +196,10 @@ fn fixture() -> Fixture {
 }
 
 fn start(dir: tempfile::TempDir) -> Fixture {
+    start_with(dir, Limits::default())
+}
+
+fn start_with(dir: tempfile::TempDir, limits: Limits) -> Fixture {
     let store = FsStore::open(dir.path().join("adapters")).expect("store");
     let backend: Arc<dyn Backend> = Arc::new(FakeBackend);
     let trainer = Arc::new(GatedTrainer::default());
@@ -207,7 +211,7 @@ fn start(dir: tempfile::TempDir) -> Fixture {
     )
     .expect("jobs");
     let auth = Auth::Keys(ApiKeys::parse(KEYS).expect("keys"));
-    let parts = AppParts { backend, store: store.clone(), cache: None, auth, limits: Limits::default() };
+    let parts = AppParts { backend, store: store.clone(), cache: None, auth, limits };
     let state = AppState::with_jobs(parts, jobs.clone());
     Fixture { app: router(state), jobs, trainer, store, dir }
 }
@@ -335,6 +339,17 @@ async fn files_are_validated_stored_listed_and_deleted() {
     assert_eq!(deleted["deleted"], true);
     get(&f.app, &format!("/v1/files/{id}"), ALICE).await.error(StatusCode::NOT_FOUND);
     assert!(get(&f.app, "/v1/files", ALICE).await.ok()["data"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_file_over_the_limit_is_413_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = start_with(dir, Limits { max_file_bytes: 64, ..Limits::default() });
+    upload_file(&f.app, ALICE, "fine-tune", GOOD).await.error(StatusCode::PAYLOAD_TOO_LARGE);
+    upload_file(&f.app, ALICE, "fine-tune", &GOOD.repeat(20_000)).await.error(StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(get(&f.app, "/v1/files", ALICE).await.ok()["data"].as_array().unwrap().is_empty());
+    let small = "{\"text\": \"a\"}\n";
+    assert_eq!(upload_file(&f.app, ALICE, "fine-tune", small).await.ok()["bytes"], small.len());
 }
 
 #[tokio::test]

@@ -213,7 +213,7 @@ impl crate::jobs::Publisher for AdapterPublisher {
     }
 }
 
-fn multipart_error(e: MultipartError) -> ApiError {
+pub(super) fn multipart_error(e: MultipartError) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::TooLarge(e.body_text())
     } else {

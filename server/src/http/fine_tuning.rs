@@ -4,6 +4,7 @@
 //! `hyperparameters` or a `lorahost` object) and renders OpenAI's objects; the job life cycle is
 //! `Jobs`'. A tenant sees only its own files, jobs and models (404 otherwise); an admin sees all.
 
+use super::adapters::multipart_error;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
@@ -53,13 +54,11 @@ pub async fn upload_file(
     let limit = state.limits().max_file_bytes;
     let (mut file, mut purpose): (Option<(String, Vec<u8>)>, Option<String>) = (None, None);
     let mut too_large = false;
-    while let Some(mut field) =
-        multipart.next_field().await.map_err(|e| ApiError::Malformed(e.body_text()))?
-    {
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or("").to_string();
         let filename = field.file_name().unwrap_or("file.jsonl").to_string();
         let mut bytes = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(|e| ApiError::Malformed(e.body_text()))? {
+        while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
             // Past the limit, keep reading (and dropping) so the client gets the 413.
             too_large |= bytes.len() + chunk.len() > limit;
             if !too_large {

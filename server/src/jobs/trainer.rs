@@ -1,6 +1,6 @@
 //! `Trainer`: what jobs need from the model side (checking data, training), and `BaseTrainer`,
-//! which trains on the resident base on a dedicated thread pool of `--train-threads` threads so
-//! serving keeps the rest of the cores.
+//! which trains on the resident base on a dedicated thread pool of `--train-threads` threads at
+//! the lowest scheduling priority, so serving keeps the cores it needs.
 
 use crate::base::Base;
 use crate::train::{Progress, TrainConfig, TrainError, TrainReport};
@@ -40,6 +40,7 @@ impl BaseTrainer {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .thread_name(|i| format!("lorahost-train-{i}"))
+            .start_handler(|_| lowest_priority())
             .build()
             .map_err(|e| format!("cannot start the training threads: {e}"))?;
         Ok(Self { base, pool })
@@ -66,5 +67,25 @@ impl Trainer for BaseTrainer {
     ) -> Result<TrainReport, TrainError> {
         let base = self.base.as_ref().as_ref();
         self.pool.install(|| crate::train::train(base, config, progress))
+    }
+}
+
+/// Lowers the calling thread to nice 19: when serving and training want the same core, the
+/// scheduler gives it to serving (CFS weights 1024 to 15); idle cores still train at full speed.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread; Linux keeps a nice value per thread
+        // and `setpriority(PRIO_PROCESS, tid)` changes only that thread.
+        let result = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19)
+        };
+        if result != 0 {
+            tracing::warn!(
+                "cannot lower the priority of a training thread: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
