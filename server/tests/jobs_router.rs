@@ -21,7 +21,7 @@ use lorahost::engine::{
     ClientId, Completion, EngineError, EngineStats, FinishReason, GeneratedToken, TokenEvent, ValidRequest,
 };
 use lorahost::http::{router, AdapterPublisher, ApiKeys, AppParts, AppState, Auth, Backend, Limits};
-use lorahost::jobs::{DataSummary, Jobs, JobsConfig, Trainer};
+use lorahost::jobs::{DataSummary, JobRecord, JobSettings, JobStatus, Jobs, JobsConfig, Trainer};
 use lorahost::testing::TinyModel;
 use lorahost::train::{Progress, TrainConfig, TrainError, TrainReport};
 use serde_json::{json, Value};
@@ -546,4 +546,68 @@ async fn a_job_stopped_by_shutdown_is_failed_and_stays_so_after_a_restart() {
     }
     assert!(f.store.list(None).is_empty());
     assert_eq!(get(&f.app, &format!("/v1/files/{file}"), ALICE).await.ok()["id"], file.as_str());
+}
+
+/// A job record as a previous process left it.
+fn left_running(id: &str, model_name: &str) -> JobRecord {
+    JobRecord {
+        id: id.into(),
+        tenant: "alice".into(),
+        model: BASE.into(),
+        status: JobStatus::Running,
+        training_file: "file-gone".into(),
+        validation_file: None,
+        suffix: None,
+        settings: JobSettings {
+            n_epochs: 1.0,
+            batch_size: 1,
+            learning_rate_multiplier: 1.0,
+            rank: 4,
+            alpha: 8.0,
+            targets: "all-linear".into(),
+            layers: None,
+            steps: None,
+            max_seq_len: 64,
+            seed: 0,
+        },
+        model_name: model_name.into(),
+        fine_tuned_model: None,
+        created_at: 1,
+        finished_at: None,
+        trained_tokens: Some(10),
+        error: None,
+        result_files: vec![],
+        events: vec![],
+    }
+}
+
+#[tokio::test]
+async fn a_restart_settles_running_jobs_by_whether_their_adapter_was_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let records = dir.path().join("jobs/jobs");
+    std::fs::create_dir_all(&records).unwrap();
+    let (published, lost) = ("ftjob-000000000001aaaaaaaaaaaa", "ftjob-000000000002bbbbbbbbbbbb");
+    for (id, name) in [(published, "ft-aaaaaaaa"), (lost, "ft-bbbbbbbb")] {
+        std::fs::write(
+            records.join(format!("{id}.json")),
+            serde_json::to_vec(&left_running(id, name)).unwrap(),
+        )
+        .unwrap();
+    }
+    {
+        // Killed after the store's atomic publish, before the job's record said so.
+        let store = FsStore::open(dir.path().join("adapters")).expect("store");
+        let key = adapters::store::AdapterKey::new("alice", "ft-aaaaaaaa").unwrap();
+        store.put(&key, br#"{"r": 4}"#, b"weights").unwrap();
+    }
+    let f = start(dir);
+    let job = get(&f.app, &format!("/v1/fine_tuning/jobs/{published}"), ALICE).await.ok();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["fine_tuned_model"], "ft-aaaaaaaa");
+    post(&f.app, "/v1/chat/completions", ALICE, chat("ft-aaaaaaaa")).await.ok();
+    let job = get(&f.app, &format!("/v1/fine_tuning/jobs/{lost}"), ALICE).await.ok();
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "interrupted");
+    assert!(job["fine_tuned_model"].is_null());
+    assert!(f.store.get(&adapters::store::AdapterKey::new("alice", "ft-bbbbbbbb").unwrap()).is_none());
 }

@@ -27,6 +27,7 @@ const MAX_RANK: usize = 256;
 const MAX_BATCH_SIZE: usize = 256;
 const MAX_EPOCHS: f64 = 1000.0;
 const MAX_SEQ_LEN: usize = 1 << 16;
+const MAX_FILENAME_CHARS: usize = 256;
 /// Items per page of a list, by default and at most.
 const DEFAULT_PAGE: usize = 20;
 const MAX_PAGE: usize = 100;
@@ -56,7 +57,9 @@ pub async fn upload_file(
     let mut too_large = false;
     while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
         let name = field.name().unwrap_or("").to_string();
-        let filename = field.file_name().unwrap_or("file.jsonl").to_string();
+        // Only ever shown back to its owner, but bounded like everything a client sends.
+        let filename: String =
+            field.file_name().unwrap_or("file.jsonl").chars().take(MAX_FILENAME_CHARS).collect();
         let mut bytes = Vec::new();
         while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
             // Past the limit, keep reading (and dropping) so the client gets the 413.
