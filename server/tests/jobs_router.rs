@@ -395,11 +395,12 @@ async fn job_requests_are_checked_before_anything_is_queued() {
 async fn a_job_trains_publishes_and_its_model_serves_the_owner_only() {
     let f = fixture();
     let file = good_file(&f.app, ALICE).await;
+    let valid = good_file(&f.app, ALICE).await;
     let job = create_job(
         &f.app,
         ALICE,
         &file,
-        json!({"suffix": "facts", "seed": 7, "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "rank": 4},
+        json!({"suffix": "facts", "seed": 7, "validation_file": valid, "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "rank": 4},
                "lorahost": {"targets": ["q_proj", "v_proj"], "layers": [1, 1], "steps": 2}}),
     )
     .await;
@@ -423,6 +424,10 @@ async fn a_job_trains_publishes_and_its_model_serves_the_owner_only() {
     let config = f.trainer.configs.lock().unwrap()[0].clone();
     assert_eq!((config.rank, config.alpha, config.steps, config.seed), (4, 8.0, Some(2), 7));
     assert_eq!(config.layers, Some(1..2));
+    assert_eq!(done["validation_file"], valid.as_str());
+    let eval = config.eval_data.as_ref().expect("the validation file is the eval data");
+    assert_eq!(std::fs::read_to_string(eval).unwrap(), GOOD);
+    assert_eq!(std::fs::read_to_string(&config.data).unwrap(), GOOD);
 
     // The result is a stored adapter of alice's, servable at once, and a results file.
     assert!(f.store.get(&adapters::store::AdapterKey::new("alice", model.as_str()).unwrap()).is_some());
@@ -469,7 +474,7 @@ async fn a_job_trains_publishes_and_its_model_serves_the_owner_only() {
     assert!(get(&f.app, "/v1/files", BOB).await.ok()["data"].as_array().unwrap().is_empty());
     let admin = get(&f.app, &format!("/v1/fine_tuning/jobs/{id}"), ROOT).await.ok();
     assert_eq!(admin["fine_tuned_model"], format!("alice/{model}"));
-    assert_eq!(get(&f.app, "/v1/files", ROOT).await.ok()["data"].as_array().unwrap().len(), 2);
+    assert_eq!(get(&f.app, "/v1/files", ROOT).await.ok()["data"].as_array().unwrap().len(), 3);
 
     // A finished job cannot be cancelled, and its file outlives it.
     post(&f.app, &format!("/v1/fine_tuning/jobs/{id}/cancel"), ALICE, json!({}))

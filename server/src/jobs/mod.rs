@@ -27,6 +27,8 @@ use store::DiskStore;
 
 /// Default largest training file, in bytes.
 pub const DEFAULT_MAX_FILE_BYTES: usize = 512 << 20;
+/// Events kept per job (see `push_event`).
+pub const MAX_JOB_EVENTS: usize = 10_000;
 /// Longest `suffix`: the adapter name `ft-<suffix>-<8 hex>` stays well within the name limit.
 pub const MAX_SUFFIX_LEN: usize = 64;
 
@@ -427,9 +429,15 @@ impl Shared {
 /// the job's `max_seq_len`.
 const DEFAULT_CHECK_SEQ_LEN: usize = 1 << 20;
 
-/// Appends an event with the next sequence number.
+/// Appends an event with the next sequence number. Past `MAX_JOB_EVENTS` the oldest step
+/// metrics make room (messages are kept), so a job of a million steps stays a small record.
 fn push_event(job: &mut JobRecord, level: &str, message: &str, data: serde_json::Value) {
     let seq = job.events.last().map_or(1, |e| e.seq + 1);
+    if job.events.len() >= MAX_JOB_EVENTS {
+        if let Some(oldest) = job.events.iter().position(|e| !e.data.is_null()) {
+            job.events.remove(oldest);
+        }
+    }
     job.events.push(JobEvent {
         seq,
         created_at: unix_seconds(),
@@ -454,4 +462,52 @@ fn check_settings(s: &JobSettings, num_layers: usize) -> Result<(), JobsError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_job_keeps_its_messages_and_the_newest_step_events() {
+        let mut job = JobRecord {
+            id: "ftjob-1".into(),
+            tenant: "t".into(),
+            model: "base".into(),
+            status: JobStatus::Running,
+            training_file: "file-1".into(),
+            validation_file: None,
+            suffix: None,
+            settings: JobSettings {
+                n_epochs: 1.0,
+                batch_size: 1,
+                learning_rate_multiplier: 1.0,
+                rank: 1,
+                alpha: 1.0,
+                targets: "all-linear".into(),
+                layers: None,
+                steps: None,
+                max_seq_len: 8,
+                seed: 0,
+            },
+            model_name: "ft-1".into(),
+            fine_tuned_model: None,
+            created_at: 0,
+            finished_at: None,
+            trained_tokens: None,
+            error: None,
+            result_files: vec![],
+            events: vec![],
+        };
+        push_event(&mut job, "info", "started", serde_json::Value::Null);
+        let steps = MAX_JOB_EVENTS + 5;
+        for step in 1..=steps {
+            push_event(&mut job, "info", "step", serde_json::json!({ "step": step }));
+        }
+        assert_eq!(job.events.len(), MAX_JOB_EVENTS);
+        assert_eq!(job.events[0].message, "started");
+        assert_eq!(job.events[1].data["step"], 7);
+        let last = job.events.last().expect("events");
+        assert_eq!((last.seq, last.data["step"].as_u64()), (steps as u64 + 1, Some(steps as u64)));
+    }
 }
