@@ -14,6 +14,7 @@ use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -276,13 +277,11 @@ struct WireJob {
     suffix: Option<String>,
     #[serde(default)]
     seed: Option<u64>,
-    // Accepted for compatibility; lorahost has no integrations and keeps no metadata.
-    #[serde(default)]
-    #[allow(dead_code)]
-    integrations: Option<Value>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    metadata: Option<Value>,
+    /// Accepted for compatibility; lorahost has no integrations and keeps no metadata.
+    #[serde(default, rename = "integrations")]
+    _integrations: Option<IgnoredAny>,
+    #[serde(default, rename = "metadata")]
+    _metadata: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
