@@ -400,7 +400,9 @@ async fn a_job_trains_publishes_and_its_model_serves_the_owner_only() {
         &f.app,
         ALICE,
         &file,
-        json!({"suffix": "facts", "seed": 7, "validation_file": valid, "metadata": {"team": "x"}, "integrations": [], "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "rank": 4},
+        json!({"suffix": "facts", "seed": 7, "validation_file": valid,
+               "metadata": {"team": "x"}, "integrations": [],
+               "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "rank": 4},
                "lorahost": {"targets": ["q_proj", "v_proj"], "layers": [1, 1], "steps": 2}}),
     )
     .await;
