@@ -268,6 +268,8 @@ fn a_short_run_teaches_made_up_facts() {
         warmup_steps: 0,
         max_grad_norm: 1.0,
         eval_every: 0,
+        checkpoint_every: 0,
+        resume: false,
         seed: 0,
         base_name: base.name.clone(),
     };
@@ -300,5 +302,156 @@ fn a_short_run_teaches_made_up_facts() {
         let plain = base.tokenizer.decode(&drain_tokens(&mut pair[1])).unwrap();
         assert!(tuned.contains(fact), "{q}: the adapter answered {tuned:?}");
         assert!(!plain.contains(fact), "{q}: the base already knew: {plain:?}");
+    }
+}
+
+/// Stops the run once `at` steps are done.
+struct StopAfter {
+    at: usize,
+    done: usize,
+}
+
+impl lorahost::train::Progress for StopAfter {
+    fn start(&mut self, _: usize) {}
+    fn step(&mut self, step: usize, _: f64, _: f64, _: f64) {
+        self.done = step;
+    }
+    fn eval(&mut self, _: usize, _: f64) {}
+    fn cancelled(&self) -> bool {
+        self.done >= self.at
+    }
+}
+
+/// A run stopped after 6 steps (checkpoint at 4) and resumed gives the same adapter, bit for bit,
+/// as the same run unbroken; a checkpoint is refused by a run with other flags; the checkpoint
+/// is gone once the adapter is written; the loss curve and the log are written beside it.
+#[test]
+fn resume_continues_an_interrupted_run_exactly() {
+    let dir = tiny_model_dir();
+    let base = lorahost::base::Base::load(dir.path(), Dtype::F32).expect("base");
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        format!("{CHAT_LINE}\n{{\"text\": \"Zorbia is far.\"}}\n{{\"text\": \"Kelvara is blue.\"}}\n"),
+    )
+    .unwrap();
+    let config = |out: &str| lorahost::train::TrainConfig {
+        data: data.clone(),
+        eval_data: None,
+        eval_split: 0.0,
+        out: dir.path().join(out),
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: lorahost::train::Targets::AllLinear,
+        layers: None,
+        steps: Some(10),
+        epochs: 1.0,
+        batch_size: 2,
+        grad_accum: 1,
+        max_seq_len: 128,
+        optimizer: AdamWConfig { lr: 1e-2, weight_decay: 0.01, ..Default::default() },
+        warmup_steps: 2,
+        max_grad_norm: 1.0,
+        eval_every: 0,
+        checkpoint_every: 4,
+        resume: false,
+        seed: 7,
+        base_name: base.name.clone(),
+    };
+    let whole = config("whole");
+    let whole_report =
+        lorahost::train::train(&base, &whole, &mut lorahost::train::Quiet).expect("unbroken run");
+
+    let broken = config("broken");
+    let err = lorahost::train::train(&base, &broken, &mut StopAfter { at: 6, done: 0 }).unwrap_err();
+    assert!(matches!(err, lorahost::train::TrainError::Cancelled), "{err}");
+    assert!(!broken.out.exists(), "a cancelled run wrote an adapter");
+    let ckpt = dir.path().join("broken.checkpoint");
+    assert!(ckpt.is_file(), "no checkpoint after 4 steps");
+
+    let other = lorahost::train::TrainConfig { resume: true, seed: 8, ..config("broken") };
+    let err = lorahost::train::train(&base, &other, &mut lorahost::train::Quiet).unwrap_err();
+    assert!(err.to_string().contains("other data, adapter shape or optimisation"), "{err}");
+
+    let resumed = lorahost::train::TrainConfig { resume: true, ..config("broken") };
+    let report = lorahost::train::train(&base, &resumed, &mut lorahost::train::Quiet).expect("resumed run");
+    let weights = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(weights(&whole.out), weights(&broken.out), "the resumed run differs from the unbroken one");
+    // (The losses of the first steps went through the checkpoint's JSON: equal to ~1e-15.)
+    assert_eq!(report.losses.len(), whole_report.losses.len());
+    for (a, b) in report.losses.iter().zip(&whole_report.losses) {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "losses {:?} vs {:?}", report.losses, whole_report.losses);
+    }
+    assert!(!ckpt.exists(), "the checkpoint outlived the finished run");
+    let png = std::fs::read(whole.out.join("loss_curve.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(whole.out.join("training_log.json").is_file());
+}
+
+/// The configuration of the adapter in tests/fixtures/train/ours (r4, alpha 8, all-linear,
+/// layer 1 of the tiny fixture model).
+fn ours_config() -> lorahost::train::TrainConfig {
+    lorahost::train::TrainConfig {
+        data: fixture().join("batch.json"),
+        eval_data: None,
+        eval_split: 0.0,
+        out: fixture().join("ours"),
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: lorahost::train::Targets::AllLinear,
+        layers: Some(1..2),
+        steps: Some(5),
+        epochs: 1.0,
+        batch_size: 2,
+        grad_accum: 1,
+        max_seq_len: 16,
+        optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
+        warmup_steps: 0,
+        max_grad_norm: 1.0,
+        eval_every: 0,
+        checkpoint_every: 0,
+        resume: false,
+        seed: 3,
+        base_name: "tiny".into(),
+    }
+}
+
+/// Regenerates tests/fixtures/train/ours (an adapter trained and written by lorahost); then run
+/// `make_reference.py --peft-logits` so peft records its logits for it.
+#[test]
+#[ignore = "regenerates a fixture"]
+fn write_round_trip_adapter() {
+    let model = lorahost::model::load(&fixture().join("model"), Dtype::F32).expect("tiny model").model;
+    let config = ours_config();
+    let params = lorahost::train::init_params(&model.base_shape(), &config).expect("init");
+    let train = TrainModel::new(&model, params, 16).expect("train model");
+    let mut opt = AdamW::new(config.optimizer, &train.vars()).expect("optimizer");
+    for _ in 0..5 {
+        optimizer_step(&train, &mut opt, &[batch()], 1e-2, 1.0).expect("step");
+    }
+    lorahost::train::write_adapter(&model.base_shape(), &config, train.params()).expect("write");
+}
+
+/// PEFT round trip: `peft.PeftModel.from_pretrained` loads an adapter lorahost trained and
+/// wrote, and its logits (recorded in the fixture) equal lorahost's for the same adapter.
+#[test]
+fn peft_loads_our_adapter_and_agrees() {
+    let model = lorahost::model::load(&fixture().join("model"), Dtype::F32).expect("tiny model").model;
+    let adapter =
+        adapters::LoraAdapter::load_dir(&fixture().join("ours"), &model.base_shape()).expect("ours");
+    let want = candle_core::safetensors::load(fixture().join("ours_peft_logits.safetensors"), &Device::Cpu)
+        .expect("peft logits");
+    let b: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("batch.json")).unwrap()).unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(b["seqs"].clone()).unwrap();
+    for (i, seq) in seqs.iter().enumerate() {
+        let ours = model.last_logits(seq, Some(&adapter)).expect("forward");
+        let ours = Tensor::from_vec(ours, 128, &Device::Cpu).unwrap();
+        assert_close(&ours, &want["last_logits"].get(i).unwrap(), 1e-4, &format!("sequence {i}"));
+        let base = Tensor::from_vec(model.last_logits(seq, None).unwrap(), 128, &Device::Cpu).unwrap();
+        let moved = (base - &ours).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(moved > 1e-2, "sequence {i}: the adapter barely changes the output ({moved})");
     }
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use kernels::lora::workload::{Popularity, SplitMix64, Workload, WorkloadSpec};
-use kernels::lora::{lora_delta, Isa};
+use kernels::lora::{lora_delta, lora_delta_fused, Isa, SiteDelta};
 
 struct Shape {
     name: &'static str,
@@ -286,6 +286,70 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The LoRA work of one whole decode step of the default model: 30 layers × 7 projections, 32
+/// rows with 32 distinct rank-16 adapters, every call on another adapter set (from DRAM), with
+/// A/B in f32 and in int8, alternated round by round; best round of each (the least disturbed
+/// by other load). Fused q/k/v and gate/up calls, as the model makes them.
+fn decode_step(rounds: usize) -> Result<()> {
+    let (rows, rank, layers) = (32, 16, 30);
+    // (in, outs of the sites sharing the input)
+    let groups: [(usize, &[usize]); 4] =
+        [(576, &[576, 192, 192]), (576, &[576]), (576, &[1536, 1536]), (1536, &[576])];
+    let mut f32_sets = Vec::new();
+    for l in 0..layers {
+        for (g, &(inp, outs)) in groups.iter().enumerate() {
+            let spec = WorkloadSpec {
+                popularity: Popularity::Distinct,
+                out_features: outs.to_vec(),
+                seed: (l * 10 + g) as u64,
+                ..WorkloadSpec::new(rows, inp, outs[0], rows, rank)
+            };
+            f32_sets.push(Workload::generate(&spec)?);
+        }
+    }
+    let int8_sets: Vec<Workload> = f32_sets
+        .iter()
+        .map(|w| {
+            let mut q = w.clone();
+            q.quantize_int8();
+            q
+        })
+        .collect();
+    let run = |sets: &[Workload]| -> Result<f64> {
+        let mut ys: Vec<Vec<Vec<f32>>> = sets.iter().map(|w| w.y.clone()).collect();
+        let t = Instant::now();
+        for (w, y) in sets.iter().zip(ys.iter_mut()) {
+            let segs: Vec<Vec<_>> = (0..w.out_features.len()).map(|k| w.segments(k)).collect();
+            let mut sites: Vec<SiteDelta> = y
+                .iter_mut()
+                .zip(&segs)
+                .zip(&w.out_features)
+                .map(|((y, segments), &out_features)| SiteDelta { y, out_features, segments })
+                .collect();
+            lora_delta_fused(&w.x, w.in_features, &mut sites)?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let (mut best_f32, mut best_int8) = (f64::MAX, f64::MAX);
+    for _ in 0..rounds {
+        best_f32 = best_f32.min(run(&f32_sets)?);
+        best_int8 = best_int8.min(run(&int8_sets)?);
+    }
+    let bytes = |sets: &[Workload]| -> usize {
+        sets.iter()
+            .flat_map(|w| w.adapters.iter().flatten())
+            .map(|a| a.int8.as_ref().map_or((a.a.len() + a.b.len()) * 4, |q| q.bytes()))
+            .sum()
+    };
+    println!("
+LoRA work of one decode step (30 layers x 7 projections, 32 rows, 32 distinct rank-16 adapters), best of {rounds}:");
+    println!("| A/B storage | weights read | time per step |");
+    println!("|---|---:|---:|");
+    println!("| f32 | {} MB | {:.2} ms |", bytes(&f32_sets) >> 20, best_f32 * 1e3);
+    println!("| int8 | {} MB | {:.2} ms |", bytes(&int8_sets) >> 20, best_int8 * 1e3);
+    Ok(())
+}
+
 fn pop_name(p: Popularity) -> String {
     match p {
         Popularity::Identical => "identical".into(),
@@ -400,6 +464,9 @@ fn main() -> Result<()> {
     }
     if !args.iter().any(|a| a == "--no-cold") {
         cold_decode(&which, budget)?;
+    }
+    if args.iter().any(|a| a == "--decode-step") {
+        decode_step(if quick { 10 } else { 30 })?;
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));

@@ -38,6 +38,8 @@ const TILE_VECS: usize = 4;
 /// plain streaming read rate). Narrower or wider distances and an L1 hint measured the same or
 /// worse.
 const PREFETCH_FLOATS: usize = 4096;
+/// How far ahead (in elements) along each rank row the decode shrink prefetches.
+const SHRINK_PREFETCH: usize = 1024;
 /// How far ahead along each rank row the int8 expand prefetches.
 const INT8_PREFETCH_BYTES: usize = 256;
 /// Up to this many rows per item, the int8 expand converts Bᵀ straight into registers; beyond,
@@ -287,6 +289,13 @@ unsafe fn shrink_tile<S: Simd, W: Weight, const R: usize, const J: usize>(
     let mut k = 0;
     // SAFETY (loads): k + LANES <= full <= n, and every row read is n floats long.
     while k < full {
+        // A lone row (decode) reads its rank rows straight from DRAM; they are short streams,
+        // so ask for the lines ahead (the next rank rows, which follow contiguously).
+        if R == 1 {
+            for q in 0..J {
+                s.prefetch(a[q].wrapping_add(k + SHRINK_PREFETCH).cast());
+            }
+        }
         let mut xv = [s.zero(); R];
         for r in 0..R {
             xv[r] = unsafe { s.load(x[r].add(k)) };
@@ -355,12 +364,20 @@ unsafe fn expand_impl<S: Simd, const R: usize>(s: S, p: &ExpandArgs, bt: &mut Ve
             // Few rows: convert straight from Bᵀ into the registers (a scratch copy would cost
             // more than it saves); the values are the same, so are the results.
             ExpandB::Int8 { bt: q, scales } if p.rows <= INT8_DIRECT_ROWS => {
-                let direct = Int8Direct { q: q.as_ptr(), out_features: p.out_features, o0, valid };
                 for j in 0..r {
                     s.prefetch(q.as_ptr().wrapping_add(j * p.out_features + o0 + INT8_PREFETCH_BYTES).cast());
                 }
-                // SAFETY: the tile's columns are inside `outs`, hence inside Bᵀ's rows.
-                unsafe { expand_rows::<S, R, _>(s, p, &direct, Some(scales), o0, valid) };
+                let tile = q.as_ptr().wrapping_add(o0);
+                if valid == tw {
+                    // A whole tile: straight-line loads, no lane checks in the inner loop.
+                    let full = Int8FullTile { q: tile, out_features: p.out_features };
+                    // SAFETY: all `tw` columns from o0 are inside `outs`, hence inside Bᵀ's rows.
+                    unsafe { expand_rows::<S, R, _>(s, p, &full, Some(scales), o0, valid) };
+                } else {
+                    let direct = Int8Direct { q: q.as_ptr(), out_features: p.out_features, o0, valid };
+                    // SAFETY: the tile's columns are inside `outs`, hence inside Bᵀ's rows.
+                    unsafe { expand_rows::<S, R, _>(s, p, &direct, Some(scales), o0, valid) };
+                }
             }
             ExpandB::Int8 { bt: q, scales } => {
                 // SAFETY: as in the f32 arm.
@@ -417,6 +434,20 @@ impl<S: Simd> TileB<S> for Scratch {
     unsafe fn load(&self, s: S, j: usize, v: usize) -> S::V {
         // SAFETY: scratch row j has tw floats.
         unsafe { s.load(self.bt.add(j * self.tw + v * S::LANES)) }
+    }
+}
+
+/// Bᵀ in int8 itself for a whole tile: rank row `j`, columns `v·L ..` from the tile start `q`.
+struct Int8FullTile {
+    q: *const i8,
+    out_features: usize,
+}
+
+impl<S: Simd> TileB<S> for Int8FullTile {
+    #[inline(always)]
+    unsafe fn load(&self, s: S, j: usize, v: usize) -> S::V {
+        // SAFETY: the whole tile lies inside rank row j (caller contract).
+        unsafe { s.load_i8(self.q.add(j * self.out_features + v * S::LANES)) }
     }
 }
 

@@ -91,7 +91,10 @@ impl Int8Rows {
             let max = row.iter().fold(0f32, |acc, v| acc.max(v.abs()));
             let scale = max / 127.0;
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            values.extend(row.iter().map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8));
+            // Round half to even by the 1.5·2²³ trick (|v · inv| ≤ 127): exact, branch-free, and
+            // it vectorises, where `f32::round` is a libm call per element on baseline x86-64.
+            const MAGIC: f32 = 12_582_912.0;
+            values.extend(row.iter().map(|v| (((v * inv) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8));
             scales.push(scale);
         }
         Self { values, scales }

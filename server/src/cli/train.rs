@@ -66,6 +66,12 @@ pub struct TrainArgs {
     /// Evaluate every N steps (and always at the end, when there is evaluation data).
     #[arg(long, default_value_t = 0)]
     pub eval_every: usize,
+    /// Save the run's state every N steps (beside --out, as <out>.checkpoint); 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue an interrupted run from its checkpoint (same data and flags).
+    #[arg(long)]
+    pub resume: bool,
     /// Same seed, same data, same flags: the same adapter.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -138,6 +144,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         warmup_steps: args.warmup_steps,
         max_grad_norm: args.max_grad_norm,
         eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        resume: args.resume,
         seed: args.seed,
         base_name: base.name.clone(),
     };

@@ -163,11 +163,27 @@ impl Mlp {
             .try_into()
             .map_err(|_| ModelError::Config("gate/up projection count".into()))?;
         let rows = x.dims2()?.0;
-        let shape = (rows, self.up_proj.base().out_features());
-        let gate = candle_nn::ops::silu(&Tensor::from_vec(gate, shape, &Device::Cpu)?)?;
-        let up = Tensor::from_vec(up, shape, &Device::Cpu)?;
-        self.down_proj.forward(&(gate * up)?, lora)
+        let act = silu_mul(gate, &up);
+        self.down_proj
+            .forward(&Tensor::from_vec(act, (rows, self.up_proj.base().out_features()), &Device::Cpu)?, lora)
     }
+}
+
+/// `silu(gate) · up`, element-wise, in place of `gate` (transformers' order: `x · sigmoid(x)`,
+/// then the product). Large batches (prefill) split across the rayon pool; a decode step's few
+/// rows stay on the calling thread, where waking helpers would cost more than the work.
+fn silu_mul(mut gate: Vec<f32>, up: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    const PARALLEL_MIN: usize = 1 << 16;
+    let op = |(g, u): (&mut f32, &f32)| *g = *g / (1.0 + (-*g).exp()) * u;
+    if gate.len() < PARALLEL_MIN {
+        gate.iter_mut().zip(up).for_each(op);
+    } else {
+        gate.par_chunks_mut(PARALLEL_MIN / 4)
+            .zip(up.par_chunks(PARALLEL_MIN / 4))
+            .for_each(|(g, u)| g.iter_mut().zip(u).for_each(op));
+    }
+    gate
 }
 
 impl DecoderLayer {

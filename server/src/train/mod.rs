@@ -3,13 +3,15 @@
 //! zero), AdamW with warmup and cosine decay, gradient clipping and accumulation, and the
 //! result written as a PEFT adapter directory that lorahost and `peft` both load.
 
+mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;
+mod plot;
 
 use crate::base::Base;
 use crate::model::{ModelError, MODULES};
-use adapters::{LoraSite, SiteMatrices};
+use adapters::{BaseShape, LoraSite, SiteMatrices};
 use candle_core::{Device, Tensor, Var};
 use data::{DataError, Example};
 use model::{Batch, LoraParam, TrainModel};
@@ -106,6 +108,10 @@ pub struct TrainConfig {
     pub warmup_steps: usize,
     pub max_grad_norm: f64,
     pub eval_every: usize,
+    /// Save the run's state every N steps (0: never) next to `out` (`<out>.checkpoint`).
+    pub checkpoint_every: usize,
+    /// Continue from the checkpoint of an interrupted run with the same configuration.
+    pub resume: bool,
     pub seed: u64,
     /// Written into `adapter_config.json` as `base_model_name_or_path`.
     pub base_name: String,
@@ -219,8 +225,7 @@ impl Progress for Quiet {
 
 /// The LoRA parameters of a new adapter: `A ~ U(±1/√in)` (PEFT's Kaiming-uniform init with
 /// `a = √5`), `B = 0`, from `seed`.
-pub fn init_params(base: &Base, config: &TrainConfig) -> Result<Vec<LoraParam>, TrainError> {
-    let shape = base.model.base_shape();
+pub fn init_params(shape: &BaseShape, config: &TrainConfig) -> Result<Vec<LoraParam>, TrainError> {
     let layers = config.layers.clone().unwrap_or(0..shape.num_layers);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut params = Vec::new();
@@ -264,7 +269,7 @@ pub fn train(
     });
 
     let max_len = examples.iter().chain(&eval).map(|e| e.ids.len()).max().unwrap_or(1);
-    let model = TrainModel::new(&base.model, init_params(base, config)?, max_len)?;
+    let model = TrainModel::new(&base.model, init_params(&base.model.base_shape(), config)?, max_len)?;
     let mut opt = AdamW::new(config.optimizer, &model.vars())?;
 
     let start = Instant::now();
@@ -281,8 +286,21 @@ pub fn train(
         seconds: 0.0,
         peak_rss_bytes: None,
     };
+    let ckpt = checkpoint::path_for(&config.out);
+    let fingerprint = checkpoint::fingerprint(config, total_steps, &config.data)?;
+    let mut first_step = 0;
+    if config.resume {
+        let state = checkpoint::load(&ckpt, &fingerprint, &model, &mut opt)?;
+        first_step = state.step;
+        report.losses = state.losses;
+        report.eval_losses = state.eval_losses;
+        // Replay the data order of the steps already done, so the run continues as if unbroken.
+        for _ in 0..first_step * per_step {
+            order.next(&mut rng);
+        }
+    }
     progress.start(total_steps);
-    for step in 0..total_steps {
+    for step in first_step..total_steps {
         if progress.cancelled() {
             return Err(TrainError::Cancelled);
         }
@@ -305,15 +323,32 @@ pub fn train(
             report.eval_losses.push((step + 1, loss));
             progress.eval(step + 1, loss);
         }
+        if config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0 && !last {
+            let state = checkpoint::State {
+                step: step + 1,
+                losses: report.losses.clone(),
+                eval_losses: report.eval_losses.clone(),
+            };
+            checkpoint::save(&ckpt, &fingerprint, &state, &model, &opt)?;
+        }
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.tokens_per_second = report.processed_tokens as f64 / report.seconds.max(1e-9);
     report.peak_rss_bytes = peak_rss_bytes();
-    write_adapter(base, config, model.params())?;
+    write_adapter(&base.model.base_shape(), config, model.params())?;
+    checkpoint::remove(&ckpt);
     let log = serde_json::json!({"config": config.peft_config(), "report": report});
-    let log_path = config.out.join("training_log.json");
-    std::fs::write(&log_path, serde_json::to_vec_pretty(&log).unwrap_or_default())
-        .map_err(|e| TrainError::Write(format!("{}: {e}", log_path.display())))?;
+    let log = serde_json::to_vec_pretty(&log).map_err(|e| TrainError::Write(e.to_string()))?;
+    write_atomically(&config.out.join(LOG_FILE), &log)?;
+    // The chart is a convenience: failing to draw it does not fail a finished run.
+    let curve = config.out.join(format!(".tmp-{CURVE_FILE}"));
+    let drawn = plot::write_loss_curve(&curve, &report.losses, &report.eval_losses).and_then(|()| {
+        std::fs::rename(&curve, config.out.join(CURVE_FILE)).map_err(|e| TrainError::Write(e.to_string()))
+    });
+    if let Err(e) = drawn {
+        tracing::warn!(error = %e, "the loss curve was not drawn");
+        let _ = std::fs::remove_file(&curve);
+    }
     Ok(report)
 }
 
@@ -365,8 +400,29 @@ pub fn optimizer_step(
     Ok(StepOutcome { loss, grad_norm })
 }
 
+/// Written next to the adapter's files.
+pub const LOG_FILE: &str = "training_log.json";
+pub const CURVE_FILE: &str = "loss_curve.png";
+
+/// `path` appears whole or not at all: written to a temp file, synced, renamed.
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let io = |e: std::io::Error| TrainError::Write(format!("{}: {e}", path.display()));
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    std::io::Write::write_all(&mut f, bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
 /// Writes the trained parameters as a PEFT adapter directory (atomically).
-pub fn write_adapter(base: &Base, config: &TrainConfig, params: &[LoraParam]) -> Result<(), TrainError> {
+pub fn write_adapter(
+    shape: &BaseShape,
+    config: &TrainConfig,
+    params: &[LoraParam],
+) -> Result<(), TrainError> {
     let sites = params
         .iter()
         .map(|p| {
@@ -382,7 +438,7 @@ pub fn write_adapter(base: &Base, config: &TrainConfig, params: &[LoraParam]) ->
             })
         })
         .collect::<Result<Vec<_>, TrainError>>()?;
-    adapters::write_adapter_dir(&config.out, &config.peft_config(), &sites, &base.model.base_shape())?;
+    adapters::write_adapter_dir(&config.out, &config.peft_config(), &sites, shape)?;
     Ok(())
 }
 
