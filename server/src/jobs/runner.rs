@@ -89,6 +89,9 @@ fn train_config(shared: &Shared, job: &JobRecord) -> Result<TrainConfig, JobFail
         warmup_steps: 0,
         max_grad_norm: 1.0,
         eval_every: 0,
+        // A job interrupted by a restart fails rather than resumes, so it keeps no checkpoint.
+        checkpoint_every: 0,
+        resume: false,
         seed: s.seed,
         base_name: job.model.clone(),
     })
@@ -150,7 +153,7 @@ fn finish(jobs: &Jobs, job: &JobRecord, outcome: Result<(TrainReport, PathBuf), 
         record_end(shared, id, JobStatus::Failed, Some(failure("publish_failed", e)), None);
         return;
     }
-    let results = std::fs::read(dir.join("training_log.json"))
+    let results = std::fs::read(dir.join(crate::train::LOG_FILE))
         .ok()
         .and_then(|log| jobs.add_result_file(&job.tenant, id, &log).ok())
         .map(|f| f.id);
