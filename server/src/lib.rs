@@ -8,6 +8,7 @@ pub mod cli;
 pub mod engine;
 pub mod fetch;
 pub mod http;
+pub mod jobs;
 pub mod model;
 pub mod runtime;
 #[doc(hidden)]

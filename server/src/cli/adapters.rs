@@ -9,7 +9,7 @@ use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use sha2::Digest as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct AdaptersArgs {
@@ -63,16 +63,7 @@ async fn run_async(args: AdaptersArgs) -> anyhow::Result<()> {
             }
         }
         AdaptersCommand::Upload { name, dir } => {
-            let read = |file: &str| {
-                let path = dir.join(file);
-                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
-            };
-            let config = read(adapters::CONFIG_FILE)?;
-            let weights = read(adapters::WEIGHTS_FILE)?;
-            let (content_type, body) =
-                multipart(&[(adapters::CONFIG_FILE, &config), (adapters::WEIGHTS_FILE, &weights)]);
-            let path = format!("/v1/adapters/{}", encode_segment(name));
-            let reply = client.send(Method::PUT, &path, Some((content_type, body))).await?;
+            let reply = upload(&client, name, dir).await?;
             println!("{}", serde_json::to_string_pretty(&reply)?);
         }
         AdaptersCommand::Delete { name } => {
@@ -82,6 +73,49 @@ async fn run_async(args: AdaptersArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Uploads the PEFT adapter directory `dir` as `name`; returns the server's description of it.
+async fn upload(client: &Client, name: &str, dir: &Path) -> anyhow::Result<Value> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let config = read(adapters::CONFIG_FILE)?;
+    let weights = read(adapters::WEIGHTS_FILE)?;
+    let (content_type, body) =
+        multipart(&[(adapters::CONFIG_FILE, &config), (adapters::WEIGHTS_FILE, &weights)]);
+    let path = format!("/v1/adapters/{}", encode_segment(name));
+    client.send(Method::PUT, &path, Some((content_type, body))).await
+}
+
+/// A server to push a trained adapter to (`lorahost train --push`).
+pub struct PushTarget {
+    pub server: String,
+    pub api_key: Option<String>,
+    pub name: String,
+}
+
+impl PushTarget {
+    /// Checks, before training starts, that the name is valid, the server answers and the key
+    /// is accepted, so a long run is not wasted on a typo.
+    pub fn check(&self) -> anyhow::Result<()> {
+        ::adapters::store::AdapterKey::new(::adapters::store::DEFAULT_TENANT, self.name.as_str())
+            .with_context(|| format!("--name {:?}", self.name))?;
+        let client = Client::new(&self.server, self.api_key.clone())?;
+        block_on(async { client.send(Method::GET, "/v1/adapters", None).await.map(drop) })
+            .with_context(|| format!("--push {}", self.server))
+    }
+
+    /// Uploads `dir`; when this returns the adapter is servable under `name`.
+    pub fn push(&self, dir: &Path) -> anyhow::Result<Value> {
+        let client = Client::new(&self.server, self.api_key.clone())?;
+        block_on(upload(&client, &self.name, dir)).with_context(|| format!("--push {}", self.server))
+    }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
 struct Client {

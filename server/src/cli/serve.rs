@@ -4,7 +4,8 @@
 use super::{AdapterArgs, EngineArgs, ModelArgs};
 use crate::base::Base;
 use crate::engine::Engine;
-use crate::http::{self, AppParts, AppState, Auth, EngineBackend, Limits};
+use crate::http::{self, AdapterPublisher, AppParts, AppState, Auth, EngineBackend, Limits};
+use crate::jobs::{self, BaseTrainer, Jobs, JobsConfig};
 use anyhow::Context;
 use clap::Args;
 use std::path::PathBuf;
@@ -42,6 +43,16 @@ pub struct ServeArgs {
     /// cancelled.
     #[arg(long, default_value_t = http::DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
     pub shutdown_timeout: u64,
+    /// Compute threads of fine-tuning jobs, apart from serving's (jobs run one at a time).
+    #[arg(long, default_value_t = 1, env = "LORAHOST_TRAIN_THREADS")]
+    pub train_threads: usize,
+    /// Where uploaded training files and fine-tuning jobs are kept (default: `jobs/` in the
+    /// adapters directory).
+    #[arg(long, env = "LORAHOST_JOBS_DIR")]
+    pub jobs_dir: Option<PathBuf>,
+    /// Largest training file upload (`/v1/files`), in bytes.
+    #[arg(long, default_value_t = jobs::DEFAULT_MAX_FILE_BYTES)]
+    pub max_file_bytes: usize,
 }
 
 /// Where named adapters live without `--adapters-dir`: user data, not cache (uploads must
@@ -57,6 +68,7 @@ fn default_adapters_dir() -> PathBuf {
 pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_waiting > 0, "--max-waiting must be positive");
     anyhow::ensure!(args.request_timeout > 0, "--request-timeout must be positive");
+    anyhow::ensure!(args.train_threads > 0, "--train-threads must be positive");
     // Read the keys before loading anything heavy, so a bad file fails at once.
     let auth = match &args.api_keys {
         Some(path) => Auth::Keys(http::ApiKeys::load(path)?),
@@ -65,9 +77,8 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     args.model.init_threads()?;
     let path = args.model.resolve()?;
     let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
-    if args.adapters.adapters_dir.is_none() {
-        args.adapters.adapters_dir = Some(default_adapters_dir());
-    }
+    let adapters_dir = args.adapters.adapters_dir.get_or_insert_with(default_adapters_dir).clone();
+    let jobs_dir = args.jobs_dir.clone().unwrap_or_else(|| adapters_dir.join("jobs"));
     let host = args.adapters.open(base.model.clone())?.context("the adapter store did not open")?;
     let engine = Engine::start(
         base.model.clone(),
@@ -80,9 +91,24 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     let limits = Limits {
         max_adapter_bytes: args.max_adapter_bytes,
         request_timeout: Duration::from_secs(args.request_timeout),
+        max_file_bytes: args.max_file_bytes,
     };
     let open = auth.is_open();
-    let state = AppState::new(AppParts { backend, store: host.store, cache: Some(host.cache), auth, limits });
+    let trainer = BaseTrainer::new(backend.clone(), args.train_threads).map_err(anyhow::Error::msg)?;
+    let parts =
+        AppParts { backend: backend.clone(), store: host.store, cache: Some(host.cache), auth, limits };
+    let publisher = Arc::new(AdapterPublisher {
+        backend: parts.backend.clone(),
+        store: parts.store.clone(),
+        cache: parts.cache.clone(),
+    });
+    let jobs = Jobs::open(
+        JobsConfig { dir: jobs_dir.clone(), base_id: backend.base.name.clone() },
+        Arc::new(trainer),
+        publisher,
+    )
+    .with_context(|| format!("opening the jobs directory {}", jobs_dir.display()))?;
+    let state = AppState::with_jobs(parts, jobs.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lorahost-http")
@@ -91,7 +117,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the HTTP runtime")?;
     let address = format!("{}:{}", args.host, args.port);
     let drain = Duration::from_secs(args.shutdown_timeout);
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&address)
             .await
             .with_context(|| format!("cannot listen on {address}"))?;
@@ -104,7 +130,10 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         }
         eprintln!("lorahost: serving {} on http://{local}", state.backend().model_id());
         http::serve(listener, state, shutdown_signal(), drain).await.context("serving")
-    })?;
+    });
+    // A job still training stops at its next step and is recorded as interrupted.
+    jobs.shutdown();
+    served?;
     eprintln!("lorahost: stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `lorahost train`: fine-tunes a LoRA adapter on the base from a JSONL file and writes it as a
 //! PEFT adapter directory (with `training_log.json` beside the weights).
 
+use super::adapters::PushTarget;
 use super::ModelArgs;
 use crate::base::Base;
 use crate::train::optim::AdamWConfig;
@@ -74,6 +75,16 @@ pub struct TrainArgs {
     /// Same seed, same data, same flags: the same adapter.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// After training, upload the adapter to this running server (e.g. http://127.0.0.1:8080);
+    /// it is servable when `train` exits.
+    #[arg(long, value_name = "URL", requires = "name")]
+    pub push: Option<String>,
+    /// The adapter name to push under (in the API key's tenant).
+    #[arg(long, requires = "push")]
+    pub name: Option<String>,
+    /// API key for --push (sent as `Authorization: Bearer KEY`).
+    #[arg(long, env = "LORAHOST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// Parses `A-B` (inclusive) into `A..B+1`.
@@ -102,6 +113,15 @@ impl Progress for Bar {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let push = match (&args.push, &args.name) {
+        (Some(server), Some(name)) => {
+            Some(PushTarget { server: server.clone(), api_key: args.api_key.clone(), name: name.clone() })
+        }
+        _ => None,
+    };
+    if let Some(target) = &push {
+        target.check()?;
+    }
     args.model.init_threads()?;
     let path = args.model.resolve()?;
     let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
@@ -149,6 +169,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         report.eval_losses.last().map(|(_, l)| format!(", eval loss {l:.4}")).unwrap_or_default(),
         report.peak_rss_bytes.map(|b| format!("{} MiB", b >> 20)).unwrap_or_else(|| "unknown".into()),
     );
+    if let Some(target) = &push {
+        let reply = target.push(&config.out)?;
+        eprintln!(
+            "pushed to {} as {} (generation {})",
+            target.server,
+            reply["id"].as_str().unwrap_or(&target.name),
+            reply["generation"]
+        );
+    }
     println!("{}", config.out.display());
     Ok(())
 }

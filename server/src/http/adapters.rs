@@ -7,17 +7,19 @@
 //! leased. A tenant only ever sees its own names: another tenant's adapter is 404.
 
 use super::auth::Caller;
+use super::backend::Backend;
 use super::error::ApiError;
 use super::AppState;
-use adapters::cache::Residency;
-use adapters::store::{AdapterKey, StoredAdapter, CONFIG_FILE, WEIGHTS_FILE};
-use adapters::{AdapterSpec, TargetModules};
+use adapters::cache::{HostCache, Residency};
+use adapters::store::{AdapterKey, FsStore, StoredAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use adapters::{AdapterSpec, LoraAdapter, TargetModules};
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Room for the multipart framing around the two files when limiting the request body.
 pub const MULTIPART_OVERHEAD_BYTES: usize = 64 << 10;
@@ -148,20 +150,12 @@ async fn upload(
     let (Some(config), Some(weights)) = (config, weights) else {
         return Err(ApiError::Malformed(format!("send both `{CONFIG_FILE}` and `{WEIGHTS_FILE}` parts")));
     };
-    let worker = state.clone();
+    let publisher = state.publisher();
     let stored_key = key.clone();
-    let (stored, replaced) = tokio::task::spawn_blocking(move || {
-        worker.backend().validate_adapter(&config, &weights).map_err(ApiError::InvalidAdapter)?;
-        worker.store().put(&stored_key, &config, &weights).map_err(|e| ApiError::Internal(e.to_string()))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    if let Some(old) = &replaced {
-        if old.id != stored.id {
-            state.forget_if_unreferenced(old.id);
-        }
-    }
-    state.warm(stored.id);
+    let (stored, replaced) =
+        tokio::task::spawn_blocking(move || publisher.publish_key(&stored_key, &config, &weights))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
     tracing::info!(
         tenant = %key.tenant(),
         name = %key.name(),
@@ -174,7 +168,52 @@ async fn upload(
     Ok((status, Json(describe(state, caller, &stored))).into_response())
 }
 
-fn multipart_error(e: MultipartError) -> ApiError {
+/// The one path by which adapters become servable, for uploads and fine-tuning jobs alike:
+/// validated against the resident base, stored atomically, the replaced version dropped from the
+/// cache once unreferenced, and the new one warmed.
+#[derive(Clone)]
+pub struct AdapterPublisher {
+    pub backend: Arc<dyn Backend>,
+    pub store: FsStore,
+    pub cache: Option<HostCache<LoraAdapter>>,
+}
+
+impl AdapterPublisher {
+    /// Blocking (validation is CPU-heavy): call it off the async threads.
+    pub fn publish_key(
+        &self,
+        key: &AdapterKey,
+        config: &[u8],
+        weights: &[u8],
+    ) -> Result<(StoredAdapter, Option<StoredAdapter>), ApiError> {
+        self.backend.validate_adapter(config, weights).map_err(ApiError::InvalidAdapter)?;
+        let (stored, replaced) =
+            self.store.put(key, config, weights).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let (Some(old), Some(cache)) = (&replaced, &self.cache) {
+            if old.id != stored.id && !self.store.is_referenced(old.id) {
+                cache.invalidate(old.id);
+            }
+        }
+        if let Some(cache) = &self.cache {
+            // Start loading it, so its first request finds it resident.
+            drop(cache.try_acquire(stored.id));
+        }
+        Ok((stored, replaced))
+    }
+}
+
+impl crate::jobs::Publisher for AdapterPublisher {
+    fn publish(&self, tenant: &str, name: &str, config: &[u8], weights: &[u8]) -> Result<(), String> {
+        let key = AdapterKey::new(tenant, name).map_err(|e| e.to_string())?;
+        self.publish_key(&key, config, weights).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn is_published(&self, tenant: &str, name: &str) -> bool {
+        AdapterKey::new(tenant, name).ok().is_some_and(|key| self.store.get(&key).is_some())
+    }
+}
+
+pub(super) fn multipart_error(e: MultipartError) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::TooLarge(e.body_text())
     } else {

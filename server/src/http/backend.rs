@@ -37,6 +37,13 @@ pub struct EngineBackend {
     pub engine: Engine,
 }
 
+/// The trainer of fine-tuning jobs trains on this same base.
+impl AsRef<Base> for EngineBackend {
+    fn as_ref(&self) -> &Base {
+        &self.base
+    }
+}
+
 impl Backend for EngineBackend {
     fn model_id(&self) -> &str {
         &self.base.name

@@ -2,6 +2,7 @@
 //! an OpenAI-shaped body: `{"error": {"message", "type", "code"}}`.
 
 use crate::engine::EngineError;
+use crate::jobs::JobsError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -25,6 +26,9 @@ pub enum ApiError {
     NotFound { what: &'static str, name: String },
     #[error("{0}")]
     TooLarge(String),
+    /// Valid, but not in the current state of what it names (cancelling a finished job).
+    #[error("{0}")]
+    Conflict(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     /// Well-formed, but a parameter value is not acceptable.
@@ -63,6 +67,7 @@ impl ApiError {
             ApiError::TooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", Some("payload_too_large"))
             }
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", Some("conflict")),
             ApiError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", Some("method_not_allowed"))
             }
@@ -104,6 +109,23 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
         response
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> Self {
+        match e {
+            JobsError::NotFound { what: "model", id } => ApiError::NotFound { what: "model", name: id },
+            JobsError::NotFound { what, id } => ApiError::NotFound { what, name: id },
+            JobsError::Invalid { param, message } => {
+                ApiError::InvalidParameter { param: Some(param), message }
+            }
+            e @ JobsError::InvalidFile(_) => {
+                ApiError::InvalidParameter { param: Some("file"), message: e.to_string() }
+            }
+            JobsError::Conflict(m) => ApiError::Conflict(m),
+            e @ JobsError::Io(_) => ApiError::Internal(e.to_string()),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! adapter-cache gauges are read from their owners when scraped.
 
 use crate::engine::EngineStats;
+use crate::jobs::{JobCounts, JobStatus};
 use adapters::cache::{CacheStats, LOAD_LATENCY_BOUNDS_SECONDS};
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -242,6 +243,30 @@ impl Metrics {
             render_cache(&mut out, c);
         }
         out
+    }
+}
+
+/// The fine-tuning families: jobs by status, a gauge of running jobs, trained tokens, files.
+pub fn render_jobs(out: &mut String, counts: &JobCounts) {
+    let name = "lorahost_fine_tuning_jobs";
+    family(out, name, "gauge", "Fine-tuning jobs by status.");
+    for status in JobStatus::ALL {
+        let v = counts.by_status.get(&status).copied().unwrap_or(0);
+        sample(out, name, &[("status", status.label())], v);
+    }
+    let running = counts.by_status.get(&JobStatus::Running).copied().unwrap_or(0);
+    for (name, kind, help, v) in [
+        ("lorahost_fine_tuning_jobs_running", "gauge", "Fine-tuning jobs training now.", running),
+        (
+            "lorahost_fine_tuning_trained_tokens_total",
+            "counter",
+            "Tokens learned from (loss targets) by fine-tuning jobs.",
+            counts.trained_tokens,
+        ),
+        ("lorahost_fine_tuning_files", "gauge", "Files stored for fine-tuning, all tenants.", counts.files),
+    ] {
+        family(out, name, kind, help);
+        sample(out, name, &[], v);
     }
 }
 

@@ -10,15 +10,18 @@ mod adapters;
 pub mod auth;
 pub mod backend;
 pub mod error;
+mod fine_tuning;
 mod generate;
 pub mod metrics;
 pub mod openai;
 
+pub use adapters::AdapterPublisher;
 pub use auth::{ApiKeys, Auth, Caller};
 pub use backend::{Backend, EngineBackend};
 pub use error::ApiError;
 
 use crate::engine::{AdapterChoice, ClientId};
+use crate::jobs::Jobs;
 use ::adapters::cache::HostCache;
 use ::adapters::store::{AdapterKey, FsStore};
 use ::adapters::{AdapterId, LoraAdapter};
@@ -49,11 +52,17 @@ pub const MAX_JSON_BODY_BYTES: usize = 8 << 20;
 pub struct Limits {
     pub max_adapter_bytes: usize,
     pub request_timeout: Duration,
+    /// Largest training file upload (`/v1/files`).
+    pub max_file_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_adapter_bytes: DEFAULT_MAX_ADAPTER_BYTES, request_timeout: DEFAULT_REQUEST_TIMEOUT }
+        Self {
+            max_adapter_bytes: DEFAULT_MAX_ADAPTER_BYTES,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_file_bytes: crate::jobs::DEFAULT_MAX_FILE_BYTES,
+        }
     }
 }
 
@@ -70,6 +79,8 @@ struct Inner {
     auth: Auth,
     limits: Limits,
     metrics: Metrics,
+    /// Fine-tuning jobs and files; `None` when the server does not train.
+    jobs: Option<Jobs>,
     /// Set on shutdown: `/ready` fails and new requests get 503.
     draining: AtomicBool,
     /// Set at the shutdown deadline: requests still running end now.
@@ -96,6 +107,15 @@ pub struct Target {
 
 impl AppState {
     pub fn new(parts: AppParts) -> Self {
+        Self::build(parts, None)
+    }
+
+    /// A server that also runs fine-tuning jobs (`/v1/files`, `/v1/fine_tuning/jobs`).
+    pub fn with_jobs(parts: AppParts, jobs: Jobs) -> Self {
+        Self::build(parts, Some(jobs))
+    }
+
+    fn build(parts: AppParts, jobs: Option<Jobs>) -> Self {
         let (cancel, _) = watch::channel(false);
         Self {
             inner: Arc::new(Inner {
@@ -105,6 +125,7 @@ impl AppState {
                 auth: parts.auth,
                 limits: parts.limits,
                 metrics: Metrics::default(),
+                jobs,
                 draining: AtomicBool::new(false),
                 cancel,
             }),
@@ -133,6 +154,19 @@ impl AppState {
 
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    pub fn jobs(&self) -> Option<&Jobs> {
+        self.inner.jobs.as_ref()
+    }
+
+    /// How adapters are published: validated, stored, cached.
+    pub fn publisher(&self) -> AdapterPublisher {
+        AdapterPublisher {
+            backend: self.inner.backend.clone(),
+            store: self.inner.store.clone(),
+            cache: self.inner.cache.clone(),
+        }
     }
 
     /// Stop admitting: `/ready` answers 503, new requests too.
@@ -193,13 +227,6 @@ impl AppState {
             }
         }
     }
-
-    /// Starts loading a fresh upload, so its first request finds it resident.
-    fn warm(&self, id: AdapterId) {
-        if let Some(cache) = self.cache() {
-            drop(cache.try_acquire(id));
-        }
-    }
 }
 
 /// The fairness accounts of a request: its tenant, and the model within the tenant.
@@ -229,6 +256,18 @@ pub fn router(state: AppState) -> Router {
                 .put(adapters::put_adapter)
                 .layer(DefaultBodyLimit::max(upload_limit)),
         )
+        .route(
+            "/v1/files",
+            get(fine_tuning::list_files).post(fine_tuning::upload_file).layer(DefaultBodyLimit::max(
+                state.limits().max_file_bytes.saturating_add(adapters::MULTIPART_OVERHEAD_BYTES),
+            )),
+        )
+        .route("/v1/files/{id}", get(fine_tuning::get_file).delete(fine_tuning::delete_file))
+        .route("/v1/files/{id}/content", get(fine_tuning::file_content))
+        .route("/v1/fine_tuning/jobs", get(fine_tuning::list_jobs).post(fine_tuning::create_job))
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::list_events))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(fine_tuning::cancel_job))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -266,7 +305,10 @@ async fn metrics_text(State(state): State<AppState>, request: Request) -> Result
     let engine = state.backend().stats();
     let cache = state.cache().map(|c| c.stats());
     let stored = state.store().list(None).len();
-    let text = state.metrics().render(&engine, cache.as_ref(), stored);
+    let mut text = state.metrics().render(&engine, cache.as_ref(), stored);
+    if let Some(jobs) = state.jobs() {
+        metrics::render_jobs(&mut text, &jobs.counts());
+    }
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -281,6 +323,10 @@ fn route_label(path: &str) -> &'static str {
         "/ready" => "/ready",
         "/metrics" => "/metrics",
         p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}",
+        "/v1/files" => "/v1/files",
+        p if p.starts_with("/v1/files/") => "/v1/files/{id}",
+        "/v1/fine_tuning/jobs" => "/v1/fine_tuning/jobs",
+        p if p.starts_with("/v1/fine_tuning/jobs/") => "/v1/fine_tuning/jobs/{id}",
         _ => "other",
     }
 }
