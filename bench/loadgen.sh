@@ -9,7 +9,9 @@ cargo build --release -p lorahost -p lorahost-bench --bin lorahost --bin loadgen
 work=$(mktemp -d)
 trap 'kill -TERM "${server:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18181
-adapter_bytes=3702507   # rank 16, q_proj + v_proj, 30 layers of the default model (printed by loadgen)
+# One rank-16 q_proj + v_proj adapter of the default model as the host cache holds it with
+# --dtype auto (int8 A and Bᵀ plus one f32 scale per rank row; 3.7 MB as f32 safetensors).
+adapter_bytes=929280
 for n in 5 100 1000; do
   ./target/release/lorahost serve --port "$port" --adapters-dir "$work/store-$n" \
     --adapter-cache-bytes $((100 * adapter_bytes + adapter_bytes / 2)) --max-waiting 4096 2>"$work/server-$n.log" &
