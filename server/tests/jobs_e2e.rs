@@ -9,9 +9,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{e2e_python_packages, ServeProcess};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const ALICE: &str = "alice-jobs-key-0123456789";
 const BOB: &str = "bob-jobs-key-0123456789ab";
@@ -19,26 +19,6 @@ const ADMIN: &str = "admin-jobs-key-0123456789";
 
 fn facts() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train/facts/train.jsonl")
-}
-
-/// A directory holding `openai` and `requests`, installed once per target directory (shared with
-/// `serve_e2e`).
-fn python_packages() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-python");
-    let ready = dir.join(".installed");
-    if ready.is_file() {
-        return dir;
-    }
-    let out = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts"])
-        .args(["--upgrade", "--target"])
-        .arg(&dir)
-        .args(["openai", "requests"])
-        .output()
-        .expect("python3 -m pip runs");
-    assert!(out.status.success(), "pip install openai failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(&ready, b"").expect("marker");
-    dir
 }
 
 /// A tiny model directory, a keys file and an adapters directory.
@@ -72,84 +52,21 @@ impl Setup {
     }
 }
 
-/// A running `lorahost serve`; stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    url: String,
+/// The server on the tiny model, with one training thread.
+fn start_server(setup: &Setup) -> ServeProcess {
+    let flags = "--dtype f32 --port 0 --threads 1 --train-threads 1";
+    let mut args: Vec<std::ffi::OsString> = flags.split(' ').map(Into::into).collect();
+    args.extend([
+        "--model".into(),
+        setup.model().into(),
+        "--adapters-dir".into(),
+        setup.path("adapters").into(),
+    ]);
+    args.extend(["--api-keys".into(), setup.path("keys.toml").into()]);
+    ServeProcess::start(args)
 }
 
-impl Server {
-    fn start(setup: &Setup) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lorahost"))
-            .args(["serve", "--dtype", "f32", "--port", "0", "--threads", "1", "--train-threads", "1"])
-            .arg("--model")
-            .arg(setup.model())
-            .arg("--adapters-dir")
-            .arg(setup.path("adapters"))
-            .arg("--api-keys")
-            .arg(setup.path("keys.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("lorahost serve starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let url = loop {
-            let line = lines.next().expect("server printed its address").expect("stderr line");
-            if let Some(at) = line.find("http://") {
-                break line[at..].trim().to_string();
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, url }
-    }
-
-    /// SIGKILL: no chance to record anything.
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        terminate(&self.child);
-        self.child.wait().expect("wait")
-    }
-
-    /// One HTTP/1.1 request; returns the status and the body.
-    fn request(&self, method: &str, path: &str, key: &str, body: &str) -> (u16, String) {
-        let authority = self.url.trim_start_matches("http://");
-        let mut stream = std::net::TcpStream::connect(authority).expect("connect");
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {key}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("send");
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).expect("read");
-        let status = reply.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        (status, body)
-    }
-}
-
-fn terminate(child: &Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            terminate(&self.child);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn python(phase: &str, server: &Server, state: &Path, packages: &Path) {
+fn python(phase: &str, server: &ServeProcess, state: &Path, packages: &Path) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/jobs_e2e.py");
     let out = Command::new("python3")
         .arg(script)
@@ -170,14 +87,14 @@ fn python(phase: &str, server: &Server, state: &Path, packages: &Path) {
 
 #[test]
 fn openai_client_fine_tunes_cancels_and_jobs_survive_a_kill() {
-    let packages = python_packages();
+    let packages = e2e_python_packages();
     let setup = Setup::new();
     let state = setup.path("state.json");
-    let server = Server::start(&setup);
+    let server = start_server(&setup);
     python("first", &server, &state, &packages);
     // A job is training now: a kill leaves its record saying `running`.
     server.kill();
-    let server = Server::start(&setup);
+    let server = start_server(&setup);
     python("after-restart", &server, &state, &packages);
     assert!(server.stop().success(), "SIGTERM stops the server and its jobs cleanly");
 }
@@ -211,7 +128,7 @@ fn train(setup: &Setup, extra: &[&str]) -> std::process::Output {
 #[test]
 fn train_push_makes_the_adapter_servable_when_train_exits() {
     let setup = Setup::new();
-    let server = Server::start(&setup);
+    let server = start_server(&setup);
 
     // Refused before any training: a key the server does not know, a name it would refuse.
     let bad_key =

@@ -3,95 +3,26 @@
 //! once into `target/`), plus the `lorahost adapters` client. See `tests/e2e/openai_e2e.py` for
 //! what is checked; the server is restarted in between to check that uploads persist.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
+use common::{e2e_python_packages, fixtures, ServeProcess};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const ALICE: &str = "alice-e2e-key-0123456789";
 const BOB: &str = "bob-e2e-key-0123456789ab";
 const ADMIN: &str = "admin-e2e-key-0123456789";
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
+/// The server on the default model in `--dtype f32`, with tight limits so overload is reachable.
+fn start_server(adapters_dir: &Path, keys: &Path) -> ServeProcess {
+    let flags =
+        "--dtype f32 --port 0 --threads 2 --max-running 1 --max-waiting 2 --max-adapter-bytes 25165824";
+    let mut args: Vec<std::ffi::OsString> = flags.split(' ').map(Into::into).collect();
+    args.extend(["--adapters-dir".into(), adapters_dir.into(), "--api-keys".into(), keys.into()]);
+    ServeProcess::start(args)
 }
 
-/// A directory holding `openai` and `requests`, installed once per target directory.
-fn python_packages() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-python");
-    let ready = dir.join(".installed");
-    if ready.is_file() {
-        return dir;
-    }
-    let out = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts"])
-        .args(["--upgrade", "--target"])
-        .arg(&dir)
-        .args(["openai", "requests"])
-        .output()
-        .expect("python3 -m pip runs");
-    assert!(
-        out.status.success(),
-        "pip install openai requests failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&ready, b"").expect("marker");
-    dir
-}
-
-/// A running `lorahost serve`; stopped with SIGTERM (graceful) when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(adapters_dir: &Path, keys: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lorahost"))
-            .args(["serve", "--dtype", "f32", "--port", "0", "--threads", "2"])
-            .args(["--max-running", "1", "--max-waiting", "2", "--max-adapter-bytes", "25165824"])
-            .arg("--adapters-dir")
-            .arg(adapters_dir)
-            .arg("--api-keys")
-            .arg(keys)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("lorahost serve starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let url = loop {
-            let line = lines.next().expect("server printed its address").expect("stderr line");
-            if let Some(at) = line.find("http://") {
-                break line[at..].trim().to_string();
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, url }
-    }
-
-    /// SIGTERM, then wait: the server drains and exits by itself.
-    fn stop(mut self) -> std::process::ExitStatus {
-        terminate(&self.child);
-        self.child.wait().expect("wait")
-    }
-}
-
-fn terminate(child: &Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            terminate(&self.child);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn python(phase: &str, server: &Server, packages: &Path) {
+fn python(phase: &str, server: &ServeProcess, packages: &Path) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_e2e.py");
     let out = Command::new("python3")
         .arg(script)
@@ -110,7 +41,7 @@ fn python(phase: &str, server: &Server, packages: &Path) {
 }
 
 /// `lorahost adapters ARGS --server URL --api-key KEY`; returns stdout, panics on failure.
-fn adapters_cli(server: &Server, key: &str, args: &[&str]) -> String {
+fn adapters_cli(server: &ServeProcess, key: &str, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_lorahost"))
         .arg("adapters")
         .args(args)
@@ -123,7 +54,7 @@ fn adapters_cli(server: &Server, key: &str, args: &[&str]) -> String {
 
 #[test]
 fn openai_client_against_the_real_server_with_tenants_and_a_restart() {
-    let packages = python_packages();
+    let packages = e2e_python_packages();
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys.toml");
     std::fs::write(
@@ -136,7 +67,7 @@ fn openai_client_against_the_real_server_with_tenants_and_a_restart() {
     .expect("keys file");
     let adapters_dir = dir.path().join("adapters");
 
-    let server = Server::start(&adapters_dir, &keys);
+    let server = start_server(&adapters_dir, &keys);
     python("first", &server, &packages);
 
     // The adapters client: list, upload, delete.
@@ -156,7 +87,7 @@ fn openai_client_against_the_real_server_with_tenants_and_a_restart() {
     assert!(String::from_utf8_lossy(&wrong_key.stderr).contains("401"));
 
     assert!(server.stop().success(), "SIGTERM drains and exits cleanly");
-    let server = Server::start(&adapters_dir, &keys);
+    let server = start_server(&adapters_dir, &keys);
     python("after-restart", &server, &packages);
     assert!(server.stop().success());
 }

@@ -95,3 +95,109 @@ pub fn run_to_end(core: &mut EngineCore) {
         assert!(std::time::Instant::now() < deadline, "engine does not terminate");
     }
 }
+
+/// A directory holding the `openai` and `requests` Python packages, installed once per target
+/// directory; pass it as `PYTHONPATH`.
+pub fn e2e_python_packages() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-python");
+    let ready = dir.join(".installed");
+    if ready.is_file() {
+        return dir;
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts"])
+        .args(["--upgrade", "--target"])
+        .arg(&dir)
+        .args(["openai", "requests"])
+        .output()
+        .expect("python3 -m pip runs");
+    assert!(
+        out.status.success(),
+        "pip install openai requests failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&ready, b"").expect("marker");
+    dir
+}
+
+/// A running `lorahost serve` started with `--port 0`: its address read from its log, its log
+/// drained afterwards; SIGTERM (graceful) when dropped.
+pub struct ServeProcess {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl ServeProcess {
+    /// Starts `serve` with `args` (everything after the subcommand).
+    pub fn start<I, S>(args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .arg("serve")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("lorahost serve starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines.next().expect("server printed its address").expect("stderr line");
+            if let Some(at) = line.find("http://") {
+                break line[at..].trim().to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, url }
+    }
+
+    /// SIGTERM, then wait: the server drains and exits by itself.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate();
+        self.child.wait().expect("wait")
+    }
+
+    /// SIGKILL: no chance to record anything.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// One HTTP/1.1 request; returns the status and the body.
+    pub fn request(&self, method: &str, path: &str, key: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let authority = self.url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(authority).expect("connect");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("read");
+        let status = reply.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    fn terminate(&self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+            let _ = self.child.wait();
+        }
+    }
+}
