@@ -8,7 +8,7 @@ use super::{AdapterError, AdapterId};
 use kernels::lora::{Int8LoraMatrices, LoraMatrices, LoraSiteWeights};
 use regex::Regex;
 use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// File names of a PEFT adapter directory.
@@ -107,7 +107,10 @@ pub struct LoraAdapter {
     pub id: AdapterId,
     pub spec: AdapterSpec,
     sites: Vec<LoraSite>,
-    index: HashMap<(usize, usize), usize>,
+    /// `sites` index of (layer, module) at `layer * modules + module`: the model asks for every
+    /// site of every adapter of a step (thousands of lookups at decode), so this is one load.
+    index: Vec<Option<u32>>,
+    modules: usize,
 }
 
 impl LoraAdapter {
@@ -185,13 +188,21 @@ impl LoraAdapter {
             let matrices = SiteMatrices::F32 { a, b };
             sites.push(LoraSite { layer, module, rank, scale, matrices, magnitude, dora_factor: None });
         }
-        let index = sites.iter().enumerate().map(|(i, s)| ((s.layer, s.module), i)).collect();
-        Ok(Self { id: AdapterId::of_files(config, weights), spec, sites, index })
+        let modules = base.modules.len();
+        let mut index = vec![None; base.num_layers * modules];
+        for (i, s) in sites.iter().enumerate() {
+            index[s.layer * modules + s.module] = u32::try_from(i).ok();
+        }
+        Ok(Self { id: AdapterId::of_files(config, weights), spec, sites, index, modules })
     }
 
     /// The adapter's weights at one site, if it adapts that layer and module.
     pub fn site(&self, layer: usize, module: usize) -> Option<&LoraSite> {
-        self.index.get(&(layer, module)).map(|&i| &self.sites[i])
+        if module >= self.modules {
+            return None;
+        }
+        let i = self.index.get(layer * self.modules + module).copied().flatten()?;
+        self.sites.get(i as usize)
     }
 
     pub fn sites(&self) -> &[LoraSite] {

@@ -13,6 +13,10 @@
 //! are cut into (segment, row panel, rank chunk) and (segment, row panel, output chunk) work
 //! items run on the calling thread plus rayon helpers (`quant::par`); the inner loops use
 //! AVX-512F or AVX2+FMA when the CPU has them (detected at run time) and portable code otherwise.
+//! Adapters held in int8 ([`Int8LoraMatrices`]) take integer dot products instead (`int8.rs`):
+//! each activation row is quantized once per call, per 32-element block, and each row's `t` once
+//! per site, so their arithmetic is defined with those roundings ([`lora_delta_reference`] spells
+//! it out).
 //! When several sites share `x` ([`lora_delta_fused`]), the A rows of every site whose segment
 //! covers the same rows are shrunk in one pass over `x[rows]`.
 //!
@@ -22,6 +26,7 @@
 //! fused and unfused calls give identical bits. The reference accumulates in a different order,
 //! so it agrees to float rounding, not bit for bit.
 
+mod int8;
 mod kernel;
 mod plan;
 mod simd;
@@ -60,8 +65,11 @@ pub enum LoraMatrices<'a> {
     /// `[out_features, rank]` (`lora_B.weight`), both row-major.
     F32 { a: &'a [f32], b: &'a [f32] },
     /// A quarter of the bytes (see [`Int8LoraMatrices`]): `A[j, k] = a_scales[j] · a[j, k]`
-    /// with `a` `[rank, in_features]`, and `B[o, j] = bt_scales[j] · bt[j, o]` with `bt`
-    /// `[rank, out_features]` (B transposed, so each rank row is contiguous).
+    /// with `a` `[rank, in_features]`, and `B[o, j] = bt_scales[j] · bt[i]` with `bt` holding
+    /// `Bᵀ` (`[rank, out_features]`) with rank rows interleaved in pairs:
+    /// `i = ((j / 2) · out_features + o) · 2 + j % 2`, an odd rank padded with a zero row. The
+    /// kernels quantize the activations too (the module docs of `int8.rs` give the arithmetic;
+    /// [`lora_delta_reference`] does the same in plain loops).
     Int8 { a: &'a [i8], a_scales: &'a [f32], bt: &'a [i8], bt_scales: &'a [f32] },
 }
 
@@ -85,17 +93,10 @@ impl Int8Rows {
     /// largest magnitude maps to ±127, the rest round to nearest. An all-zero row gets scale 0.
     pub fn quantize(m: &[f32], cols: usize) -> Self {
         let rows = m.len().checked_div(cols).unwrap_or(0);
-        let mut values = Vec::with_capacity(m.len());
+        let mut values = vec![0i8; rows * cols];
         let mut scales = Vec::with_capacity(rows);
-        for row in m.chunks_exact(cols.max(1)).take(rows) {
-            let max = row.iter().fold(0f32, |acc, v| acc.max(v.abs()));
-            let scale = max / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            // Round half to even by the 1.5·2²³ trick (|v · inv| ≤ 127): exact, branch-free, and
-            // it vectorises, where `f32::round` is a libm call per element on baseline x86-64.
-            const MAGIC: f32 = 12_582_912.0;
-            values.extend(row.iter().map(|v| (((v * inv) + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8));
-            scales.push(scale);
+        for (row, q) in m.chunks_exact(cols.max(1)).zip(values.chunks_exact_mut(cols.max(1))).take(rows) {
+            scales.push(int8::quantize_into(row, q));
         }
         Self { values, scales }
     }
@@ -114,8 +115,10 @@ impl Int8Rows {
 pub struct Int8LoraMatrices {
     /// `A`: `[rank, in_features]`.
     pub a: Int8Rows,
-    /// `Bᵀ`: `[rank, out_features]`.
+    /// `Bᵀ`: `rank` rows of `out_features`, scales per rank row, values pair-interleaved (see
+    /// [`LoraMatrices::Int8`]; [`Self::bt_value`] reads one).
     pub bt: Int8Rows,
+    out_features: usize,
 }
 
 impl Int8LoraMatrices {
@@ -127,7 +130,23 @@ impl Int8LoraMatrices {
                 bt[j * out_features + o] = *v;
             }
         }
-        Self { a: Int8Rows::quantize(a, in_features), bt: Int8Rows::quantize(&bt, out_features) }
+        let rows = Int8Rows::quantize(&bt, out_features);
+        let mut paired = vec![0i8; rank.next_multiple_of(2) * out_features];
+        for (j, row) in rows.values.chunks_exact(out_features.max(1)).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                paired[int8::paired_index(j, o, out_features)] = v;
+            }
+        }
+        Self {
+            a: Int8Rows::quantize(a, in_features),
+            bt: Int8Rows { values: paired, scales: rows.scales },
+            out_features,
+        }
+    }
+
+    /// The int8 value standing for `Bᵀ[j, o]` (before its rank row's scale).
+    pub fn bt_value(&self, j: usize, o: usize) -> i8 {
+        self.bt.values[int8::paired_index(j, o, self.out_features)]
     }
 
     pub fn view(&self) -> LoraMatrices<'_> {
@@ -232,7 +251,8 @@ pub fn lora_delta_fused_with(
 }
 
 /// Semantics: [`lora_delta`]'s, computed by plain loops with f32 accumulation in index order
-/// (`t[j] = Σ_k x[i,k]·A[j,k]`, then `d[o] = Σ_j t[j]·B[o,j]`, then `y = (y + scale·d)·g`): the
+/// (`t[j] = Σ_k x[i,k]·A[j,k]`, then `d[o] = Σ_j t[j]·B[o,j]`, then `y = (y + scale·d)·g`; for
+/// int8 weights with the activation and `t` roundings of `int8.rs`, integer sums exact): the
 /// specification and test oracle of the fast paths. Same validation and errors as
 /// [`lora_delta`].
 pub fn lora_delta_reference(
@@ -246,13 +266,28 @@ pub fn lora_delta_reference(
     check_site(0, rows, in_features, y.len(), out_features, segments)?;
     for seg in segments {
         let w = seg.weights;
+        let (a, b) = match w.matrices {
+            LoraMatrices::F32 { a, b } => (a, b),
+            LoraMatrices::Int8 { a, a_scales, bt, bt_scales } => {
+                reference_int8(
+                    x,
+                    in_features,
+                    y,
+                    out_features,
+                    seg.rows.clone(),
+                    &w,
+                    (a, a_scales, bt, bt_scales),
+                );
+                continue;
+            }
+        };
         let mut t = vec![0f32; w.rank];
         for i in seg.rows.clone() {
             let xr = &x[i * in_features..(i + 1) * in_features];
             for (j, tj) in t.iter_mut().enumerate() {
                 let mut acc = 0f32;
                 for (k, xk) in xr.iter().enumerate() {
-                    acc += xk * ref_a(&w.matrices, j, k, in_features);
+                    acc += xk * a[j * in_features + k];
                 }
                 *tj = acc;
             }
@@ -260,7 +295,7 @@ pub fn lora_delta_reference(
             for (o, yo) in yr.iter_mut().enumerate() {
                 let mut d = 0f32;
                 for (j, tj) in t.iter().enumerate() {
-                    d += tj * ref_b(&w.matrices, o, j, w.rank, out_features);
+                    d += tj * b[o * w.rank + j];
                 }
                 let v = *yo + w.scale * d;
                 *yo = match w.dora_factor {
@@ -273,19 +308,30 @@ pub fn lora_delta_reference(
     Ok(())
 }
 
-/// `A[j, k]` as the reference sees it.
-fn ref_a(m: &LoraMatrices, j: usize, k: usize, in_features: usize) -> f32 {
-    match m {
-        LoraMatrices::F32 { a, .. } => a[j * in_features + k],
-        LoraMatrices::Int8 { a, a_scales, .. } => a_scales[j] * f32::from(a[j * in_features + k]),
-    }
-}
-
-/// `B[o, j]` as the reference sees it.
-fn ref_b(m: &LoraMatrices, o: usize, j: usize, rank: usize, out_features: usize) -> f32 {
-    match m {
-        LoraMatrices::F32 { b, .. } => b[o * rank + j],
-        LoraMatrices::Int8 { bt, bt_scales, .. } => bt_scales[j] * f32::from(bt[j * out_features + o]),
+/// The reference for one int8 segment: the plain-loop row functions of `int8.rs`.
+fn reference_int8(
+    x: &[f32],
+    in_features: usize,
+    y: &mut [f32],
+    out_features: usize,
+    rows: Range<usize>,
+    w: &LoraSiteWeights,
+    (a, a_scales, bt, bt_scales): (&[i8], &[f32], &[i8], &[f32]),
+) {
+    let a_rows: Vec<&[i8]> = a.chunks_exact(in_features).collect();
+    let mut q = vec![0i16; int8::padded(in_features)];
+    let mut d = vec![0f32; in_features.div_ceil(int8::XBLOCK)];
+    let mut t = vec![0f32; w.rank];
+    let mut pairs = vec![0i32; int8::pair_count(w.rank)];
+    let p = int8::ExpandInt8 { bt, outs: 0..out_features, out_features, scale: w.scale, g: w.dora_factor };
+    for i in rows {
+        int8::quantize_row(Isa::Portable, &x[i * in_features..(i + 1) * in_features], &mut q, &mut d);
+        // SAFETY: t holds one float per rank row of A (validated shapes); Portable is always
+        // available.
+        unsafe { int8::shrink_row(Isa::Portable, &q, &d, &a_rows, a_scales, in_features, t.as_mut_ptr()) };
+        let du = int8::quantize_t(&t, bt_scales, &mut pairs);
+        // SAFETY: row i of y holds out_features floats (validated shapes).
+        unsafe { int8::expand_row(Isa::Portable, &pairs, du, &p, y[i * out_features..].as_mut_ptr()) };
     }
 }
 
@@ -351,18 +397,22 @@ fn check_weights(w: &LoraSiteWeights, in_features: usize, out_features: usize) -
         return Err(format!("scale {} is not finite", w.scale));
     }
     let a_len = w.rank.checked_mul(in_features);
-    let b_len = w.rank.checked_mul(out_features);
-    let (a, b, a_scales, bt_scales) = match w.matrices {
-        LoraMatrices::F32 { a, b } => (a.len(), b.len(), w.rank, w.rank),
+    let (a, b, b_len, a_scales, bt_scales) = match w.matrices {
+        LoraMatrices::F32 { a, b } => (a.len(), b.len(), w.rank.checked_mul(out_features), w.rank, w.rank),
         LoraMatrices::Int8 { a, a_scales, bt, bt_scales } => {
-            (a.len(), bt.len(), a_scales.len(), bt_scales.len())
+            let paired = w.rank.next_multiple_of(2).checked_mul(out_features);
+            (a.len(), bt.len(), paired, a_scales.len(), bt_scales.len())
         }
     };
     if a_len != Some(a) {
         return Err(format!("A has {a} values, expected rank {} x in {in_features}", w.rank));
     }
     if b_len != Some(b) {
-        return Err(format!("B has {b} values, expected out {out_features} x rank {}", w.rank));
+        return Err(format!(
+            "B has {b} values, expected {} for out {out_features} x rank {}",
+            b_len.unwrap_or(usize::MAX),
+            w.rank
+        ));
     }
     if a_scales != w.rank || bt_scales != w.rank {
         return Err(format!("int8 A and B need {} row scales each, got {a_scales} and {bt_scales}", w.rank));

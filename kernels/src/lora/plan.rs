@@ -7,11 +7,14 @@
 //! Items of a phase write disjoint parts of `t` or `y`, so they need no synchronisation beyond
 //! the end of the phase; no item splits a reduction, so the cut never changes a result.
 //! Items are ordered segment by segment, so each thread's contiguous share of the items streams
-//! through contiguous weights.
+//! through contiguous weights. int8 groups also quantize their activation rows (once per group,
+//! shared by its fused sites) before their shrink, and each part's `t` rows after it: inside the
+//! work item of a group that runs whole, else in a short parallel phase before phase 1 and after.
 
 use std::ops::Range;
 
-use super::kernel::{self, ExpandArgs, ExpandB, ShrinkArgs};
+use super::int8::{self, ExpandInt8};
+use super::kernel::{self, ExpandArgs, ShrinkArgs};
 use super::{Isa, LoraMatrices, LoraSiteWeights, SiteDelta};
 use crate::quant::par;
 
@@ -30,16 +33,26 @@ const OUT_ALIGN: usize = 64;
 const PARALLEL_MIN_MACS: usize = 48 * 1024;
 
 /// Raw pointer into a buffer that the items of a phase write disjointly.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+struct SharedMut<T>(*mut T);
 // SAFETY: items write disjoint elements, and the owning borrow outlives `par::for_each_chunk`,
 // which returns only after every item is done.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    fn new(v: &mut [T]) -> Self {
+        Self(v.as_mut_ptr())
+    }
+
     /// (A method, so closures capture the `Sync` wrapper rather than the bare pointer field.)
-    fn ptr(self) -> *mut f32 {
+    fn ptr(self) -> *mut T {
         self.0
     }
 }
@@ -56,6 +69,18 @@ struct Part<'a> {
     t_stride: usize,
     /// This part's first column in its group's block.
     t_col: usize,
+    /// int8: this part's first row in the call's quantized-`u` buffers.
+    u_row: usize,
+}
+
+/// Segments (of one or more sites) that cover the same rows with the same storage, and their
+/// work: shrink items, parts (contiguous in `parts`), and for int8 their first row in the
+/// call's quantized-activation buffer.
+struct Group {
+    rows: Range<usize>,
+    shrinks: Range<usize>,
+    parts: Range<usize>,
+    x_row: Option<usize>,
 }
 
 struct ShrinkItem {
@@ -67,6 +92,8 @@ struct ShrinkItem {
     /// Offset of `t[rows.start, first rank]`.
     t: usize,
     ts: usize,
+    /// int8: the row of `rows.start` in the call's quantized-activation buffer.
+    x_row: usize,
 }
 
 struct ExpandItem {
@@ -86,7 +113,7 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                 continue;
             }
             let (rows, out_features) = (seg.rows.clone(), s.out_features);
-            parts.push(Part { site, rows, w, out_features, t_base: 0, t_stride: 0, t_col: 0 });
+            parts.push(Part { site, rows, w, out_features, t_base: 0, t_stride: 0, t_col: 0, u_row: 0 });
         }
     }
     if parts.is_empty() {
@@ -100,8 +127,8 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
     let mut int8_scales: Vec<f32> = Vec::new();
     let mut shrinks: Vec<ShrinkItem> = Vec::new();
     let (mut t_len, mut shrink_macs) = (0usize, 0usize);
-    // Per group: its shrink items and its parts.
-    let mut groups: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+    let (mut x_rows, mut u_rows, mut u_pairs) = (0usize, 0usize, 0usize);
+    let mut groups: Vec<Group> = Vec::new();
     let mut g = 0;
     while g < parts.len() {
         let (rows, int8) = (parts[g].rows.clone(), is_int8(&parts[g].w));
@@ -109,9 +136,15 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
         let total_rank: usize = parts[g..e].iter().map(|p| p.w.rank).sum();
         let first = if int8 { int8_rows.len() } else { f32_rows.len() };
         let mut col = 0;
+        let x_row = int8.then_some(x_rows);
         for p in &mut parts[g..e] {
             (p.t_base, p.t_stride, p.t_col) = (t_len, total_rank, col);
             col += p.w.rank;
+            if int8 {
+                p.u_row = u_rows;
+                u_rows += rows.len();
+                u_pairs = u_pairs.max(int8::pair_count(p.w.rank));
+            }
             match p.w.matrices {
                 LoraMatrices::F32 { a, .. } => f32_rows.extend(a.chunks_exact(in_features)),
                 LoraMatrices::Int8 { a, a_scales, .. } => {
@@ -122,10 +155,14 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
         }
         let first_shrink = shrinks.len();
         if total_rank > 0 {
-            let group = ShrinkGroup { rows: rows.clone(), int8, first, total_rank, t_base: t_len };
+            let x_row = x_row.unwrap_or(0);
+            let group = ShrinkGroup { rows: rows.clone(), int8, first, total_rank, t_base: t_len, x_row };
             plan_shrink(&group, in_features, &mut shrinks);
         }
-        groups.push((first_shrink..shrinks.len(), g..e));
+        groups.push(Group { rows: rows.clone(), shrinks: first_shrink..shrinks.len(), parts: g..e, x_row });
+        if int8 {
+            x_rows += rows.len();
+        }
         t_len += rows.len() * total_rank;
         shrink_macs += rows.len() * total_rank * in_features;
         g = e;
@@ -156,62 +193,118 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
     // call is a single parallel phase.
     let mut phase1: Vec<Work> = Vec::with_capacity(groups.len());
     let mut phase2: Vec<usize> = Vec::new();
-    for (group_shrinks, group_parts) in &groups {
-        let whole = group_shrinks.len() <= 1 && group_parts.clone().all(|k| part_expands[k].len() == 1);
-        let group_expands = part_expands[group_parts.start].start..part_expands[group_parts.end - 1].end;
+    // int8 groups and parts outside whole works: their rows are quantized in a phase of their
+    // own, before (activations) and after (`u`) phase 1.
+    let (mut quantize_x, mut quantize_u) = (Vec::new(), Vec::new());
+    for (k, g) in groups.iter().enumerate() {
+        let whole = g.shrinks.len() <= 1 && g.parts.clone().all(|p| part_expands[p].len() == 1);
+        let group_expands = part_expands[g.parts.start].start..part_expands[g.parts.end - 1].end;
         if whole {
-            phase1.push(Work::Whole { shrink: group_shrinks.clone().next(), expands: group_expands });
+            phase1.push(Work::Whole { group: k, shrink: g.shrinks.clone().next(), expands: group_expands });
         } else {
-            phase1.extend(group_shrinks.clone().map(Work::Shrink));
+            phase1.extend(g.shrinks.clone().map(Work::Shrink));
             phase2.extend(group_expands);
+            if g.x_row.is_some() {
+                quantize_x.extend(panels(g.rows.clone()).map(|rows| (k, rows)));
+                quantize_u
+                    .extend(g.parts.clone().flat_map(|p| panels(g.rows.clone()).map(move |rows| (p, rows))));
+            }
         }
     }
 
     let threads = rayon::current_num_threads();
     let helpers = |macs: usize| if macs < PARALLEL_MIN_MACS { 0 } else { threads.saturating_sub(1) };
     let mut t = vec![0f32; t_len];
-    let tp = SharedMut(t.as_mut_ptr());
-    let ys: Vec<SharedMut> = sites.iter_mut().map(|s| SharedMut(s.y.as_mut_ptr())).collect();
+    let tp = SharedMut::new(&mut t);
+    let ys: Vec<SharedMut<f32>> = sites.iter_mut().map(|s| SharedMut::new(s.y)).collect();
+    // int8: each activation row quantized once (per 32-element block) for all the sites that
+    // share it, and each part's `u = t ∘ sb` once per row for all its expand items.
+    let (xq_len, nb) = (int8::padded(in_features), in_features.div_ceil(int8::XBLOCK));
+    let mut xq = vec![0i16; x_rows * xq_len];
+    let mut xd = vec![0f32; x_rows * nb];
+    let mut uq = vec![0i32; u_rows * u_pairs];
+    let mut ud = vec![0f32; u_rows];
+    let (xqp, xdp, uqp, udp) =
+        (SharedMut::new(&mut xq), SharedMut::new(&mut xd), SharedMut::new(&mut uq), SharedMut::new(&mut ud));
+    // Quantizes rows of a group's x (`rows` absolute batch rows).
+    let quantize_group_x = |g: &Group, rows: Range<usize>| {
+        let Some(x_row) = g.x_row else { return };
+        for i in rows {
+            let r = x_row + i - g.rows.start;
+            // SAFETY: row r of the buffers belongs to this group row alone; no other item writes it.
+            let (q, d) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(xqp.ptr().add(r * xq_len), xq_len),
+                    std::slice::from_raw_parts_mut(xdp.ptr().add(r * nb), nb),
+                )
+            };
+            int8::quantize_row(isa, &x[i * in_features..(i + 1) * in_features], q, d);
+        }
+    };
+    // Quantizes rows of a part's `u` (its shrink is complete for these rows).
+    let quantize_part_u = |p: &Part, rows: Range<usize>| {
+        let LoraMatrices::Int8 { bt_scales, .. } = p.w.matrices else { return };
+        for i in rows {
+            let r = p.u_row + i - p.rows.start;
+            // SAFETY: the part's t rows are complete and only read; u row r belongs to this
+            // (part, row) alone.
+            unsafe {
+                let tr = std::slice::from_raw_parts(
+                    tp.ptr().add(p.t_base + (i - p.rows.start) * p.t_stride + p.t_col),
+                    p.w.rank,
+                );
+                let pairs = std::slice::from_raw_parts_mut(uqp.ptr().add(r * u_pairs), u_pairs);
+                *udp.ptr().add(r) = int8::quantize_t(tr, bt_scales, pairs);
+            }
+        }
+    };
     let run_shrink = |it: &ShrinkItem| {
         // SAFETY: the call was validated (rows inside x, rank rows `in_features` long); items
-        // cover disjoint entries of `t`, which outlives the call; `isa` was checked.
+        // cover disjoint entries of `t`, which outlives the call; `isa` was checked; an int8
+        // item's activation rows were quantized before it runs and are only read.
         unsafe {
-            let (x, rows, t, ts) =
-                (x.as_ptr().add(it.rows.start * in_features), it.rows.len(), tp.ptr().add(it.t), it.ts);
+            let (rows, t, ts) = (it.rows.clone(), tp.ptr().add(it.t), it.ts);
             if it.int8 {
-                let (a, scales) = (&int8_rows[it.ranks.clone()], Some(&int8_scales[it.ranks.clone()]));
-                kernel::shrink(isa, &ShrinkArgs { x, in_features, rows, a, scales, t, ts })
+                let (a, scales) = (&int8_rows[it.ranks.clone()], &int8_scales[it.ranks.clone()]);
+                for k in 0..rows.len() {
+                    let r = it.x_row + k;
+                    let q = std::slice::from_raw_parts(xqp.ptr().add(r * xq_len), xq_len);
+                    let d = std::slice::from_raw_parts(xdp.ptr().add(r * nb), nb);
+                    int8::shrink_row(isa, q, d, a, scales, in_features, t.add(k * ts));
+                }
             } else {
+                let (x, rows) = (x.as_ptr().add(rows.start * in_features), rows.len());
                 let a = &f32_rows[it.ranks.clone()];
-                kernel::shrink(isa, &ShrinkArgs { x, in_features, rows, a, scales: None, t, ts })
+                kernel::shrink(isa, &ShrinkArgs { x, in_features, rows, a, t, ts })
             }
         }
     };
     let run_expand = |it: &ExpandItem| {
         let p = &parts[it.part];
+        let t = tp.ptr().wrapping_add(p.t_base + (it.rows.start - p.rows.start) * p.t_stride + p.t_col);
+        let y = ys[p.site].ptr().wrapping_add(it.rows.start * p.out_features);
+        let (ts, rows, rank, outs, out_features) =
+            (p.t_stride, it.rows.len(), p.w.rank, it.outs.clone(), p.out_features);
+        let (scale, g) = (p.w.scale, p.w.dora_factor);
         // SAFETY: validated shapes (B holds out x rank values, g is out long, rows inside y);
         // segments of a site do not overlap, so items write disjoint (row, column) blocks of
-        // their site's `y`; the item's `t` rows were completed before (by its group's shrink in
-        // the same work item, or in phase 1) and are only read here.
+        // their site's `y`; the item's `t` rows (and for int8 their quantized `u`) were completed
+        // before (in the same work item, or in an earlier phase) and are only read here.
         unsafe {
-            kernel::expand(
-                isa,
-                &ExpandArgs {
-                    t: tp.ptr().add(p.t_base + (it.rows.start - p.rows.start) * p.t_stride + p.t_col),
-                    ts: p.t_stride,
-                    rows: it.rows.len(),
-                    rank: p.w.rank,
-                    b: match p.w.matrices {
-                        LoraMatrices::F32 { b, .. } => ExpandB::F32(b),
-                        LoraMatrices::Int8 { bt, bt_scales, .. } => ExpandB::Int8 { bt, scales: bt_scales },
-                    },
-                    outs: it.outs.clone(),
-                    out_features: p.out_features,
-                    y: ys[p.site].ptr().add(it.rows.start * p.out_features),
-                    scale: p.w.scale,
-                    g: p.w.dora_factor,
-                },
-            )
+            match p.w.matrices {
+                LoraMatrices::F32 { b, .. } => {
+                    kernel::expand(isa, &ExpandArgs { t, ts, rows, rank, b, outs, out_features, y, scale, g })
+                }
+                LoraMatrices::Int8 { bt, .. } => {
+                    let e = ExpandInt8 { bt, outs, out_features, scale, g };
+                    let npairs = int8::pair_count(rank);
+                    for k in 0..rows {
+                        let r = p.u_row + it.rows.start - p.rows.start + k;
+                        let pairs = std::slice::from_raw_parts(uqp.ptr().add(r * u_pairs), npairs);
+                        int8::expand_row(isa, pairs, *udp.ptr().add(r), &e, y.add(k * out_features));
+                    }
+                }
+            }
         }
     };
     // The weights an item will read, asked into L2 one item ahead: the same thread usually takes
@@ -232,31 +325,46 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                 kernel::prefetch_range(rows.as_ptr(), rows.len());
             }
             LoraMatrices::Int8 { bt, .. } => {
-                for row in bt.chunks_exact(out) {
-                    kernel::prefetch_range(row[outs.clone()].as_ptr(), outs.len());
+                // Each pair of rank rows is one interleaved row of 2 · out bytes.
+                for row in bt.chunks_exact(2 * out) {
+                    let cols = &row[2 * outs.start..2 * outs.end];
+                    kernel::prefetch_range(cols.as_ptr(), cols.len());
                 }
             }
         }
     };
     let prefetch_work = |w: &Work| match w {
         Work::Shrink(i) => prefetch_shrink(&shrinks[*i]),
-        Work::Whole { shrink, expands: e } => {
+        Work::Whole { shrink, expands: e, .. } => {
             shrink.iter().for_each(|&i| prefetch_shrink(&shrinks[i]));
             e.clone().for_each(|i| prefetch_expand(&expands[i]));
         }
     };
 
+    // Quantizing an element costs about what a multiply-add does.
+    let quantize_work = (x_rows + u_rows) * in_features;
+    par::for_each_chunk(quantize_x.len(), helpers(quantize_work), &|c| {
+        let (k, rows) = &quantize_x[c];
+        quantize_group_x(&groups[*k], rows.clone());
+    });
     par::for_each_chunk(phase1.len(), helpers(shrink_macs + expand_macs), &|c| {
         if let Some(next) = phase1.get(c + 1) {
             prefetch_work(next);
         }
         match &phase1[c] {
             Work::Shrink(i) => run_shrink(&shrinks[*i]),
-            Work::Whole { shrink, expands: e } => {
+            Work::Whole { group, shrink, expands: e } => {
+                let g = &groups[*group];
+                quantize_group_x(g, g.rows.clone());
                 shrink.iter().for_each(|&i| run_shrink(&shrinks[i]));
+                g.parts.clone().for_each(|k| quantize_part_u(&parts[k], g.rows.clone()));
                 e.clone().for_each(|i| run_expand(&expands[i]));
             }
         }
+    });
+    par::for_each_chunk(quantize_u.len(), helpers(quantize_work), &|c| {
+        let (k, rows) = &quantize_u[c];
+        quantize_part_u(&parts[*k], rows.clone());
     });
     par::for_each_chunk(phase2.len(), helpers(expand_macs), &|c| {
         if let Some(&next) = phase2.get(c + 1) {
@@ -270,8 +378,9 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
 enum Work {
     /// One shrink item of a group whose expands run in phase 2.
     Shrink(usize),
-    /// A whole group: its shrink item (none at rank 0), then its expand items.
-    Whole { shrink: Option<usize>, expands: Range<usize> },
+    /// A whole group: its int8 quantization, its shrink item (none at rank 0), then its expand
+    /// items.
+    Whole { group: usize, shrink: Option<usize>, expands: Range<usize> },
 }
 
 /// `rows` cut into near-equal panels of at most `PANEL_ROWS`.
@@ -295,6 +404,8 @@ struct ShrinkGroup {
     total_rank: usize,
     /// Offset of the group's `t` block.
     t_base: usize,
+    /// int8: the group's first row in the call's quantized-activation buffer.
+    x_row: usize,
 }
 
 /// Shrink items of one group: row panels × chunks of its rank rows.
@@ -308,6 +419,7 @@ fn plan_shrink(g: &ShrinkGroup, in_features: usize, items: &mut Vec<ShrinkItem>)
                 ranks: g.first + j..g.first + (j + chunk).min(g.total_rank),
                 t: g.t_base + (pr.start - g.rows.start) * g.total_rank + j,
                 ts: g.total_rank,
+                x_row: g.x_row + pr.start - g.rows.start,
             });
         }
     }

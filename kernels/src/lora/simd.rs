@@ -27,24 +27,6 @@ pub(super) trait Simd: Copy {
     /// # Safety
     /// `n <= LANES` and `p` valid for reading `n` floats.
     unsafe fn load_partial(self, p: *const f32, n: usize) -> Self::V;
-    /// `LANES` int8 values, converted (exactly) to f32.
-    ///
-    /// # Safety
-    /// `p` must be valid for reading `LANES` bytes.
-    unsafe fn load_i8(self, p: *const i8) -> Self::V;
-    /// Lanes `0..n` from `p` converted to f32, the others 0; reads only `n` bytes.
-    ///
-    /// # Safety
-    /// `n <= LANES` and `p` valid for reading `n` bytes.
-    #[inline(always)]
-    unsafe fn load_i8_partial(self, p: *const i8, n: usize) -> Self::V {
-        let mut buf = [0i8; 64];
-        // SAFETY: n <= LANES <= 64 bytes are readable at p (caller contract) and fit in buf.
-        unsafe {
-            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), n);
-            self.load_i8(buf.as_ptr())
-        }
-    }
     /// # Safety
     /// `p` must be valid for writing `LANES` floats.
     unsafe fn store(self, p: *mut f32, v: Self::V);
@@ -110,12 +92,6 @@ impl Simd for Portable {
             *x = unsafe { *p.add(i) };
         }
         v
-    }
-    #[inline(always)]
-    unsafe fn load_i8(self, p: *const i8) -> [f32; PL] {
-        // SAFETY: the caller guarantees PL readable bytes.
-        let q = unsafe { p.cast::<[i8; PL]>().read_unaligned() };
-        q.map(f32::from)
     }
     #[inline(always)]
     unsafe fn store(self, p: *mut f32, v: [f32; PL]) {
@@ -217,10 +193,6 @@ mod x86 {
         unsafe fn load_partial(self, p: *const f32, n: usize) -> __m512 {
             // Masked-off lanes are not accessed (no fault past the end of a slice).
             unsafe { _mm512_maskz_loadu_ps(mask16(n), p) }
-        }
-        #[inline(always)]
-        unsafe fn load_i8(self, p: *const i8) -> __m512 {
-            unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32, v: __m512) {
@@ -359,10 +331,6 @@ mod x86 {
         unsafe fn load_partial(self, p: *const f32, n: usize) -> __m256 {
             // Masked-off lanes are not accessed (no fault past the end of a slice).
             unsafe { _mm256_maskload_ps(p, mask8(n)) }
-        }
-        #[inline(always)]
-        unsafe fn load_i8(self, p: *const i8) -> __m256 {
-            unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32, v: __m256) {

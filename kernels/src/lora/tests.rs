@@ -414,7 +414,7 @@ fn int8_storage_is_close_to_f32() {
         for o in 0..1536 {
             for j in 0..ad.rank {
                 let (v, sc) = (ad.b[o * ad.rank + j], m.bt.scales[j]);
-                let back = sc * f32::from(m.bt.values[j * 1536 + o]);
+                let back = sc * f32::from(m.bt_value(j, o));
                 assert!((back - v).abs() <= 0.5 * sc * (1.0 + 1e-5), "B[{o},{j}]: {v} vs {back}");
             }
         }
