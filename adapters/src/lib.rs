@@ -6,6 +6,7 @@
 
 pub mod cache;
 mod config;
+pub mod durable;
 mod id;
 mod peft;
 pub mod store;

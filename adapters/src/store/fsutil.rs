@@ -1,14 +1,18 @@
-//! The file-system steps the store's crash safety rests on: write-and-fsync, directory fsync,
-//! rename-into-place, and collision-free scratch names.
+//! The store's file-system steps: the durable ones of [`crate::durable`] with the store's error,
+//! and directory creation, listing, removal and collision-free scratch names.
 
 use super::StoreError;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use crate::durable::{self, DurableError};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Writes are split into chunks of this size so a test can stop the writer between two of them.
-pub const WRITE_CHUNK: usize = 1 << 20;
+impl From<DurableError> for StoreError {
+    fn from(e: DurableError) -> Self {
+        StoreError::Io { op: e.op, path: e.path, source: e.source }
+    }
+}
 
 /// Attaches the operation and path to an I/O error.
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -22,25 +26,14 @@ pub fn scratch_name(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Creates `path` (which must not exist), writes `bytes` and fsyncs it, calling `after_chunk`
-/// after every chunk written.
-pub fn write_synced(path: &Path, bytes: &[u8], mut after_chunk: impl FnMut()) -> Result<(), StoreError> {
-    let mut file =
-        OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err("create", path))?;
-    for chunk in bytes.chunks(WRITE_CHUNK) {
-        file.write_all(chunk).map_err(io_err("write", path))?;
-        after_chunk();
-    }
-    file.sync_all().map_err(io_err("fsync", path))
+/// [`durable::write_synced`] with the store's error.
+pub fn write_synced(path: &Path, bytes: &[u8], after_chunk: impl FnMut()) -> Result<(), StoreError> {
+    Ok(durable::write_synced(path, bytes, after_chunk)?)
 }
 
-/// Makes the entries of a directory (creations, renames, removals) durable.
+/// [`durable::sync_dir`] with the store's error.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    #[cfg(unix)]
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", dir))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    Ok(durable::sync_dir(dir)?)
 }
 
 /// Creates `dir` if it is missing and makes its entry in `parent` durable.
@@ -52,10 +45,9 @@ pub fn ensure_dir(parent: &Path, dir: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// Renames `from` onto `to` (atomic on POSIX file systems) and fsyncs the directory of `to`.
+/// [`durable::rename_synced`] with the store's error.
 pub fn rename_synced(from: &Path, to: &Path) -> Result<(), StoreError> {
-    fs::rename(from, to).map_err(io_err("rename into place", to))?;
-    sync_dir(to.parent().unwrap_or(Path::new(".")))
+    Ok(durable::rename_synced(from, to)?)
 }
 
 /// Whether `path` exists; errors other than "not found" are errors, not "no".

@@ -49,6 +49,12 @@ pub enum JobsError {
     Io(String),
 }
 
+impl From<adapters::durable::DurableError> for JobsError {
+    fn from(e: adapters::durable::DurableError) -> Self {
+        JobsError::Io(format!("cannot {} {}: {}", e.op, e.path.display(), e.source))
+    }
+}
+
 /// Where and how jobs run.
 #[derive(Debug, Clone)]
 pub struct JobsConfig {

@@ -14,9 +14,9 @@
 
 use super::records::{FileRecord, JobRecord};
 use super::JobsError;
+use adapters::durable;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -162,9 +162,7 @@ impl DiskStore {
 
 /// Creates `path` (which must not exist), writes `bytes` and fsyncs it.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), JobsError> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path).map_err(io("create", path))?;
-    f.write_all(bytes).map_err(io("write", path))?;
-    f.sync_all().map_err(io("fsync", path))
+    Ok(durable::write_synced(path, bytes, || {})?)
 }
 
 /// `(path, bytes)` of every `*.json` in `dir`, in name order.
@@ -182,10 +180,9 @@ fn read_records(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>, JobsError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), JobsError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync", dir))
+    Ok(durable::sync_dir(dir)?)
 }
 
 fn rename_synced(from: &Path, to: &Path) -> Result<(), JobsError> {
-    fs::rename(from, to).map_err(io("rename into place", to))?;
-    sync_dir(to.parent().unwrap_or(Path::new(".")))
+    Ok(durable::rename_synced(from, to)?)
 }

@@ -404,17 +404,9 @@ pub fn optimizer_step(
 pub const LOG_FILE: &str = "training_log.json";
 pub const CURVE_FILE: &str = "loss_curve.png";
 
-/// `path` appears whole or not at all: written to a temp file, synced, renamed.
+/// `path` appears whole or not at all (`adapters::durable::write_atomically`).
 pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let io = |e: std::io::Error| TrainError::Write(format!("{}: {e}", path.display()));
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    std::io::Write::write_all(&mut f, bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    adapters::durable::write_atomically(path, bytes).map_err(|e| TrainError::Write(e.to_string()))
 }
 
 /// Writes the trained parameters as a PEFT adapter directory (atomically).
