@@ -81,7 +81,8 @@ impl<'a> LoraSiteWeights<'a> {
 }
 
 /// One row-quantized matrix: `values` row-major `[rows, cols]`, element `(r, c)` standing for
-/// `scales[r] · values[r · cols + c]`.
+/// `scales[r] · values[r · cols + c]` (except in [`Int8LoraMatrices::bt`], whose rows are
+/// interleaved in pairs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int8Rows {
     pub values: Vec<i8>,

@@ -122,9 +122,12 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
     parts.sort_by_key(|p| (p.rows.start, p.rows.end, is_int8(&p.w), p.site));
 
     // Phase 1 plan: group parts with equal rows and storage, concatenate their rank rows.
-    let mut f32_rows: Vec<&[f32]> = Vec::new();
-    let mut int8_rows: Vec<&[i8]> = Vec::new();
-    let mut int8_scales: Vec<f32> = Vec::new();
+    // Sized up front: at decode these lists hold the rank rows of every adapter of the step.
+    let rank_rows =
+        |int8: bool| parts.iter().filter(|p| is_int8(&p.w) == int8).map(|p| p.w.rank).sum::<usize>();
+    let mut f32_rows: Vec<&[f32]> = Vec::with_capacity(rank_rows(false));
+    let mut int8_rows: Vec<&[i8]> = Vec::with_capacity(rank_rows(true));
+    let mut int8_scales: Vec<f32> = Vec::with_capacity(rank_rows(true));
     let mut shrinks: Vec<ShrinkItem> = Vec::new();
     let (mut t_len, mut shrink_macs) = (0usize, 0usize);
     let (mut x_rows, mut u_rows, mut u_pairs) = (0usize, 0usize, 0usize);
