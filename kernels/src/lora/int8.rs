@@ -262,6 +262,8 @@ unsafe fn expand_row_scalar(pairs: &[i32], du: f32, p: &ExpandInt8, y: *mut f32)
 }
 
 #[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Simd};
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 /// Largest of the 8 lanes.
@@ -272,17 +274,6 @@ fn hmax256(v: __m256) -> f32 {
     let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-    _mm_cvtss_f32(s)
-}
-
-/// Sum of the 8 lanes by a fixed tree.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum256(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
     _mm_cvtss_f32(s)
 }
 
@@ -363,9 +354,11 @@ unsafe fn shrink_rows_avx2<const J: usize>(
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), db, acc[c]);
         }
     }
+    // SAFETY: AVX2 and FMA are available (this function's contract).
+    let simd = unsafe { Avx2::new() };
     for c in 0..J {
         // SAFETY: entry c is inside the row's t (caller contract).
-        unsafe { *t.add(c) = scales[c] * hsum256(acc[c]) };
+        unsafe { *t.add(c) = scales[c] * simd.hsum(acc[c]) };
     }
 }
 
