@@ -7,4 +7,7 @@ pub enum KernelError {
     Shape(String),
     #[error("malformed quantized data: {0}")]
     Quant(String),
+    /// The CUDA device or driver failed, or this build has no CUDA support.
+    #[error("cuda: {0}")]
+    Cuda(String),
 }

@@ -404,7 +404,7 @@ fn check_attention(
 /// Checks that every sequence's rows lie in `0..n_rows` without overlapping another's, and that
 /// its block table maps every position the kernel touches to a block `< num_blocks`: positions
 /// `start_pos..` of its rows for a write, `0..` up to its last row for attention.
-fn check_seqs(
+pub(crate) fn check_seqs(
     geom: KvGeometry,
     num_blocks: usize,
     n_rows: usize,

@@ -1,0 +1,391 @@
+//! The `cuda` build of [`Gpu`]: one cudarc context and stream per device, our PTX module loaded
+//! once, and the launches of `lora.cu`'s kernels (plus a per-segment cuBLAS loop that the
+//! benchmarks compare them with).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::attention::{AttentionScratch, GpuAttentionRows, GpuKvCache, ATTENTION_PARTITION};
+use super::{DeviceFloat, LaunchPlan, SlotSite, BLOCK_THREADS, EXPAND_ROWS};
+use crate::KernelError;
+
+/// Threads per block of the attention kernels (`ATTN_THREADS` in `attention.cu`).
+const ATTN_THREADS: u32 = 128;
+
+/// PTX of `kernels/cuda/*.cu`, compiled by nvcc in `build.rs`.
+const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+
+// SAFETY: `SlotSite` is `repr(C)` plain data (u64 ×3, u32, f32) that the kernels read as such,
+// and all-zero bits are a valid (empty) slot.
+unsafe impl DeviceRepr for SlotSite {}
+unsafe impl ValidAsZeroBits for SlotSite {}
+
+/// Types that can live in a [`DeviceBuf`].
+pub trait DeviceElem: DeviceRepr + ValidAsZeroBits + Unpin + Copy + Default {}
+impl<T: DeviceRepr + ValidAsZeroBits + Unpin + Copy + Default> DeviceElem for T {}
+
+/// A buffer in device memory.
+pub struct DeviceBuf<T> {
+    pub(super) slice: CudaSlice<T>,
+}
+
+impl<T> DeviceBuf<T> {
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slice.is_empty()
+    }
+}
+
+/// An open CUDA device: context, the stream every call of this handle runs on, and our kernels.
+pub struct Gpu {
+    stream: Arc<CudaStream>,
+    lora: Arc<CudaModule>,
+    attention: Arc<CudaModule>,
+    blas: CudaBlas,
+    name: String,
+    sm_count: usize,
+}
+
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> KernelError + '_ {
+    move |e| KernelError::Cuda(format!("{what}: {e}"))
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads our kernels (the driver JIT-compiles their PTX once).
+    pub fn open(ordinal: usize) -> Result<Gpu, KernelError> {
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the CUDA device"))?;
+        let name = ctx.name().map_err(cuda_err("reading the device name"))?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err("reading the multiprocessor count"))? as usize;
+        let stream = ctx.default_stream();
+        let lora = ctx.load_module(Ptx::from_src(LORA_PTX)).map_err(cuda_err("loading lora.ptx"))?;
+        let attention =
+            ctx.load_module(Ptx::from_src(ATTENTION_PTX)).map_err(cuda_err("loading attention.ptx"))?;
+        let blas =
+            CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("starting cuBLAS: {e}")))?;
+        Ok(Gpu { stream, lora, attention, blas, name, sm_count })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
+    }
+
+    pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<DeviceBuf<T>, KernelError> {
+        if host.is_empty() {
+            return self.empty();
+        }
+        Ok(DeviceBuf { slice: self.stream.clone_htod(host).map_err(cuda_err("copying to the device"))? })
+    }
+
+    pub fn zeros<T: DeviceElem>(&self, len: usize) -> Result<DeviceBuf<T>, KernelError> {
+        if len == 0 {
+            return self.empty();
+        }
+        Ok(DeviceBuf { slice: self.stream.alloc_zeros(len).map_err(cuda_err("allocating device memory"))? })
+    }
+
+    /// A zero-length buffer (rank-0 slots), without a zero-byte copy or memset.
+    fn empty<T: DeviceElem>(&self) -> Result<DeviceBuf<T>, KernelError> {
+        Ok(DeviceBuf { slice: self.stream.null().map_err(cuda_err("allocating device memory"))? })
+    }
+
+    /// Waits for the stream, then copies the buffer back.
+    pub fn download<T: DeviceElem>(&self, buf: &DeviceBuf<T>) -> Result<Vec<T>, KernelError> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.stream.clone_dtoh(&buf.slice).map_err(cuda_err("copying from the device"))
+    }
+
+    /// The buffer's device address, for [`SlotSite`] records.
+    pub(super) fn address<T>(&self, buf: &DeviceBuf<T>) -> u64 {
+        let (ptr, _sync) = buf.slice.device_ptr(&self.stream);
+        ptr
+    }
+
+    pub fn synchronize(&self) -> Result<(), KernelError> {
+        self.stream.synchronize().map_err(cuda_err("synchronizing the stream"))
+    }
+
+    /// Device-to-device copy bandwidth in bytes per second (read plus written), from `reps`
+    /// copies of a `bytes`-long buffer: the memory-bandwidth bound the kernels are measured by.
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64, KernelError> {
+        let src = self.zeros::<u8>(bytes)?;
+        let mut dst = self.zeros::<u8>(bytes)?;
+        let copy = |dst: &mut DeviceBuf<u8>| {
+            self.stream.memcpy_dtod(&src.slice, &mut dst.slice).map_err(cuda_err("device-to-device copy"))
+        };
+        copy(&mut dst)?;
+        self.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            copy(&mut dst)?;
+        }
+        self.synchronize()?;
+        Ok((2 * bytes * reps) as f64 / start.elapsed().as_secs_f64())
+    }
+
+    /// Launches shrink then one expand per site (see `lora.cu`); shapes were validated by the
+    /// caller ([`super::lora_delta`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_lora<T: DeviceFloat>(
+        &self,
+        x: &DeviceBuf<T>,
+        rows: usize,
+        in_features: usize,
+        ys: &mut [(&mut DeviceBuf<T>, usize)],
+        meta: &DeviceBuf<u32>,
+        table: &DeviceBuf<SlotSite>,
+        n_slots: usize,
+        r_max: usize,
+        plan: LaunchPlan,
+        scratch: &mut DeviceBuf<f32>,
+    ) -> Result<(), KernelError> {
+        let (rows_u, in_u, slots_u, rmax_u) = (rows as u32, in_features as u32, n_slots as u32, r_max as u32);
+        let shrink = self.function(&self.lora, &format!("lora_shrink_{}", T::SUFFIX))?;
+        let mut launch = self.stream.launch_builder(&shrink);
+        launch
+            .arg(&x.slice)
+            .arg(&rows_u)
+            .arg(&in_u)
+            .arg(&meta.slice)
+            .arg(&table.slice)
+            .arg(&slots_u)
+            .arg(&mut scratch.slice)
+            .arg(&rmax_u)
+            .arg(&plan.split_len);
+        let cfg = LaunchConfig {
+            grid_dim: (plan.splits, slots_u, ys.len() as u32),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches `lora_shrink_*`'s signature; every buffer was sized
+        // by `lora_delta` (x: rows·in, scratch: plan.scratch_len, table: sites·n_slots) and every
+        // address in `table` points into a live buffer of the sizes its record states
+        // (`SlotTable::new` checked them and borrows the buffers).
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launching lora_shrink"))?;
+
+        let expand = self.function(&self.lora, &format!("lora_expand_{}", T::SUFFIX))?;
+        for (site, (y, out_features)) in ys.iter_mut().enumerate() {
+            let site_table = table.slice.slice(site * n_slots..(site + 1) * n_slots);
+            let (out_u, site_u) = (*out_features as u32, site as u32);
+            let mut launch = self.stream.launch_builder(&expand);
+            launch
+                .arg(&mut y.slice)
+                .arg(&rows_u)
+                .arg(&out_u)
+                .arg(&meta.slice)
+                .arg(&site_table)
+                .arg(&slots_u)
+                .arg(&scratch.slice)
+                .arg(&rmax_u)
+                .arg(&plan.splits)
+                .arg(&site_u);
+            let cfg = LaunchConfig {
+                grid_dim: (out_u.div_ceil(BLOCK_THREADS), slots_u, 1),
+                block_dim: (BLOCK_THREADS, 1, 1),
+                shared_mem_bytes: (EXPAND_ROWS * r_max * std::mem::size_of::<f32>()) as u32,
+            };
+            // SAFETY: as for the shrink; y holds rows·out_features and the shared memory is the
+            // EXPAND_ROWS·r_max floats the kernel indexes.
+            unsafe { launch.launch(cfg) }.map_err(cuda_err("launching lora_expand"))?;
+        }
+        Ok(())
+    }
+
+    fn function(&self, module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, KernelError> {
+        module.load_function(name).map_err(cuda_err("finding a kernel in our PTX"))
+    }
+
+    /// Launches `kv_write_*` (shapes validated by [`super::attention::write_kv`]).
+    pub(super) fn launch_kv_write<T: DeviceFloat>(
+        &self,
+        cache: &mut GpuKvCache<T>,
+        k: &DeviceBuf<T>,
+        v: &DeviceBuf<T>,
+        rows: &GpuAttentionRows,
+        width: usize,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.attention, &format!("kv_write_{}", T::SUFFIX))?;
+        let (width_u, bs_u) = (width as u32, cache.geometry().block_size as u32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(&k.slice)
+            .arg(&v.slice)
+            .arg(&rows.pos.slice)
+            .arg(&rows.table.slice)
+            .arg(&rows.blocks.slice)
+            .arg(&width_u)
+            .arg(&bs_u)
+            .arg(&mut cache.k.slice)
+            .arg(&mut cache.v.slice);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.rows as u32, 1, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `kv_write_*`; k and v hold rows·width values and every
+        // (block, slot) the rows address was checked against the cache by `GpuAttentionRows::new`.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launching kv_write"))?;
+        Ok(())
+    }
+
+    /// Launches `paged_attention_partial_*` then `paged_attention_reduce_*` (shapes and scratch
+    /// sizes ensured by [`super::attention::paged_attention`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_attention<T: DeviceFloat>(
+        &self,
+        cache: &GpuKvCache<T>,
+        q: &DeviceBuf<T>,
+        n_heads: usize,
+        scale: f32,
+        rows: &GpuAttentionRows,
+        partitions: usize,
+        out: &mut DeviceBuf<T>,
+        scratch: &mut AttentionScratch,
+    ) -> Result<(), KernelError> {
+        let geom = cache.geometry();
+        let (Some(m), Some(l), Some(acc)) = (scratch.m.as_mut(), scratch.l.as_mut(), scratch.acc.as_mut())
+        else {
+            return Err(KernelError::Cuda("attention scratch was not allocated".into()));
+        };
+        let n_rep = n_heads / geom.n_kv_heads;
+        let (heads_u, kv_u, dim_u, bs_u, parts_u) = (
+            n_heads as u32,
+            geom.n_kv_heads as u32,
+            geom.head_dim as u32,
+            geom.block_size as u32,
+            partitions as u32,
+        );
+        let partial = self.function(&self.attention, &format!("paged_attention_partial_{}", T::SUFFIX))?;
+        let mut launch = self.stream.launch_builder(&partial);
+        launch
+            .arg(&q.slice)
+            .arg(&cache.k.slice)
+            .arg(&cache.v.slice)
+            .arg(&rows.pos.slice)
+            .arg(&rows.table.slice)
+            .arg(&rows.blocks.slice)
+            .arg(&heads_u)
+            .arg(&kv_u)
+            .arg(&dim_u)
+            .arg(&bs_u)
+            .arg(&scale)
+            .arg(&mut m.slice)
+            .arg(&mut l.slice)
+            .arg(&mut acc.slice);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.rows as u32, kv_u, parts_u),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: (n_rep * (geom.head_dim + ATTENTION_PARTITION) * std::mem::size_of::<f32>())
+                as u32,
+        };
+        // SAFETY: the arguments match `paged_attention_partial_*`; q holds rows·n_heads·head_dim
+        // values, the scratch rows·n_heads·partitions (·head_dim for acc), the shared memory the
+        // n_rep·(head_dim + PART) floats the kernel indexes, and every block the rows address
+        // was checked against the cache.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launching paged_attention_partial"))?;
+
+        let reduce = self.function(&self.attention, &format!("paged_attention_reduce_{}", T::SUFFIX))?;
+        let mut launch = self.stream.launch_builder(&reduce);
+        launch
+            .arg(&rows.pos.slice)
+            .arg(&heads_u)
+            .arg(&dim_u)
+            .arg(&parts_u)
+            .arg(&m.slice)
+            .arg(&l.slice)
+            .arg(&acc.slice)
+            .arg(&mut out.slice);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.rows as u32, heads_u, 1),
+            block_dim: (dim_u, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; out holds rows·n_heads·head_dim values and head_dim ≤ 1024 threads.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err("launching paged_attention_reduce"))?;
+        Ok(())
+    }
+
+    /// `c[m, n] = alpha · a[m, k] · b[n, k]ᵀ + beta · c` on row-major buffers: one cuBLAS gemm.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_abt<T: DeviceFloat>(
+        &self,
+        a: &DeviceBuf<T>,
+        a_offset: usize,
+        b: &DeviceBuf<T>,
+        c: &mut DeviceBuf<T>,
+        c_offset: usize,
+        (m, n, k): (usize, usize, usize),
+        (alpha, beta): (f32, f32),
+    ) -> Result<(), KernelError> {
+        // Row-major C = A·Bᵀ is column-major Cᵀ = B·Aᵀ: cuBLAS computes op(B) = Bᵀ-as-stored
+        // transposed, times A-as-stored.
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: T::from_f32(alpha),
+            lda: k as i32,
+            ldb: k as i32,
+            beta: T::from_f32(beta),
+            ldc: n as i32,
+        };
+        let a_view = a.slice.slice(a_offset..a_offset + m * k);
+        let mut c_view = c.slice.slice_mut(c_offset..c_offset + m * n);
+        // SAFETY: the views hold exactly the m·k, n·k (b, checked by the caller) and m·n elements
+        // the configuration addresses.
+        unsafe { T::gemm(&self.blas, cfg, &b.slice, &a_view, &mut c_view) }
+            .map_err(|e| KernelError::Cuda(format!("cuBLAS gemm: {e}")))
+    }
+}
+
+/// The element types cuBLAS multiplies for the baseline.
+pub trait BlasFloat: Sized {
+    /// # Safety
+    /// As [`Gemm::gemm`]: the buffers must hold what `cfg` addresses.
+    unsafe fn gemm<A: DevicePtr<Self>, B: DevicePtr<Self>, C: cudarc::driver::DevicePtrMut<Self>>(
+        blas: &CudaBlas,
+        cfg: GemmConfig<Self>,
+        a: &A,
+        b: &B,
+        c: &mut C,
+    ) -> Result<(), cudarc::cublas::result::CublasError>;
+}
+
+macro_rules! blas_float {
+    ($($t:ty),*) => {$(
+        impl BlasFloat for $t {
+            unsafe fn gemm<A: DevicePtr<Self>, B: DevicePtr<Self>, C: cudarc::driver::DevicePtrMut<Self>>(
+                blas: &CudaBlas,
+                cfg: GemmConfig<Self>,
+                a: &A,
+                b: &B,
+                c: &mut C,
+            ) -> Result<(), cudarc::cublas::result::CublasError> {
+                // SAFETY: forwarded from the caller.
+                unsafe { Gemm::<$t>::gemm(blas, cfg, a, b, c) }
+            }
+        }
+    )*};
+}
+blas_float!(f32, half::f16, half::bf16);
