@@ -153,13 +153,15 @@ __device__ void expand(T* __restrict__ y, u32 rows, u32 out_features, const u32*
       load8(brow + j, vec, bv);
 #pragma unroll
       for (int r = 0; r < EXPAND_ROWS; ++r)
+        if (r < n)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[r] = fmaf(t[r * r_max + j + e], bv[e], acc[r]);
+          for (int e = 0; e < 8; ++e) acc[r] = fmaf(t[r * r_max + j + e], bv[e], acc[r]);
     }
     for (; j < w.rank; ++j) {
       const float bv = to_f32(brow[j]);
 #pragma unroll
-      for (int r = 0; r < EXPAND_ROWS; ++r) acc[r] = fmaf(t[r * r_max + j], bv, acc[r]);
+      for (int r = 0; r < EXPAND_ROWS; ++r)
+        if (r < n) acc[r] = fmaf(t[r * r_max + j], bv, acc[r]);
     }
     const float go = g ? g[o] : 1.f;
 #pragma unroll

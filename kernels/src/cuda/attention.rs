@@ -47,6 +47,7 @@ pub struct GpuAttentionRows {
     pub(super) table: DeviceBuf<u32>,
     pub(super) blocks: DeviceBuf<u32>,
     pub(super) rows: usize,
+    purpose: RowsFor,
     /// Partitions of [`ATTENTION_PARTITION`] keys that cover the longest context of the step.
     partitions: usize,
     geom: KvGeometry,
@@ -55,29 +56,38 @@ pub struct GpuAttentionRows {
 
 impl GpuAttentionRows {
     /// Validates `seqs` against a cache of `num_blocks` blocks of `geom` (the checks of
-    /// [`crate::attention::paged_attention`]) and uploads them. `min_partitions` lets a caller that
-    /// captures CUDA graphs keep the grid fixed (from the longest context it serves).
+    /// [`crate::attention::write_kv`] or [`crate::attention::paged_attention`], by `purpose`) and
+    /// uploads them. `min_partitions` lets a caller that captures CUDA graphs keep the grid fixed
+    /// (from the longest context it serves).
     pub fn new(
         gpu: &Gpu,
         geom: KvGeometry,
         num_blocks: usize,
         rows: usize,
         seqs: &[SeqRows],
+        purpose: RowsFor,
         min_partitions: usize,
     ) -> Result<Self, KernelError> {
-        let packed = pack_rows(geom, num_blocks, rows, seqs)?;
+        let packed = pack_rows(geom, num_blocks, rows, seqs, purpose)?;
         Ok(GpuAttentionRows {
             pos: gpu.upload(&packed.pos)?,
             table: gpu.upload(&packed.table)?,
             blocks: gpu.upload(&packed.blocks)?,
             rows,
+            purpose,
             partitions: packed.longest.div_ceil(ATTENTION_PARTITION).max(min_partitions).max(1),
             geom,
             num_blocks,
         })
     }
 
-    fn check_cache<T>(&self, cache: &GpuKvCache<T>) -> Result<(), KernelError> {
+    fn check_cache<T>(&self, cache: &GpuKvCache<T>, purpose: RowsFor) -> Result<(), KernelError> {
+        if self.purpose != purpose {
+            return Err(KernelError::Shape(format!(
+                "rows checked for {:?} used for {purpose:?}",
+                self.purpose
+            )));
+        }
         if cache.geom != self.geom || cache.num_blocks != self.num_blocks {
             return Err(KernelError::Shape(format!(
                 "rows were checked against {} blocks of {:?}, the cache has {} of {:?}",
@@ -86,6 +96,15 @@ impl GpuAttentionRows {
         }
         Ok(())
     }
+}
+
+/// What a [`GpuAttentionRows`] is for, which decides how much of each block table is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowsFor {
+    /// [`write_kv`]: only the blocks of the rows' own positions (earlier ones may be gone).
+    Write,
+    /// [`paged_attention`]: every block from position 0 to each row's own.
+    Attention,
 }
 
 /// A step's rows in the layout `attention.cu` reads (see its header).
@@ -108,8 +127,9 @@ pub(super) fn pack_rows(
     num_blocks: usize,
     rows: usize,
     seqs: &[SeqRows],
+    purpose: RowsFor,
 ) -> Result<PackedRows, KernelError> {
-    check_seqs(geom, num_blocks, rows, seqs, false)?;
+    check_seqs(geom, num_blocks, rows, seqs, purpose == RowsFor::Write)?;
     let mut pos = vec![ROW_NONE; rows];
     let mut table = vec![0u32; rows];
     let mut blocks = Vec::new();
@@ -142,7 +162,7 @@ pub fn write_kv<T: DeviceFloat>(
     v: &DeviceBuf<T>,
     rows: &GpuAttentionRows,
 ) -> Result<(), KernelError> {
-    rows.check_cache(cache)?;
+    rows.check_cache(cache, RowsFor::Write)?;
     let width = cache.geom.n_kv_heads * cache.geom.head_dim;
     if k.len() != rows.rows * width || v.len() != rows.rows * width {
         return Err(KernelError::Shape(format!(
@@ -181,7 +201,7 @@ pub fn paged_attention<T: DeviceFloat>(
     out: &mut DeviceBuf<T>,
     scratch: &mut AttentionScratch,
 ) -> Result<(), KernelError> {
-    rows.check_cache(cache)?;
+    rows.check_cache(cache, RowsFor::Attention)?;
     let geom = cache.geom;
     if n_heads == 0 || !n_heads.is_multiple_of(geom.n_kv_heads) || geom.head_dim > 1024 {
         return Err(KernelError::Shape(format!(

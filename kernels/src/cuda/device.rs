@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    sys::{CUdevice_attribute, CUevent_flags},
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -35,15 +36,18 @@ impl<T: DeviceRepr + ValidAsZeroBits + Unpin + Copy + Default> DeviceElem for T 
 /// A buffer in device memory.
 pub struct DeviceBuf<T> {
     pub(super) slice: CudaSlice<T>,
+    /// Elements the buffer stands for: an empty buffer (a rank-0 slot's weights) still holds one
+    /// allocated element, because CUDA refuses zero-byte allocations.
+    len: usize,
 }
 
 impl<T> DeviceBuf<T> {
     pub fn len(&self) -> usize {
-        self.slice.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slice.is_empty()
+        self.len == 0
     }
 }
 
@@ -89,21 +93,15 @@ impl Gpu {
 
     pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<DeviceBuf<T>, KernelError> {
         if host.is_empty() {
-            return self.empty();
+            return self.zeros(0);
         }
-        Ok(DeviceBuf { slice: self.stream.clone_htod(host).map_err(cuda_err("copying to the device"))? })
+        let slice = self.stream.clone_htod(host).map_err(cuda_err("copying to the device"))?;
+        Ok(DeviceBuf { slice, len: host.len() })
     }
 
     pub fn zeros<T: DeviceElem>(&self, len: usize) -> Result<DeviceBuf<T>, KernelError> {
-        if len == 0 {
-            return self.empty();
-        }
-        Ok(DeviceBuf { slice: self.stream.alloc_zeros(len).map_err(cuda_err("allocating device memory"))? })
-    }
-
-    /// A zero-length buffer (rank-0 slots), without a zero-byte copy or memset.
-    fn empty<T: DeviceElem>(&self) -> Result<DeviceBuf<T>, KernelError> {
-        Ok(DeviceBuf { slice: self.stream.null().map_err(cuda_err("allocating device memory"))? })
+        let slice = self.stream.alloc_zeros(len.max(1)).map_err(cuda_err("allocating device memory"))?;
+        Ok(DeviceBuf { slice, len })
     }
 
     /// Waits for the stream, then copies the buffer back.
@@ -122,6 +120,25 @@ impl Gpu {
 
     pub fn synchronize(&self) -> Result<(), KernelError> {
         self.stream.synchronize().map_err(cuda_err("synchronizing the stream"))
+    }
+
+    /// Device milliseconds of the work `f` queues, between two events on the stream; with
+    /// `cold`, after overwriting `flush` (larger than the L2 cache) so that the work starts from
+    /// DRAM as it would inside a model's step.
+    pub fn time_ms(
+        &self,
+        flush: Option<&mut DeviceBuf<u8>>,
+        f: impl FnOnce() -> Result<(), KernelError>,
+    ) -> Result<f32, KernelError> {
+        if let Some(flush) = flush {
+            self.stream.memset_zeros(&mut flush.slice).map_err(cuda_err("flushing the L2 cache"))?;
+        }
+        let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(timing).map_err(cuda_err("recording an event"))?;
+        f()?;
+        let end = self.stream.record_event(timing).map_err(cuda_err("recording an event"))?;
+        end.synchronize().map_err(cuda_err("waiting for an event"))?;
+        start.elapsed_ms(&end).map_err(cuda_err("reading event times"))
     }
 
     /// Device-to-device copy bandwidth in bytes per second (read plus written), from `reps`

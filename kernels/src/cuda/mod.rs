@@ -27,7 +27,7 @@ use std::ops::Range;
 use crate::KernelError;
 
 pub use attention::{
-    paged_attention, write_kv, AttentionScratch, GpuAttentionRows, GpuKvCache, ATTENTION_PARTITION,
+    paged_attention, write_kv, AttentionScratch, GpuAttentionRows, GpuKvCache, RowsFor, ATTENTION_PARTITION,
 };
 pub use device::{DeviceBuf, Gpu};
 
@@ -38,6 +38,10 @@ pub const EXPAND_ROWS: usize = 8;
 /// The largest rank a slot may have: expand keeps `EXPAND_ROWS · r_max` f32 in shared memory,
 /// which must stay within the 48 KiB every device grants without opting in.
 pub const MAX_RANK: usize = 1024;
+
+/// The most slots a pool may have: the launch grid has one block row per slot, and CUDA allows
+/// 65535 in that dimension.
+pub const MAX_SLOTS: usize = 65535;
 
 /// One slot's weights for one site, as the kernels read them (`SlotSite` in `lora.cu`; the
 /// layout is part of the kernel ABI).
@@ -105,6 +109,11 @@ pub fn pack_segments(
     segments: &[(Range<usize>, u32)],
 ) -> Result<Vec<u32>, KernelError> {
     let bad = |k: usize, why: String| Err(KernelError::Shape(format!("segment {k}: {why}")));
+    if n_slots > MAX_SLOTS {
+        return Err(KernelError::Shape(format!(
+            "a pool of {n_slots} slots is above the kernels' {MAX_SLOTS}"
+        )));
+    }
     if segments.len() > n_slots {
         return Err(KernelError::Shape(format!("{} segments for a pool of {n_slots} slots", segments.len())));
     }
@@ -121,13 +130,17 @@ pub fn pack_segments(
         if *slot as usize >= n_slots {
             return bad(k, format!("slot {slot} is not below the pool's {n_slots} slots"));
         }
-        sorted.push((range.start, k));
+        // Empty segments cover no rows, so they can overlap nothing; leaving them out of the
+        // sort keeps every pair of non-empty neighbours adjacent.
+        if !range.is_empty() {
+            sorted.push((range.start, k));
+        }
         meta.extend([range.start as u32, range.end as u32, *slot]);
     }
     sorted.sort_unstable();
     for pair in sorted.windows(2) {
         let (prev, next) = (&segments[pair[0].1].0, &segments[pair[1].1].0);
-        if !prev.is_empty() && !next.is_empty() && next.start < prev.end {
+        if next.start < prev.end {
             return bad(pair[1].1, format!("rows {next:?} overlap segment {}'s {prev:?}", pair[0].1));
         }
     }
@@ -229,6 +242,11 @@ impl<'w, T: DeviceFloat> SlotTable<'w, T> {
                 "{} sites of slots for {} output widths (need one each, at least one)",
                 slots.len(),
                 out_features.len()
+            )));
+        }
+        if n_slots > MAX_SLOTS {
+            return Err(KernelError::Shape(format!(
+                "a pool of {n_slots} slots is above the kernels' {MAX_SLOTS}"
             )));
         }
         let mut records = Vec::with_capacity(slots.len() * n_slots);

@@ -77,6 +77,14 @@ impl Gpu {
         match self.never {}
     }
 
+    pub fn time_ms(
+        &self,
+        _flush: Option<&mut DeviceBuf<u8>>,
+        _f: impl FnOnce() -> Result<(), KernelError>,
+    ) -> Result<f32, KernelError> {
+        match self.never {}
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_lora<T: DeviceFloat>(
         &self,

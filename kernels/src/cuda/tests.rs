@@ -22,6 +22,9 @@ fn bad_segments_are_rejected_by_name() {
     assert!(reversed.contains("segment 0"));
     assert!(err(&[(0..2, 3)]).contains("slot 3"));
     assert!(err(&[(0..1, 0), (1..2, 1), (2..3, 2), (3..4, 0)]).contains("4 segments for a pool of 3"));
+    // An empty segment sorted between two overlapping ones does not hide the overlap.
+    assert!(err(&[(0..5, 0), (3..3, 1), (4..8, 2)]).contains("overlap"));
+    assert!(pack_segments(10, MAX_SLOTS + 1, &[]).is_err(), "grid limit");
     // Empty segments never overlap anything.
     pack_segments(10, 3, &[(0..4, 0), (2..2, 1)]).expect("an empty segment inside another is harmless");
 }
@@ -61,14 +64,20 @@ fn attention_rows_pack_positions_and_block_tables() {
         SeqRows { rows: 0..2, start_pos: 5, block_table: &t0 },
         SeqRows { rows: 3..4, start_pos: 9, block_table: &t1 },
     ];
-    let p = pack_rows(geom, 8, 5, &seqs).expect("valid rows");
+    let p = pack_rows(geom, 8, 5, &seqs, RowsFor::Attention).expect("valid rows");
     assert_eq!(p.pos, vec![5, 6, u32::MAX, 9, u32::MAX]);
     assert_eq!(p.table, vec![0, 0, 0, 2, 0]);
     assert_eq!(p.blocks, vec![5, 2, 7, 0, 3]);
     assert_eq!(p.longest, 10);
     // A block table too short for the row's position, or a block outside the pool, is refused.
     let short = [SeqRows { rows: 0..1, start_pos: 8, block_table: &t0 }];
-    assert!(pack_rows(geom, 8, 1, &short).is_err());
-    assert!(pack_rows(geom, 6, 5, &seqs).is_err(), "block 7 of 6");
-    assert_eq!(pack_rows(geom, 8, 2, &[]).expect("no sequences").blocks, vec![0]);
+    assert!(pack_rows(geom, 8, 1, &short, RowsFor::Write).is_err());
+    assert!(pack_rows(geom, 6, 5, &seqs, RowsFor::Attention).is_err(), "block 7 of 6");
+    assert_eq!(pack_rows(geom, 8, 2, &[], RowsFor::Attention).expect("no sequences").blocks, vec![0]);
+    // A write checks only the blocks it writes: an earlier block outside the pool (freed by a
+    // sliding window, say) is refused for attention only.
+    let window = [9u32, 1];
+    let late = [SeqRows { rows: 0..1, start_pos: 5, block_table: &window }];
+    pack_rows(geom, 8, 1, &late, RowsFor::Write).expect("a write into block 1");
+    assert!(pack_rows(geom, 8, 1, &late, RowsFor::Attention).is_err());
 }
