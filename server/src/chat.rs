@@ -1,6 +1,11 @@
 //! Chat templates: found in GGUF metadata, `chat_template.jinja` or `tokenizer_config.json`, and
 //! rendered with minijinja the way transformers' `apply_chat_template` renders them (jinja2 with
 //! `trim_blocks` and `lstrip_blocks`, loop controls, `raise_exception`, python string methods).
+//!
+//! Templates come with the model, not from clients, but a hostile or broken one must not hang or
+//! flood a request: each render has an instruction budget ([`RENDER_FUEL`]) and an output limit
+//! ([`MAX_RENDERED_BYTES`]), and fails with a clear error past either. (minijinja itself caps a
+//! repeated string at 100 MB.)
 
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -32,11 +37,36 @@ pub struct ChatTemplate {
 
 const TEMPLATE_NAME: &str = "chat";
 
+/// Template instructions one render may execute: real templates take tens per message, so this
+/// allows conversations far beyond any context window while stopping a runaway loop in well
+/// under a second.
+pub const RENDER_FUEL: u64 = 5_000_000;
+/// Largest rendered prompt: far beyond any context window in tokens.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// An output sink that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct BoundedOutput(Vec<u8>);
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(RENDER_FUEL));
         // Python string methods (`.strip()`, `.startswith()`...) that HF templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
@@ -62,14 +92,28 @@ impl ChatTemplate {
     ) -> Result<String, ChatError> {
         let template =
             self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Template(e.to_string()))?;
-        template
-            .render(minijinja::context! {
+        let mut out = BoundedOutput(Vec::new());
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
-            })
-            .map_err(|e| ChatError::Render(e.to_string()))
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => {
+                String::from_utf8(out.0).map_err(|_| ChatError::Render("the output is not UTF-8".into()))
+            }
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ChatError::Render(format!(
+                "the template ran past its budget of {RENDER_FUEL} instructions"
+            ))),
+            Err(e) if e.kind() == ErrorKind::WriteFailure => {
+                Err(ChatError::Render(format!("the rendered prompt would exceed {MAX_RENDERED_BYTES} bytes")))
+            }
+            Err(e) => Err(ChatError::Render(e.to_string())),
+        }
     }
 
     /// The template of a Hugging Face model directory: `chat_template.jinja`, else the
@@ -175,6 +219,32 @@ mod tests {
         let t = ChatTemplate::new("{{ raise_exception('no system role') }}", "", "").unwrap();
         let err = t.render(&[msg("system", "x")]).unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");
+    }
+
+    #[test]
+    fn runaway_templates_stop_with_a_clear_error() {
+        let spin = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = spin.render(&[msg("user", "hi")]).unwrap_err().to_string();
+        assert!(err.contains("budget"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "the budget must stop it");
+
+        let flood =
+            ChatTemplate::new("{% for i in range(100000) %}{{ 'x' * 10000 }}{% endfor %}", "", "").unwrap();
+        let err = flood.render(&[msg("user", "hi")]).unwrap_err().to_string();
+        assert!(err.contains("exceed"), "{err}");
+
+        // A long but ordinary conversation stays well within both limits.
+        let plain =
+            ChatTemplate::new("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}", "", "")
+                .unwrap();
+        let many: Vec<ChatMessage> = (0..5000).map(|i| msg("user", &format!("message {i}"))).collect();
+        assert!(plain.render(&many).unwrap().contains("message 4999"));
     }
 
     #[test]

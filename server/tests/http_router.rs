@@ -143,10 +143,14 @@ struct Fixture {
 }
 
 fn fixture(keys: bool, limits: Limits) -> Fixture {
+    let auth = if keys { Auth::Keys(ApiKeys::parse(KEYS).expect("keys")) } else { Auth::Open };
+    fixture_with(auth, limits)
+}
+
+fn fixture_with(auth: Auth, limits: Limits) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = FsStore::open(dir.path().join("adapters")).expect("store");
     let backend = Arc::new(FakeBackend::default());
-    let auth = if keys { Auth::Keys(ApiKeys::parse(KEYS).expect("keys")) } else { Auth::Open };
     let state = AppState::new(AppParts { backend: backend.clone(), store, cache: None, auth, limits });
     Fixture { app: router(state.clone()), state, backend, _dir: dir }
 }
@@ -628,4 +632,86 @@ async fn draining_refuses_new_work_and_the_deadline_cancels_running_work() {
     let reply = running.await.expect("joined");
     reply.error(StatusCode::SERVICE_UNAVAILABLE);
     assert!(f.backend.hanging.lock().unwrap()[0].is_closed());
+}
+
+/// Opens a streaming chat request and returns its body unread: the request stays running (with
+/// `hang`) until the body is dropped.
+async fn open_stream(f: &Fixture, key: &str, n: usize) -> (StatusCode, Body) {
+    let mut body = chat(BASE, 5);
+    body["stream"] = json!(true);
+    body["n"] = json!(n);
+    let req = request(
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        Body::from(body.to_string()),
+        Some("application/json"),
+    );
+    let response = f.app.clone().oneshot(req).await.expect("response");
+    (response.status(), response.into_body())
+}
+
+#[tokio::test]
+async fn tenant_quotas_answer_429_naming_the_quota_and_change_nothing() {
+    let keys = format!(
+        "{KEYS}\n[tenants.alice]\nmax_concurrent_sequences = 2\nmax_adapters = 1\n\n[tenants.\"*\"]\nrequests_per_minute = 2\n"
+    );
+    let f = fixture_with(Auth::Keys(ApiKeys::parse(&keys).expect("keys with quotas")), Limits::default());
+
+    // Sequences at once: two running choices fill alice's quota; a third waits for them to end.
+    f.backend.hang.store(true, Ordering::SeqCst);
+    let (status, running) = open_stream(&f, ALICE, 2).await;
+    assert_eq!(status, StatusCode::OK);
+    let refused = post(&f.app, "/v1/chat/completions", Some(ALICE), chat(BASE, 1)).await;
+    let message = refused.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("sequences at once") && message.contains('2'), "{message}");
+    assert_eq!(refused.json()["error"]["code"], "quota_exceeded");
+    assert!(refused.headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(f.backend.submitted.lock().unwrap().len(), 2, "the refused request reached no engine");
+    drop(running);
+    f.backend.hang.store(false, Ordering::SeqCst);
+    assert_eq!(post(&f.app, "/v1/chat/completions", Some(ALICE), chat(BASE, 1)).await.status, StatusCode::OK);
+
+    // Requests per minute, from the "*" table: bob gets two, then 429; alice has her own table.
+    for _ in 0..2 {
+        assert_eq!(
+            post(&f.app, "/v1/chat/completions", Some(BOB), chat(BASE, 1)).await.status,
+            StatusCode::OK
+        );
+    }
+    let message = post(&f.app, "/v1/chat/completions", Some(BOB), chat(BASE, 1))
+        .await
+        .error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("requests per minute"), "{message}");
+    assert_eq!(post(&f.app, "/v1/chat/completions", Some(ALICE), chat(BASE, 1)).await.status, StatusCode::OK);
+
+    // Adapters held: alice may keep one; replacing it is fine, a second name is refused and not stored.
+    assert_eq!(upload(&f.app, "first", Some(ALICE), b"weights-1").await.status, StatusCode::CREATED);
+    let message =
+        upload(&f.app, "second", Some(ALICE), b"weights-2").await.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("adapters held"), "{message}");
+    assert_eq!(get(&f.app, "/v1/adapters/second", Some(ALICE)).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(upload(&f.app, "first", Some(ALICE), b"weights-3").await.status, StatusCode::OK);
+}
+
+#[test]
+fn quota_tables_are_checked_when_the_keys_file_loads() {
+    for (extra, want) in [
+        ("[tenants.alice]\nmax_sequences = 3\n", "max_sequences"),
+        ("[tenants.\"../x\"]\nmax_adapters = 1\n", "tenants"),
+        ("[tenants.alice]\nrequests_per_minute = -1\n", "expected u32"),
+    ] {
+        let err = ApiKeys::parse(&format!("{KEYS}\n{extra}")).expect_err(extra).to_string();
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn oversized_json_bodies_are_413_in_the_api_error_shape() {
+    let f = open();
+    let huge = json!({"model": BASE, "prompt": "x".repeat(9 << 20)});
+    post(&f.app, "/v1/completions", None, huge).await.error(StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(f.backend.submitted.lock().unwrap().is_empty(), "nothing reached the engine");
+    let huge_job = json!({"model": BASE, "training_file": "x".repeat(9 << 20)});
+    post(&f.app, "/v1/fine_tuning/jobs", None, huge_job).await.error(StatusCode::PAYLOAD_TOO_LARGE);
 }

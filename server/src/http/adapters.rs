@@ -150,6 +150,8 @@ async fn upload(
     let (Some(config), Some(weights)) = (config, weights) else {
         return Err(ApiError::Malformed(format!("send both `{CONFIG_FILE}` and `{WEIGHTS_FILE}` parts")));
     };
+    let bytes = (config.len() + weights.len()) as u64;
+    state.quotas().check_upload(key.tenant(), key.name(), bytes, &state.store().list(Some(key.tenant())))?;
     let publisher = state.publisher();
     let stored_key = key.clone();
     let (stored, replaced) =

@@ -1,10 +1,12 @@
 //! Who is calling: the `--api-keys` file (TOML `[[keys]]` tables with `key`, `tenant` and
-//! optional `admin = true`), the key check, and the `Caller` extractor.
+//! optional `admin = true`; optional `[tenants.NAME]` quota tables, `[tenants."*"]` for every
+//! tenant without one), the key check, and the `Caller` extractor.
 //!
 //! Keys are kept only as SHA-256 digests and compared in constant time against every entry, so
 //! neither timing nor logs reveal them; `Debug` prints no key material.
 
 use super::error::ApiError;
+use super::quota::{Quota, Quotas};
 use super::AppState;
 use adapters::store::{AdapterKey, DEFAULT_TENANT};
 use axum::extract::FromRequestParts;
@@ -12,7 +14,12 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+
+/// The `[tenants."*"]` table: quotas of every tenant without a table of its own.
+pub const ANY_TENANT: &str = "*";
 
 /// Shortest key accepted in the keys file: shorter ones are guessable.
 pub const MIN_KEY_LEN: usize = 16;
@@ -47,6 +54,8 @@ impl Caller {
 struct KeysFile {
     #[serde(default)]
     keys: Vec<KeyEntry>,
+    #[serde(default)]
+    tenants: HashMap<String, Quota>,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +70,7 @@ struct KeyEntry {
 /// The keys of a keyed server.
 pub struct ApiKeys {
     entries: Vec<([u8; 32], Caller)>,
+    quotas: Arc<Quotas>,
 }
 
 impl std::fmt::Debug for ApiKeys {
@@ -89,7 +99,11 @@ impl ApiKeys {
     /// Parses and checks the file: at least one key, keys long enough and distinct, tenants that
     /// are valid adapter-store names. Errors never quote a key.
     pub fn parse(text: &str) -> Result<Self, AuthError> {
-        let file: KeysFile = toml::from_str(text).map_err(|e| AuthError::Parse(e.message().to_string()))?;
+        // The line, never the text around it: that could be a key.
+        let file: KeysFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().map_or(0, |span| text[..span.start.min(text.len())].lines().count().max(1));
+            AuthError::Parse(format!("line {line}: {}", e.message()))
+        })?;
         if file.keys.is_empty() {
             return Err(AuthError::Parse("no [[keys]] entries".into()));
         }
@@ -110,7 +124,18 @@ impl ApiKeys {
             }
             entries.push((d, Caller { tenant: e.tenant, admin: e.admin }));
         }
-        Ok(Self { entries })
+        let mut tenants = file.tenants;
+        let default = tenants.remove(ANY_TENANT).unwrap_or_default();
+        for name in tenants.keys() {
+            AdapterKey::new(name.clone(), "x")
+                .map_err(|err| AuthError::Parse(format!("[tenants.{name}]: {err}")))?;
+        }
+        Ok(Self { entries, quotas: Arc::new(Quotas::new(tenants, default)) })
+    }
+
+    /// The tenants' quotas (`[tenants.NAME]` tables).
+    pub fn quotas(&self) -> Arc<Quotas> {
+        Arc::clone(&self.quotas)
     }
 
     /// The caller a presented key belongs to. Every entry is compared, in constant time each.

@@ -1,6 +1,7 @@
 //! Every error the HTTP API can answer, and the one `match` that maps each to a status code and
 //! an OpenAI-shaped body: `{"error": {"message", "type", "code"}}`.
 
+use super::MAX_JSON_BODY_BYTES;
 use crate::engine::EngineError;
 use crate::jobs::JobsError;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -39,6 +40,9 @@ pub enum ApiError {
     InvalidAdapter(String),
     #[error("{0}")]
     Overloaded(String),
+    /// A tenant quota from the keys file.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{0}")]
     NotReady(String),
     #[error("the request did not finish within {0} seconds")]
@@ -79,6 +83,9 @@ impl ApiError {
             }
             ApiError::Overloaded(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("server_overloaded"))
+            }
+            ApiError::QuotaExceeded(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("quota_exceeded"))
             }
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready")),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("timeout")),
@@ -140,5 +147,35 @@ impl From<EngineError> for ApiError {
                 ApiError::Internal(e.to_string())
             }
         }
+    }
+}
+
+impl From<super::quota::QuotaError> for ApiError {
+    fn from(e: super::quota::QuotaError) -> Self {
+        ApiError::QuotaExceeded(e.to_string())
+    }
+}
+
+/// A JSON request body, parsed whatever its content type says (`curl -d` sends a form type),
+/// whose every failure is an [`ApiError`] in OpenAI's shape: 413 past the body limit, 400 for
+/// unreadable or malformed JSON.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(format!(
+                    "the request body is larger than the limit of {MAX_JSON_BODY_BYTES} bytes"
+                ))
+            } else {
+                ApiError::Malformed(e.body_text())
+            }
+        })?;
+        serde_json::from_slice(&body)
+            .map(JsonBody)
+            .map_err(|e| ApiError::Malformed(format!("invalid request body: {e}")))
     }
 }

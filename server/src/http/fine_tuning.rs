@@ -6,10 +6,9 @@
 
 use super::adapters::multipart_error;
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, JsonBody};
 use super::AppState;
 use crate::jobs::{JobRecord, JobSettings, Jobs, NewJob, MAX_SUFFIX_LEN};
-use axum::body::Bytes;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -154,12 +153,10 @@ fn job_json(caller: &Caller, job: &JobRecord) -> Value {
 pub async fn create_job(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    JsonBody(wire): JsonBody<WireJob>,
 ) -> Result<Json<Value>, ApiError> {
     state.check_accepting()?;
     let jobs = jobs(&state)?.clone();
-    let wire: WireJob = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Malformed(format!("invalid request body: {e}")))?;
     let new = wire.validate()?;
     let tenant = caller.tenant.clone();
     let job = tokio::task::spawn_blocking(move || jobs.create_job(&tenant, new))
@@ -261,7 +258,7 @@ impl Page {
 /// `POST /v1/fine_tuning/jobs` as sent.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireJob {
+pub struct WireJob {
     model: String,
     training_file: String,
     #[serde(default)]

@@ -7,12 +7,12 @@
 //! their KV blocks at its next step. Every run reports exactly once to the metrics.
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::error::{ApiError, JsonBody};
 use super::metrics::{Outcome, RequestReport};
 use super::openai::{ChatRequest, CompletionRequest, LogprobsFormat, Prepared};
+use super::quota::SequenceLease;
 use super::AppState;
 use crate::engine::TokenEvent;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,9 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub async fn completions(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_json(&body)?;
     let model = req.common.model.clone();
     let prepared = req.prepare(state.backend())?;
     run(state, caller, model, prepared, Kind::Completion).await
@@ -38,17 +37,11 @@ pub async fn completions(
 pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_json(&body)?;
     let model = req.common.model.clone();
     let prepared = req.prepare(state.backend())?;
     run(state, caller, model, prepared, Kind::Chat).await
-}
-
-/// Parses a JSON body whatever its content type says (`curl -d` sends a form type).
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::Malformed(format!("invalid request body: {e}")))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +61,7 @@ async fn run(
     let target = state.resolve_model(&caller, &model)?;
     let started = Instant::now();
     let n_choices = prepared.choices.len();
+    let quota = state.quotas().admit(&caller.tenant, n_choices)?;
     let mut streams: SelectAll<BoxStream<'static, (usize, TokenEvent)>> = SelectAll::new();
     for (index, mut req) in prepared.choices.into_iter().enumerate() {
         req.adapter = target.adapter.clone();
@@ -87,6 +81,7 @@ async fn run(
         response: ResponseMeta { id: response_id(kind), created: unix_seconds(), model, kind },
         logprobs: prepared.logprobs,
         prompts_every: n_choices / prepared.prompts.max(1),
+        _quota: quota,
         state,
         streams,
     };
@@ -143,6 +138,8 @@ struct Run {
     deadline: tokio::time::Instant,
     cancel: tokio::sync::watch::Receiver<bool>,
     choices: Vec<ChoiceState>,
+    /// The tenant's sequences, held until the response ends or the client goes away.
+    _quota: SequenceLease,
     /// Choices not finished yet.
     open: usize,
     started: Instant,

@@ -14,11 +14,13 @@ mod fine_tuning;
 mod generate;
 pub mod metrics;
 pub mod openai;
+pub mod quota;
 
 pub use adapters::AdapterPublisher;
 pub use auth::{ApiKeys, Auth, Caller};
 pub use backend::{Backend, EngineBackend};
 pub use error::ApiError;
+pub use quota::{Quota, Quotas};
 
 use crate::engine::{AdapterChoice, ClientId};
 use crate::jobs::Jobs;
@@ -78,6 +80,8 @@ struct Inner {
     cache: Option<HostCache<LoraAdapter>>,
     auth: Auth,
     limits: Limits,
+    /// Per-tenant quotas (none on an open server).
+    quotas: Arc<Quotas>,
     metrics: Metrics,
     /// Fine-tuning jobs and files; `None` when the server does not train.
     jobs: Option<Jobs>,
@@ -122,6 +126,10 @@ impl AppState {
                 backend: parts.backend,
                 store: parts.store,
                 cache: parts.cache,
+                quotas: match &parts.auth {
+                    Auth::Keys(keys) => keys.quotas(),
+                    Auth::Open => Arc::default(),
+                },
                 auth: parts.auth,
                 limits: parts.limits,
                 metrics: Metrics::default(),
@@ -150,6 +158,10 @@ impl AppState {
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    pub fn quotas(&self) -> &Arc<Quotas> {
+        &self.inner.quotas
     }
 
     pub fn metrics(&self) -> &Metrics {

@@ -1,0 +1,234 @@
+//! Per-tenant quotas, set in the keys file (`[[tenants]]` tables): adapters held and their bytes,
+//! generation requests per minute and sequences at once. Every refusal is a 429 that names the
+//! quota; nothing is changed by a refused request.
+//!
+//! The request rate is a token bucket per tenant holding up to a minute's worth of requests and
+//! refilling continuously; sequences are counted from admission until the response ends (or the
+//! client goes away), by a [`SequenceLease`].
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use adapters::store::StoredAdapter;
+
+/// One tenant's limits; an absent field is no limit.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Adapters the tenant may hold (uploaded or fine-tuned).
+    pub max_adapters: Option<usize>,
+    /// Total bytes (config plus weights) of those adapters.
+    pub max_adapter_bytes: Option<u64>,
+    /// Completion and chat requests per minute.
+    pub requests_per_minute: Option<u32>,
+    /// Sequences (choices) running or queued at once.
+    pub max_concurrent_sequences: Option<usize>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QuotaError {
+    #[error("tenant quota exceeded: {limit} (the quota is {quota})")]
+    Exceeded { limit: &'static str, quota: String },
+}
+
+impl QuotaError {
+    fn exceeded(limit: &'static str, quota: impl ToString) -> Self {
+        QuotaError::Exceeded { limit, quota: quota.to_string() }
+    }
+}
+
+/// What a tenant is using right now.
+struct Usage {
+    /// Requests left in the bucket (fractional: it refills continuously).
+    bucket: f64,
+    refilled: Instant,
+    sequences: usize,
+}
+
+/// The quotas of every tenant and what each is using.
+#[derive(Default)]
+pub struct Quotas {
+    by_tenant: HashMap<String, Quota>,
+    /// For tenants without a table of their own (`name = "*"`).
+    default: Quota,
+    usage: Mutex<HashMap<String, Usage>>,
+}
+
+impl std::fmt::Debug for Quotas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quotas").field("by_tenant", &self.by_tenant).field("default", &self.default).finish()
+    }
+}
+
+impl Quotas {
+    pub fn new(by_tenant: HashMap<String, Quota>, default: Quota) -> Self {
+        Self { by_tenant, default, usage: Mutex::default() }
+    }
+
+    pub fn quota(&self, tenant: &str) -> &Quota {
+        self.by_tenant.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// Admits a generation request of `sequences` sequences for `tenant`: takes one request from
+    /// its rate and holds the sequences until the lease is dropped. On `Err` nothing is taken.
+    pub fn admit(self: &Arc<Self>, tenant: &str, sequences: usize) -> Result<SequenceLease, QuotaError> {
+        self.admit_at(tenant, sequences, Instant::now())
+    }
+
+    fn admit_at(
+        self: &Arc<Self>,
+        tenant: &str,
+        sequences: usize,
+        now: Instant,
+    ) -> Result<SequenceLease, QuotaError> {
+        let quota = self.quota(tenant);
+        let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        let capacity = quota.requests_per_minute.map_or(f64::INFINITY, f64::from);
+        let u = usage.entry(tenant.to_string()).or_insert(Usage {
+            bucket: capacity,
+            refilled: now,
+            sequences: 0,
+        });
+        if let Some(per_minute) = quota.requests_per_minute {
+            let per_second = f64::from(per_minute) / 60.0;
+            let elapsed = now.saturating_duration_since(u.refilled).as_secs_f64();
+            u.bucket = (u.bucket + elapsed * per_second).min(capacity);
+            u.refilled = now;
+            if u.bucket < 1.0 {
+                return Err(QuotaError::exceeded("requests per minute", per_minute));
+            }
+        }
+        if let Some(most) = quota.max_concurrent_sequences {
+            if u.sequences + sequences > most {
+                return Err(QuotaError::exceeded("sequences at once", most));
+            }
+        }
+        if quota.requests_per_minute.is_some() {
+            u.bucket -= 1.0;
+        }
+        u.sequences += sequences;
+        Ok(SequenceLease { quotas: Arc::clone(self), tenant: tenant.to_string(), sequences })
+    }
+
+    /// Whether `tenant` may store an adapter of `bytes` bytes under `name`, given what it holds
+    /// (`held`: its stored adapters); replacing one of them frees that one's bytes.
+    pub fn check_upload(
+        &self,
+        tenant: &str,
+        name: &str,
+        bytes: u64,
+        held: &[StoredAdapter],
+    ) -> Result<(), QuotaError> {
+        let quota = self.quota(tenant);
+        let replaced = held.iter().find(|a| a.key.name() == name);
+        let count = held.len() + usize::from(replaced.is_none());
+        if let Some(most) = quota.max_adapters {
+            if count > most {
+                return Err(QuotaError::exceeded("adapters held", most));
+            }
+        }
+        if let Some(most) = quota.max_adapter_bytes {
+            let total = held.iter().map(|a| a.bytes).sum::<u64>() - replaced.map_or(0, |a| a.bytes) + bytes;
+            if total > most {
+                return Err(QuotaError::exceeded("adapter bytes held", most));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequences `tenant` holds now.
+    pub fn sequences(&self, tenant: &str) -> usize {
+        let usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        usage.get(tenant).map_or(0, |u| u.sequences)
+    }
+}
+
+/// Sequences admitted by [`Quotas::admit`]; they count against the tenant until this is dropped.
+pub struct SequenceLease {
+    quotas: Arc<Quotas>,
+    tenant: String,
+    sequences: usize,
+}
+
+impl Drop for SequenceLease {
+    fn drop(&mut self) {
+        let mut usage = self.quotas.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(u) = usage.get_mut(&self.tenant) {
+            u.sequences = u.sequences.saturating_sub(self.sequences);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adapters::store::AdapterKey;
+    use adapters::AdapterId;
+    use std::time::Duration;
+
+    fn quotas(q: Quota) -> Arc<Quotas> {
+        Arc::new(Quotas::new(HashMap::from([("alice".to_string(), q)]), Quota::default()))
+    }
+
+    #[test]
+    fn the_rate_refills_over_time_and_other_tenants_are_unaffected() {
+        let q = quotas(Quota { requests_per_minute: Some(2), ..Quota::default() });
+        let t0 = Instant::now();
+        let _a = q.admit_at("alice", 1, t0).expect("first");
+        let _b = q.admit_at("alice", 1, t0).expect("second");
+        let err = q.admit_at("alice", 1, t0).err().expect("a third within the minute is refused");
+        assert!(err.to_string().contains("requests per minute"), "{err}");
+        // Half a minute later one request has come back.
+        q.admit_at("alice", 1, t0 + Duration::from_secs(30)).expect("refilled");
+        assert!(q.admit_at("alice", 1, t0 + Duration::from_secs(30)).is_err());
+        for _ in 0..10 {
+            q.admit_at("bob", 1, t0).expect("bob has no quota");
+        }
+    }
+
+    #[test]
+    fn sequences_are_held_until_the_lease_drops_and_a_refusal_takes_nothing() {
+        let q = quotas(Quota {
+            max_concurrent_sequences: Some(3),
+            requests_per_minute: Some(100),
+            ..Quota::default()
+        });
+        let t0 = Instant::now();
+        let two = q.admit_at("alice", 2, t0).expect("two");
+        let err = q.admit_at("alice", 2, t0).err().expect("four at once is too many");
+        assert!(err.to_string().contains("sequences at once"), "{err}");
+        assert_eq!(q.sequences("alice"), 2, "the refusal reserved nothing");
+        let one = q.admit_at("alice", 1, t0).expect("three fit");
+        drop(two);
+        assert_eq!(q.sequences("alice"), 1);
+        let _more = q.admit_at("alice", 2, t0).expect("room again");
+        drop(one);
+        assert_eq!(q.sequences("alice"), 2);
+    }
+
+    fn stored(name: &str, bytes: u64) -> StoredAdapter {
+        StoredAdapter {
+            key: AdapterKey::new("alice", name).expect("valid key"),
+            id: AdapterId::of_files(name.as_bytes(), b""),
+            generation: 1,
+            created_unix_ms: 0,
+            bytes,
+            dir: std::path::PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn uploads_count_adapters_and_bytes_and_a_replacement_frees_its_own() {
+        let q = quotas(Quota { max_adapters: Some(2), max_adapter_bytes: Some(100), ..Quota::default() });
+        let held = [stored("a", 40), stored("b", 50)];
+        let err = q.check_upload("alice", "c", 1, &held).expect_err("a third adapter");
+        assert!(err.to_string().contains("adapters held"), "{err}");
+        q.check_upload("alice", "b", 60, &held).expect("replacing b: 40 + 60");
+        let err = q.check_upload("alice", "b", 61, &held).expect_err("40 + 61 bytes");
+        assert!(err.to_string().contains("adapter bytes held"), "{err}");
+        q.check_upload("bob", "c", 1 << 40, &held).expect("bob has no quota");
+    }
+}
