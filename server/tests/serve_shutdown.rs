@@ -1,6 +1,7 @@
 //! `http::serve` on a real socket with the real engine on a tiny random model: on shutdown,
 //! requests in flight finish when the drain deadline allows, and are cancelled (their sequences
-//! freed) when it passes.
+//! freed) when it passes; the connection limits cut off slow or oversized request heads and
+//! stalled bodies.
 
 mod common;
 
@@ -23,6 +24,10 @@ struct Running {
 }
 
 fn start(drain_deadline: Duration) -> Running {
+    start_with(Limits::default(), drain_deadline)
+}
+
+fn start_with(limits: Limits, drain_deadline: Duration) -> Running {
     let (model_dir, base) = tiny_base(TinyModel::default());
     let engine =
         Engine::start(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512), None)
@@ -30,8 +35,7 @@ fn start(drain_deadline: Duration) -> Running {
     let store_dir = tempfile::tempdir().expect("tempdir");
     let store = FsStore::open(store_dir.path()).expect("store");
     let backend = Arc::new(EngineBackend { base, engine });
-    let state =
-        AppState::new(AppParts { backend, store, cache: None, auth: Auth::Open, limits: Limits::default() });
+    let state = AppState::new(AppParts { backend, store, cache: None, auth: Auth::Open, limits });
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
@@ -102,4 +106,52 @@ fn requests_still_running_at_the_deadline_are_cancelled_and_freed() {
         assert!(std::time::Instant::now() < deadline, "sequence not freed: {stats:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Sends `head` (and nothing more) and returns what the server answers before it closes the
+/// connection, or panics if it neither answers nor closes within 10 s.
+fn send_and_read_to_close(r: &Running, head: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(r.addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    stream.write_all(head).expect("send");
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the server kept the connection open: {e}"),
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn slow_or_oversized_request_heads_and_stalled_bodies_are_cut_off() {
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let r = start_with(limits, Duration::from_secs(5));
+    // Slowloris: the request head never completes; the connection is closed, unanswered or 408.
+    let started = std::time::Instant::now();
+    let answer = send_and_read_to_close(&r, b"GET /health HTTP/1.1\r\nHost: test\r\nX-Slow: 1\r\n");
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut off after the header timeout");
+
+    // A head past the size limit: 431, not a buffer that grows with the client's patience.
+    let huge = format!("GET /health HTTP/1.1\r\nHost: test\r\nX-Big: {}\r\n\r\n", "a".repeat(200 << 10));
+    let answer = send_and_read_to_close(&r, huge.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // A body that stops arriving: the request fails with a 4xx once the pause passes the limit.
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n{\"model\":";
+    let answer = send_and_read_to_close(&r, head.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    assert!(answer.contains("\"error\""), "an API error body: {answer}");
+
+    // Ordinary requests are unaffected.
+    let answer =
+        send_and_read_to_close(&r, b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _ = r.stop.send(());
+    r.runtime.block_on(r.server).expect("join").expect("serve");
 }

@@ -26,8 +26,9 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one; the address is printed at start).
     #[arg(long, default_value_t = 8080, env = "LORAHOST_PORT")]
     pub port: u16,
-    /// TOML file of API keys: `[[keys]]` tables with `key`, `tenant` and optional `admin = true`.
-    /// Without it the server is open: every caller is the tenant `default`.
+    /// TOML file of API keys: `[[keys]]` tables with `key`, `tenant` and optional `admin = true`,
+    /// and optional `[tenants.NAME]` quota tables. Without it the server is open: every caller is
+    /// the tenant `default`.
     #[arg(long, env = "LORAHOST_API_KEYS")]
     pub api_keys: Option<PathBuf>,
     /// New requests allowed to wait for admission; beyond it requests get 429 with Retry-After.
@@ -53,6 +54,12 @@ pub struct ServeArgs {
     /// Largest training file upload (`/v1/files`), in bytes.
     #[arg(long, default_value_t = jobs::DEFAULT_MAX_FILE_BYTES)]
     pub max_file_bytes: usize,
+    /// Seconds a client has to send a request's line and headers before it is disconnected.
+    #[arg(long, default_value_t = http::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    pub header_read_timeout: u64,
+    /// Longest pause, in seconds, while a request body arrives before the request fails.
+    #[arg(long, default_value_t = http::DEFAULT_BODY_READ_TIMEOUT.as_secs())]
+    pub body_read_timeout: u64,
 }
 
 /// Where named adapters live without `--adapters-dir`: user data, not cache (uploads must
@@ -68,6 +75,8 @@ fn default_adapters_dir() -> PathBuf {
 pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_waiting > 0, "--max-waiting must be positive");
     anyhow::ensure!(args.request_timeout > 0, "--request-timeout must be positive");
+    anyhow::ensure!(args.header_read_timeout > 0, "--header-read-timeout must be positive");
+    anyhow::ensure!(args.body_read_timeout > 0, "--body-read-timeout must be positive");
     anyhow::ensure!(args.train_threads > 0, "--train-threads must be positive");
     // Read the keys before loading anything heavy, so a bad file fails at once.
     let auth = match &args.api_keys {
@@ -92,6 +101,8 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         max_adapter_bytes: args.max_adapter_bytes,
         request_timeout: Duration::from_secs(args.request_timeout),
         max_file_bytes: args.max_file_bytes,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout),
     };
     let open = auth.is_open();
     let trainer = BaseTrainer::new(backend.clone(), args.train_threads).map_err(anyhow::Error::msg)?;

@@ -48,6 +48,16 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest JSON body of a generation request.
 pub const MAX_JSON_BODY_BYTES: usize = 8 << 20;
+/// Default `--header-read-timeout`: a client must send its request line and headers within it
+/// (a slowloris client that trickles them is disconnected).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `--body-read-timeout`: the longest pause allowed while a request body arrives (a
+/// slow but steady upload is fine; a stalled one is cut off).
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request head (request line plus headers); larger ones get 431.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// Most header fields in one request; more get 431.
+pub const MAX_HEADERS: usize = 100;
 
 /// Per-request limits of the HTTP layer (the engine has its own).
 #[derive(Debug, Clone)]
@@ -56,6 +66,9 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Largest training file upload (`/v1/files`).
     pub max_file_bytes: usize,
+    pub header_read_timeout: Duration,
+    /// Longest pause between two pieces of a request body.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -64,6 +77,8 @@ impl Default for Limits {
             max_adapter_bytes: DEFAULT_MAX_ADAPTER_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_file_bytes: crate::jobs::DEFAULT_MAX_FILE_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
         }
     }
 }
@@ -353,33 +368,66 @@ async fn count_responses(State(state): State<AppState>, request: Request, next: 
 /// Serves `router(state)` on `listener` until `shutdown` resolves, then drains: stops accepting,
 /// answers 503 to new requests, lets requests in flight finish for up to `drain_deadline`, then
 /// cancels the rest and returns once every connection is closed.
+///
+/// Each connection is HTTP/1.1 with the connection limits of [`Limits`]: the request head must
+/// arrive within `header_read_timeout` and stay within [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`]
+/// (431 otherwise), and a body may pause at most `body_read_timeout` between pieces.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain_deadline: Duration,
 ) -> std::io::Result<()> {
-    let (drain_tx, mut drain_rx) = watch::channel(false);
-    let draining = state.clone();
-    let graceful = async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections or requests");
-        draining.begin_drain();
-        drain_tx.send_replace(true);
-    };
-    let server = axum::serve(listener, router(state.clone())).with_graceful_shutdown(graceful);
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result,
-        _ = drain_rx.wait_for(|d| *d) => {}
+    let limits = state.limits().clone();
+    let app = router(state.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Per-connection failures (reset before accept) and running out of file
+                    // descriptors: keep serving the connections there are.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let body_timeout = limits.body_read_timeout;
+        let service = hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+            let req = req
+                .map(|body| axum::body::Body::new(tower_http::timeout::TimeoutBody::new(body_timeout, body)));
+            tower::ServiceExt::oneshot(app.clone(), req)
+        });
+        let connection =
+            connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("connection closed with an error: {e}");
+            }
+        });
     }
+    drop(listener);
+    tracing::info!("shutting down: no new connections or requests");
+    state.begin_drain();
+    let finished = connections.shutdown();
+    tokio::pin!(finished);
     tokio::select! {
-        result = &mut server => return result,
-        _ = tokio::time::sleep(drain_deadline) => {
+        () = &mut finished => return Ok(()),
+        () = tokio::time::sleep(drain_deadline) => {
             tracing::warn!("shutdown deadline passed: cancelling the requests still running");
             state.cancel_all();
         }
     }
-    server.await
+    finished.await;
+    Ok(())
 }
