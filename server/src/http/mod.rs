@@ -66,6 +66,7 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Largest training file upload (`/v1/files`).
     pub max_file_bytes: usize,
+    /// Time a client has to send a request's line and headers.
     pub header_read_timeout: Duration,
     /// Longest pause between two pieces of a request body.
     pub body_read_timeout: Duration,
@@ -390,7 +391,13 @@ pub async fn serve(
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    // Streamed tokens are small writes: send each at once, not after an ACK.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!("setting TCP_NODELAY: {e}");
+                    }
+                    stream
+                }
                 Err(e) => {
                     // Per-connection failures (reset before accept) and running out of file
                     // descriptors: keep serving the connections there are.
