@@ -230,7 +230,7 @@ fn check_case<T: DeviceFloat>(
     }
     let d = upload_adapters::<T>(gpu, &w)?;
     let table = slot_table(gpu, &w, &d, extra_slots)?;
-    let segments = GpuSegments::new(gpu, w.rows, w.n_slots(extra_slots), &segment_list(&w, true))?;
+    let segments = GpuSegments::new(gpu, w.rows, n_slots(&w, extra_slots), &segment_list(&w, true))?;
     let x = to_device::<T>(gpu, &w.x)?;
     let mut ys: Vec<DeviceBuf<T>> = w.y.iter().map(|y| to_device(gpu, y)).collect::<Result<_>>()?;
     let mut refs: Vec<&mut DeviceBuf<T>> = ys.iter_mut().collect();
@@ -281,14 +281,9 @@ fn passed(result: &Result<f32>) -> bool {
     matches!(result, Ok(e) if *e <= 1.0)
 }
 
-trait SlotCount {
-    fn n_slots(&self, extra: usize) -> usize;
-}
-
-impl SlotCount for Workload {
-    fn n_slots(&self, extra: usize) -> usize {
-        self.adapters.first().map_or(0, Vec::len) + extra
-    }
+/// Slots of the pool [`slot_table`] builds: one per adapter, then `extra` empty ones.
+fn n_slots(w: &Workload, extra: usize) -> usize {
+    w.adapters.first().map_or(0, Vec::len) + extra
 }
 
 fn check(gpu: &Gpu, quick: bool) -> (String, bool) {

@@ -58,11 +58,11 @@ pub struct KvGeometry {
 
 impl KvGeometry {
     /// Floats in one block of one pool (K or V).
-    fn block_floats(&self) -> Option<usize> {
+    pub(crate) fn block_floats(&self) -> Option<usize> {
         self.block_size.checked_mul(self.n_kv_heads)?.checked_mul(self.head_dim)
     }
 
-    fn check(&self) -> Result<(), KernelError> {
+    pub(crate) fn check(&self) -> Result<(), KernelError> {
         if self.block_size == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return Err(KernelError::Shape(format!("KV geometry must be non-zero, got {self:?}")));
         }

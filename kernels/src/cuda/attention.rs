@@ -2,7 +2,7 @@
 //! semantics of [`crate::attention::paged_attention`] and [`crate::attention::write_kv`], over a
 //! device cache laid out `[block][slot][kv_head][dim]` for both K and V.
 
-use super::{DeviceBuf, DeviceFloat, Gpu};
+use super::{grown, DeviceBuf, DeviceFloat, Gpu};
 use crate::attention::{check_seqs, KvGeometry, SeqRows};
 use crate::KernelError;
 
@@ -25,11 +25,10 @@ pub struct GpuKvCache<T> {
 
 impl<T: DeviceFloat> GpuKvCache<T> {
     pub fn new(gpu: &Gpu, geom: KvGeometry, num_blocks: usize) -> Result<Self, KernelError> {
-        if geom.block_size == 0 || geom.n_kv_heads == 0 || geom.head_dim == 0 {
-            return Err(KernelError::Shape(format!("KV geometry must be non-zero, got {geom:?}")));
-        }
-        let len = num_blocks
-            .checked_mul(geom.block_size * geom.n_kv_heads * geom.head_dim)
+        geom.check()?;
+        let len = geom
+            .block_floats()
+            .and_then(|b| b.checked_mul(num_blocks))
             .ok_or_else(|| KernelError::Shape(format!("{num_blocks} blocks of {geom:?} overflow")))?;
         Ok(GpuKvCache { k: gpu.zeros(len)?, v: gpu.zeros(len)?, geom, num_blocks })
     }
@@ -182,9 +181,9 @@ pub fn write_kv<T: DeviceFloat>(
 /// Scratch for the attention partials; grown on demand and reused across calls.
 #[derive(Default)]
 pub struct AttentionScratch {
-    pub(super) m: Option<DeviceBuf<f32>>,
-    pub(super) l: Option<DeviceBuf<f32>>,
-    pub(super) acc: Option<DeviceBuf<f32>>,
+    m: Option<DeviceBuf<f32>>,
+    l: Option<DeviceBuf<f32>>,
+    acc: Option<DeviceBuf<f32>>,
 }
 
 /// Semantics: [`crate::attention::paged_attention`]'s (causal GQA over positions `0..=p` of each
@@ -230,12 +229,8 @@ pub fn paged_attention<T: DeviceFloat>(
         return Ok(());
     }
     let partials = rows.rows * n_heads * rows.partitions;
-    for (buf, len) in
-        [(&mut scratch.m, partials), (&mut scratch.l, partials), (&mut scratch.acc, partials * geom.head_dim)]
-    {
-        if buf.as_ref().is_none_or(|b| b.len() < len) {
-            *buf = Some(gpu.zeros(len)?);
-        }
-    }
-    gpu.launch_attention(cache, q, n_heads, scale, rows, rows.partitions, out, scratch)
+    let m = grown(gpu, &mut scratch.m, partials)?;
+    let l = grown(gpu, &mut scratch.l, partials)?;
+    let acc = grown(gpu, &mut scratch.acc, partials * geom.head_dim)?;
+    gpu.launch_attention(cache, q, n_heads, scale, rows, rows.partitions, out, (m, l, acc))
 }

@@ -13,7 +13,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use super::attention::{AttentionScratch, GpuAttentionRows, GpuKvCache, ATTENTION_PARTITION};
+use super::attention::{GpuAttentionRows, GpuKvCache, ATTENTION_PARTITION};
 use super::{DeviceFloat, LaunchPlan, SlotSite, BLOCK_THREADS, EXPAND_ROWS};
 use crate::KernelError;
 
@@ -276,13 +276,9 @@ impl Gpu {
         rows: &GpuAttentionRows,
         partitions: usize,
         out: &mut DeviceBuf<T>,
-        scratch: &mut AttentionScratch,
+        (m, l, acc): (&mut DeviceBuf<f32>, &mut DeviceBuf<f32>, &mut DeviceBuf<f32>),
     ) -> Result<(), KernelError> {
         let geom = cache.geometry();
-        let (Some(m), Some(l), Some(acc)) = (scratch.m.as_mut(), scratch.l.as_mut(), scratch.acc.as_mut())
-        else {
-            return Err(KernelError::Cuda("attention scratch was not allocated".into()));
-        };
         let n_rep = n_heads / geom.n_kv_heads;
         let (heads_u, kv_u, dim_u, bs_u, parts_u) = (
             n_heads as u32,

@@ -313,6 +313,19 @@ impl<'w, T: DeviceFloat> SlotTable<'w, T> {
     }
 }
 
+/// The scratch buffer in `slot`, replaced by a zeroed one of `len` when it is missing or shorter.
+fn grown<'s>(
+    gpu: &Gpu,
+    slot: &'s mut Option<DeviceBuf<f32>>,
+    len: usize,
+) -> Result<&'s mut DeviceBuf<f32>, KernelError> {
+    let buf = match slot.take() {
+        Some(buf) if buf.len() >= len => buf,
+        _ => gpu.zeros(len)?,
+    };
+    Ok(slot.insert(buf))
+}
+
 /// Scratch for a call's partial shrink sums; grown on demand and reused across calls.
 pub struct LoraScratch {
     buf: Option<DeviceBuf<f32>>,
@@ -378,13 +391,7 @@ pub fn lora_delta<T: DeviceFloat>(
         return Ok(());
     }
     let plan = LaunchPlan::new(table.n_slots, table.sites(), table.in_features, gpu.sm_count());
-    let need = plan.scratch_len(table.sites(), rows, table.r_max);
-    if scratch.buf.as_ref().is_none_or(|b| b.len() < need) {
-        scratch.buf = Some(gpu.zeros(need)?);
-    }
-    let Some(buf) = scratch.buf.as_mut() else {
-        return Err(KernelError::Cuda("scratch allocation vanished".into()));
-    };
+    let buf = grown(gpu, &mut scratch.buf, plan.scratch_len(table.sites(), rows, table.r_max))?;
     let mut outs: Vec<(&mut DeviceBuf<T>, usize)> =
         ys.iter_mut().map(|y| &mut **y).zip(table.out_features.iter().copied()).collect();
     gpu.launch_lora(

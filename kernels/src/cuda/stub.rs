@@ -3,7 +3,7 @@
 
 use std::marker::PhantomData;
 
-use super::attention::{AttentionScratch, GpuAttentionRows, GpuKvCache};
+use super::attention::{GpuAttentionRows, GpuKvCache};
 use super::{DeviceFloat, LaunchPlan, SlotSite};
 use crate::KernelError;
 
@@ -137,7 +137,7 @@ impl Gpu {
         _rows: &GpuAttentionRows,
         _partitions: usize,
         _out: &mut DeviceBuf<T>,
-        _scratch: &mut AttentionScratch,
+        _scratch: (&mut DeviceBuf<f32>, &mut DeviceBuf<f32>, &mut DeviceBuf<f32>),
     ) -> Result<(), KernelError> {
         match self.never {}
     }
