@@ -19,21 +19,45 @@ pub struct DurableError {
     pub source: io::Error,
 }
 
+impl DurableError {
+    /// Whether the step failed for want of space (see [`is_out_of_space`]).
+    pub fn is_out_of_space(&self) -> bool {
+        is_out_of_space(&self.source)
+    }
+}
+
+/// Whether an I/O error says the disk is full, a quota is used up or a file-size limit is
+/// reached: nothing the client sent is wrong, and retrying after space is freed can succeed.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge
+    )
+}
+
 /// Attaches the operation and path to an I/O error.
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DurableError + 'a {
     move |source| DurableError { op, path: path.to_path_buf(), source }
 }
 
 /// Creates `path` (which must not exist), writes `bytes` and fsyncs it, calling `after_chunk`
-/// after every chunk written.
+/// after every chunk written. On failure the partial file is removed (the caller created it, so
+/// nobody else refers to it): a full disk leaves no debris behind.
 pub fn write_synced(path: &Path, bytes: &[u8], mut after_chunk: impl FnMut()) -> Result<(), DurableError> {
     let mut file =
         OpenOptions::new().write(true).create_new(true).open(path).map_err(io_err("create", path))?;
-    for chunk in bytes.chunks(WRITE_CHUNK) {
-        file.write_all(chunk).map_err(io_err("write", path))?;
-        after_chunk();
+    let written = (|| {
+        for chunk in bytes.chunks(WRITE_CHUNK) {
+            file.write_all(chunk).map_err(io_err("write", path))?;
+            after_chunk();
+        }
+        file.sync_all().map_err(io_err("fsync", path))
+    })();
+    if written.is_err() {
+        drop(file);
+        let _ = std::fs::remove_file(path);
     }
-    file.sync_all().map_err(io_err("fsync", path))
+    written
 }
 
 /// Makes the entries of a directory (creations, renames, removals) durable.

@@ -462,6 +462,29 @@ async fn upload_replace_describe_use_and_delete() {
 }
 
 #[tokio::test]
+async fn a_running_request_keeps_its_adapter_files_while_the_name_is_deleted() {
+    let f = open();
+    assert_eq!(upload(&f.app, "short-lived", None, b"weights-1").await.status, StatusCode::CREATED);
+    let object = f.state.store().list(None)[0].dir.clone();
+    f.backend.hang.store(true, Ordering::SeqCst);
+    let mut body = chat("short-lived", 5);
+    body["stream"] = json!(true);
+    let ct = Some("application/json");
+    let response = f
+        .app
+        .clone()
+        .oneshot(request("POST", "/v1/chat/completions", None, Body::from(body.to_string()), ct))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    // Deleted while the request runs (its adapter may still be loading from these files).
+    assert_eq!(delete(&f.app, "/v1/adapters/short-lived", None).await.status, StatusCode::OK);
+    assert!(object.is_dir(), "the running request's adapter files were removed under it");
+    drop(response);
+    assert!(!object.exists(), "the files go once the last request using them ends");
+}
+
+#[tokio::test]
 async fn bad_uploads_are_4xx_and_store_nothing() {
     let f = fixture(false, Limits { max_adapter_bytes: 1000, ..Limits::default() });
     let config = json!({"r": 4}).to_string();

@@ -89,6 +89,14 @@ pub enum StoreError {
     ObjectMissing { id: AdapterId },
 }
 
+impl StoreError {
+    /// Whether the store ran out of disk space (or quota, or file-size limit): a condition of
+    /// the server, not of what was being stored.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if crate::durable::is_out_of_space(source))
+    }
+}
+
 /// One stored version of a named adapter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAdapter {

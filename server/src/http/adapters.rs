@@ -190,7 +190,10 @@ impl AdapterPublisher {
     ) -> Result<(StoredAdapter, Option<StoredAdapter>), ApiError> {
         self.backend.validate_adapter(config, weights).map_err(ApiError::InvalidAdapter)?;
         let (stored, replaced) =
-            self.store.put(key, config, weights).map_err(|e| ApiError::Internal(e.to_string()))?;
+            self.store.put(key, config, weights).map_err(|e| match e.is_out_of_space() {
+                true => ApiError::out_of_space("the adapter", &e.to_string()),
+                false => ApiError::Internal(e.to_string()),
+            })?;
         if let (Some(old), Some(cache)) = (&replaced, &self.cache) {
             if old.id != stored.id && !self.store.is_referenced(old.id) {
                 cache.invalidate(old.id);

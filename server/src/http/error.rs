@@ -47,6 +47,9 @@ pub enum ApiError {
     NotReady(String),
     #[error("the request did not finish within {0} seconds")]
     Timeout(u64),
+    /// The server's disk is full: nothing was stored, the client may retry later.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -54,6 +57,14 @@ pub enum ApiError {
 impl ApiError {
     pub fn invalid(param: &'static str, message: impl Into<String>) -> Self {
         ApiError::InvalidParameter { param: Some(param), message: message.into() }
+    }
+
+    /// The answer to a write that found the disk full; the detail (paths) goes to the log only.
+    pub fn out_of_space(what: &str, detail: &str) -> Self {
+        tracing::error!(%detail, "out of disk space");
+        ApiError::InsufficientStorage(format!(
+            "the server has no disk space left to store {what}; nothing was stored, retry later"
+        ))
     }
 
     /// Status, OpenAI error type and code.
@@ -89,6 +100,9 @@ impl ApiError {
             }
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready")),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("timeout")),
+            ApiError::InsufficientStorage(_) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "server_error", Some("insufficient_storage"))
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         }
     }
@@ -132,6 +146,7 @@ impl From<JobsError> for ApiError {
             }
             JobsError::Conflict(m) => ApiError::Conflict(m),
             e @ JobsError::Io(_) => ApiError::Internal(e.to_string()),
+            JobsError::OutOfSpace(detail) => ApiError::out_of_space("the file", &detail),
         }
     }
 }

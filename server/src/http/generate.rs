@@ -13,6 +13,7 @@ use super::openai::{ChatRequest, CompletionRequest, LogprobsFormat, Prepared};
 use super::quota::SequenceLease;
 use super::AppState;
 use crate::engine::TokenEvent;
+use ::adapters::store::ObjectPin;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -82,6 +83,7 @@ async fn run(
         logprobs: prepared.logprobs,
         prompts_every: n_choices / prepared.prompts.max(1),
         _quota: quota,
+        _adapter_files: target.pin,
         state,
         streams,
     };
@@ -140,6 +142,8 @@ struct Run {
     choices: Vec<ChoiceState>,
     /// The tenant's sequences, held until the response ends or the client goes away.
     _quota: SequenceLease,
+    /// The adapter's files stay on disk until the request ends (they may still be loading).
+    _adapter_files: Option<ObjectPin>,
     /// Choices not finished yet.
     open: usize,
     started: Instant,

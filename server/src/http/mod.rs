@@ -25,7 +25,7 @@ pub use quota::{Quota, Quotas};
 use crate::engine::{AdapterChoice, ClientId};
 use crate::jobs::Jobs;
 use ::adapters::cache::HostCache;
-use ::adapters::store::{AdapterKey, FsStore};
+use ::adapters::store::{AdapterKey, FsStore, ObjectPin};
 use ::adapters::{AdapterId, LoraAdapter};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
@@ -123,6 +123,9 @@ pub struct Target {
     pub adapter: Option<AdapterChoice>,
     /// Who the request is accounted to for fair scheduling: tenant and adapter.
     pub client: ClientId,
+    /// Keeps the adapter's files on disk until the request ends: the name may be replaced or
+    /// deleted while the request waits for the adapter to load.
+    pub pin: Option<ObjectPin>,
 }
 
 impl AppState {
@@ -235,14 +238,15 @@ impl AppState {
     /// `model` is the base's id or an adapter the caller may use; anything else is 404.
     pub fn resolve_model(&self, caller: &Caller, model: &str) -> Result<Target, ApiError> {
         if model == self.backend().model_id() {
-            return Ok(Target { adapter: None, client: client_id(&caller.tenant, None) });
+            return Ok(Target { adapter: None, client: client_id(&caller.tenant, None), pin: None });
         }
         let not_found = || ApiError::NotFound { what: "model", name: model.to_string() };
         let key = self.adapter_key(caller, model).ok_or_else(not_found)?;
-        let stored = self.store().get(&key).ok_or_else(not_found)?;
+        let (stored, pin) = self.store().get_pinned(&key).ok_or_else(not_found)?;
         Ok(Target {
             adapter: Some(AdapterChoice::Cached(stored.id)),
             client: client_id(key.tenant(), Some(key.name())),
+            pin: Some(pin),
         })
     }
 

@@ -47,11 +47,19 @@ pub enum JobsError {
     Conflict(String),
     #[error("jobs directory: {0}")]
     Io(String),
+    /// The disk holding the jobs directory is full; nothing was stored.
+    #[error("jobs directory: {0}")]
+    OutOfSpace(String),
 }
 
 impl From<adapters::durable::DurableError> for JobsError {
     fn from(e: adapters::durable::DurableError) -> Self {
-        JobsError::Io(format!("cannot {} {}: {}", e.op, e.path.display(), e.source))
+        let message = format!("cannot {} {}: {}", e.op, e.path.display(), e.source);
+        if e.is_out_of_space() {
+            JobsError::OutOfSpace(message)
+        } else {
+            JobsError::Io(message)
+        }
     }
 }
 

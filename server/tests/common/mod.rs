@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use lorahost::base::Base;
 use lorahost::engine::{EngineConfig, EngineCore, SamplingParams, StopCriteria, TokenEvent, ValidRequest};
 use lorahost::model::{Dtype, KvCacheConfig};
@@ -134,11 +136,16 @@ impl ServeProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"));
+        command.arg("serve").args(args);
+        Self::spawn(command)
+    }
+
+    /// Starts a prepared `lorahost serve` command (for tests that set up the process itself).
+    pub fn spawn(mut command: std::process::Command) -> Self {
         use std::io::BufRead;
         use std::process::Stdio;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
-            .arg("serve")
-            .args(args)
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -155,6 +162,10 @@ impl ServeProcess {
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Self { child, url }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGTERM, then wait: the server drains and exits by itself.
