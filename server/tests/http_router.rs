@@ -2,10 +2,13 @@
 //! answers instantly: routes, status codes and error bodies, authentication and tenant
 //! isolation, validation, uploads, SSE framing, overload, timeouts, disconnects and draining.
 
+mod common;
+
 use adapters::store::FsStore;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use common::tenants::{ALICE, BOB, KEYS, ROOT};
 use http_body_util::BodyExt;
 use lorahost::chat::ChatMessage;
 use lorahost::engine::{
@@ -21,23 +24,6 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tower::ServiceExt;
 
 const BASE: &str = "fake-base";
-const ALICE: &str = "alice-key-0123456789";
-const BOB: &str = "bob-key-0123456789ab";
-const ROOT: &str = "root-key-0123456789a";
-const KEYS: &str = r#"
-[[keys]]
-key = "alice-key-0123456789"
-tenant = "alice"
-
-[[keys]]
-key = "bob-key-0123456789ab"
-tenant = "bob"
-
-[[keys]]
-key = "root-key-0123456789a"
-tenant = "ops"
-admin = true
-"#;
 
 /// Answers every request at once with `max_tokens` tokens `w0 w1 ...` (ids 100, 101, ...), or
 /// with nothing at all while `hang` is set (the stream stays open: the request is "running").

@@ -14,6 +14,7 @@ use adapters::store::FsStore;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use common::tenants::{ALICE, BOB, KEYS, ROOT};
 use http_body_util::BodyExt;
 use lorahost::base::Base;
 use lorahost::chat::ChatMessage;
@@ -32,23 +33,6 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower::ServiceExt;
 
 const BASE: &str = "fake-base";
-const ALICE: &str = "alice-key-0123456789";
-const BOB: &str = "bob-key-0123456789ab";
-const ROOT: &str = "root-key-0123456789a";
-const KEYS: &str = r#"
-[[keys]]
-key = "alice-key-0123456789"
-tenant = "alice"
-
-[[keys]]
-key = "bob-key-0123456789ab"
-tenant = "bob"
-
-[[keys]]
-key = "root-key-0123456789a"
-tenant = "ops"
-admin = true
-"#;
 const GOOD: &str = concat!(
     r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#,
     "\n",

@@ -82,8 +82,10 @@ fn cancel_mid_stream(url: &str, body: &Value) -> std::io::Result<()> {
         body.len()
     )?;
     let mut first = [0u8; 256];
-    stream.read(&mut first)?;
-    Ok(())
+    match stream.read(&mut first)? {
+        0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        _ => Ok(()),
+    }
 }
 
 fn client(url: String, seed: u64, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
@@ -131,7 +133,7 @@ fn admin(url: String, adapters: Vec<(Vec<u8>, Vec<u8>)>, stop: Arc<AtomicBool>, 
     let mut rng = SplitMix64::new(99);
     while !stop.load(Ordering::SeqCst) {
         let name = format!("adapter-{}", rng.next_u64() as usize % NAMES);
-        if rng.next_u64() % 4 == 0 {
+        if rng.next_u64().is_multiple_of(4) {
             let (status, reply) = json_request(&url, "DELETE", &format!("/v1/adapters/{name}"), &Value::Null);
             if status != 200 && status != 404 {
                 tally.fail(format!("delete {name}: {status} {reply}"));

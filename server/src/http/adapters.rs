@@ -9,6 +9,7 @@
 use super::auth::Caller;
 use super::backend::Backend;
 use super::error::ApiError;
+use super::metrics::Traffic;
 use super::AppState;
 use adapters::cache::{HostCache, Residency};
 use adapters::store::{AdapterKey, FsStore, StoredAdapter, CONFIG_FILE, WEIGHTS_FILE};
@@ -19,6 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Room for the multipart framing around the two files when limiting the request body.
@@ -45,7 +47,8 @@ pub async fn list_adapters(State(state): State<AppState>, caller: Caller) -> Res
     let stored = state.store().list(visible_tenant(&caller));
     let worker = state.clone();
     let data = tokio::task::spawn_blocking(move || {
-        stored.iter().map(|a| describe(&worker, &caller, a)).collect::<Vec<_>>()
+        let traffic = worker.metrics().traffic_by_adapter();
+        stored.iter().map(|a| describe(&worker, &caller, a, &traffic)).collect::<Vec<_>>()
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -59,7 +62,7 @@ pub async fn get_adapter(
 ) -> Result<Json<Value>, ApiError> {
     let key = state.adapter_key(&caller, &name).ok_or_else(|| not_found(&name))?;
     let stored = state.store().get(&key).ok_or_else(|| not_found(&name))?;
-    Ok(Json(describe(&state, &caller, &stored)))
+    Ok(Json(describe(&state, &caller, &stored, &state.metrics().traffic_by_adapter())))
 }
 
 pub async fn delete_adapter(
@@ -167,7 +170,8 @@ async fn upload(
         "adapter stored"
     );
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(describe(state, caller, &stored))).into_response())
+    let traffic = state.metrics().traffic_by_adapter();
+    Ok((status, Json(describe(state, caller, &stored, &traffic))).into_response())
 }
 
 /// The one path by which adapters become servable, for uploads and fine-tuning jobs alike:
@@ -245,8 +249,15 @@ fn model_name(caller: &Caller, key: &AdapterKey) -> String {
     }
 }
 
-/// The public description of a stored adapter: identity, generation, size, shape and residency.
-fn describe(state: &AppState, caller: &Caller, a: &StoredAdapter) -> Value {
+/// The public description of a stored adapter: identity, generation, size, shape, residency, and
+/// the traffic its name has had since the server started (all generations, as `/metrics` counts
+/// it).
+fn describe(
+    state: &AppState,
+    caller: &Caller,
+    a: &StoredAdapter,
+    traffic: &HashMap<(String, String), Traffic>,
+) -> Value {
     let spec = std::fs::read(a.config_path()).ok().and_then(|bytes| AdapterSpec::from_json(&bytes).ok());
     let targets = spec.as_ref().map(|s| match &s.targets {
         TargetModules::Names(names) => json!(names),
@@ -258,6 +269,8 @@ fn describe(state: &AppState, caller: &Caller, a: &StoredAdapter) -> Value {
         Some(Residency::Loading) => "loading",
         _ => "disk",
     };
+    let traffic =
+        traffic.get(&(a.key.tenant().to_string(), a.key.name().to_string())).copied().unwrap_or_default();
     json!({
         "id": model_name(caller, &a.key),
         "object": "adapter",
@@ -272,6 +285,11 @@ fn describe(state: &AppState, caller: &Caller, a: &StoredAdapter) -> Value {
         "use_dora": spec.as_ref().map(|s| s.use_dora),
         "targets": targets,
         "residency": residency,
+        "traffic": {
+            "requests": traffic.requests,
+            "prompt_tokens": traffic.prompt_tokens,
+            "generated_tokens": traffic.generated_tokens,
+        },
         "parent": state.backend().model_id(),
     })
 }

@@ -7,7 +7,7 @@
 use crate::engine::EngineStats;
 use crate::jobs::{JobCounts, JobStatus};
 use adapters::cache::{CacheStats, LOAD_LATENCY_BOUNDS_SECONDS};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -62,6 +62,15 @@ impl Histogram {
 
 /// Labels of request-level series: (tenant, model).
 type Who = (String, String);
+
+/// One adapter's share of the request-level series, since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Generation requests that named it, whatever their outcome.
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -143,6 +152,30 @@ impl Metrics {
             m.tpot.observe(r.decode_time.as_secs_f64() / (r.generated_tokens - 1) as f64);
         }
         m.e2e.observe(r.total.as_secs_f64());
+    }
+
+    /// The request series folded by the adapter they name, keyed by (tenant, name): a `model`
+    /// label `tenant/name` (an admin naming another tenant's adapter) counts for that tenant's
+    /// adapter, a plain one for the caller's own. The base's series are there too, under its id.
+    pub fn traffic_by_adapter(&self) -> HashMap<(String, String), Traffic> {
+        fn adapter_of(tenant: &str, model: &str) -> (String, String) {
+            match model.split_once('/') {
+                Some((t, n)) => (t.to_string(), n.to_string()),
+                None => (tenant.to_string(), model.to_string()),
+            }
+        }
+        let m = self.lock();
+        let mut out: HashMap<(String, String), Traffic> = HashMap::new();
+        for ((tenant, model, _), v) in &m.requests {
+            out.entry(adapter_of(tenant, model)).or_default().requests += v;
+        }
+        for ((tenant, model), v) in &m.prompt_tokens {
+            out.entry(adapter_of(tenant, model)).or_default().prompt_tokens += v;
+        }
+        for ((tenant, model), v) in &m.generated_tokens {
+            out.entry(adapter_of(tenant, model)).or_default().generated_tokens += v;
+        }
+        out
     }
 
     /// The Prometheus text exposition of everything, with the engine's and the adapter cache's
@@ -374,5 +407,29 @@ mod tests {
         assert!(text.contains("lorahost_time_per_output_token_seconds_bucket{le=\"0.02\"} 1"), "{text}");
         assert!(text.contains("lorahost_kv_blocks_in_use 3"));
         assert!(text.contains("lorahost_running_sequences 1"));
+    }
+
+    #[test]
+    fn traffic_folds_outcomes_and_admin_names_into_the_adapter() {
+        let m = Metrics::default();
+        let report = |tenant: &str, model: &str, outcome, generated_tokens| RequestReport {
+            tenant: tenant.into(),
+            model: model.into(),
+            outcome,
+            prompt_tokens: 2,
+            generated_tokens,
+            time_to_first_token: None,
+            decode_time: Duration::ZERO,
+            total: Duration::ZERO,
+        };
+        m.request(&report("alice", "lora", Outcome::Finished, 3));
+        m.request(&report("alice", "lora", Outcome::Cancelled, 1));
+        m.request(&report("ops", "alice/lora", Outcome::Finished, 5));
+        m.request(&report("bob", "lora", Outcome::Finished, 7));
+        let t = m.traffic_by_adapter();
+        let alice = t[&("alice".to_string(), "lora".to_string())];
+        assert_eq!(alice, Traffic { requests: 3, prompt_tokens: 6, generated_tokens: 9 });
+        assert_eq!(t[&("bob".to_string(), "lora".to_string())].requests, 1);
+        assert!(!t.contains_key(&("ops".to_string(), "alice/lora".to_string())));
     }
 }

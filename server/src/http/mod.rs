@@ -9,6 +9,7 @@
 mod adapters;
 pub mod auth;
 pub mod backend;
+mod console;
 pub mod error;
 mod fine_tuning;
 mod generate;
@@ -303,6 +304,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
+        .route("/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES));
@@ -354,6 +357,8 @@ fn route_label(path: &str) -> &'static str {
         "/health" => "/health",
         "/ready" => "/ready",
         "/metrics" => "/metrics",
+        "/" => "/",
+        p if p.starts_with("/console/") => "/console/{file}",
         p if p.starts_with("/v1/adapters/") => "/v1/adapters/{name}",
         "/v1/files" => "/v1/files",
         p if p.starts_with("/v1/files/") => "/v1/files/{id}",
