@@ -51,6 +51,9 @@ pub struct TrainArgs {
     /// Longer examples keep their first tokens.
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
+    /// Batch examples of similar length together, so batches carry little padding.
+    #[arg(long)]
+    pub group_by_length: bool,
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -140,6 +143,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
         max_seq_len: args.max_seq_len,
+        group_by_length: args.group_by_length,
         optimizer: AdamWConfig { lr: args.lr, weight_decay: args.weight_decay, ..Default::default() },
         warmup_steps: args.warmup_steps,
         max_grad_norm: args.max_grad_norm,

@@ -85,6 +85,8 @@ fn train_config(shared: &Shared, job: &JobRecord) -> Result<TrainConfig, JobFail
         batch_size: s.batch_size,
         grad_accum: 1,
         max_seq_len: s.max_seq_len,
+        // Jobs' data are chat transcripts of any length: grouping saves the padding.
+        group_by_length: true,
         optimizer: AdamWConfig { lr: BASE_LEARNING_RATE * s.learning_rate_multiplier, ..Default::default() },
         warmup_steps: 0,
         max_grad_norm: 1.0,

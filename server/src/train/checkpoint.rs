@@ -33,7 +33,7 @@ pub fn fingerprint(config: &TrainConfig, total_steps: usize, data: &Path) -> Res
         "adapter": config.peft_config(),
         "data": [data.display().to_string(), size],
         "steps": total_steps,
-        "batch": [config.batch_size, config.grad_accum, config.max_seq_len],
+        "batch": [config.batch_size, config.grad_accum, config.max_seq_len, config.group_by_length as usize],
         "optimizer": [o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, config.warmup_steps as f64, config.max_grad_norm],
         "seed": config.seed,
     });
