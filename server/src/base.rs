@@ -31,19 +31,7 @@ impl Base {
         let name =
             path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "base".to_string());
         let (tokenizer, chat_template) = match (&loaded.source, &loaded.gguf_metadata) {
-            (ModelSource::Gguf(_), Some(md)) => {
-                let tok = TextTokenizer::from_gguf(md)?;
-                let template = match md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
-                    Some(src) => {
-                        let name_of =
-                            |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-                        let eos = name_of(tok.eos_token_ids.first().copied());
-                        Some(ChatTemplate::new(src, &name_of(tok.bos_token_id), &eos)?)
-                    }
-                    None => None,
-                };
-                (tok, template)
-            }
+            (ModelSource::Gguf(_), Some(md)) => gguf_tokenizer(md)?,
             (ModelSource::HfDir(dir), _) => load_hf_tokenizer(dir)?,
             (ModelSource::Gguf(p), None) => {
                 return Err(ModelError::read(p, "GGUF metadata missing").into());
@@ -52,11 +40,38 @@ impl Base {
         Ok(Self { model: Arc::new(loaded.model), tokenizer: Arc::new(tokenizer), chat_template, name })
     }
 
+    /// A base from the bytes of a GGUF file, read as [`Base::load`] reads the file; `name` is
+    /// its id and names it in errors.
+    pub fn from_gguf_bytes(name: &str, bytes: &[u8], dtype: Dtype) -> Result<Self, BaseError> {
+        let (model, md) = model::load_gguf_bytes(Path::new(name), bytes, dtype)?;
+        let (tokenizer, chat_template) = gguf_tokenizer(&md)?;
+        Ok(Self {
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
+            name: name.to_string(),
+        })
+    }
+
     /// Renders chat messages with the model's template into prompt ids.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, BaseError> {
         let template = self.chat_template.as_ref().ok_or(ChatError::NoTemplate)?;
         Ok(self.tokenizer.encode(&template.render(messages)?)?)
     }
+}
+
+/// The tokenizer and chat template a GGUF file's metadata describes.
+fn gguf_tokenizer(md: &model::GgufMetadata) -> Result<(TextTokenizer, Option<ChatTemplate>), BaseError> {
+    let tok = TextTokenizer::from_gguf(md)?;
+    let template = match md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        Some(src) => {
+            let name_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+            let eos = name_of(tok.eos_token_ids.first().copied());
+            Some(ChatTemplate::new(src, &name_of(tok.bos_token_id), &eos)?)
+        }
+        None => None,
+    };
+    Ok((tok, template))
 }
 
 fn load_hf_tokenizer(dir: &Path) -> Result<(TextTokenizer, Option<ChatTemplate>), BaseError> {

@@ -53,3 +53,56 @@ fn unsupported_configs_are_refused_by_name() {
     let err = Base::load(dir.path(), Dtype::F32).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("safetensors"), "{err}");
 }
+
+/// The tiny GGUF files the fuzzer starts from (`fuzz/make_seeds.py`).
+fn gguf_seed(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/gguf_model").join(name);
+    std::fs::read(path).expect("seed file")
+}
+
+#[test]
+fn gguf_files_the_fuzzer_found_load_or_are_refused() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/gguf_model");
+    let mut found = 0;
+    for entry in std::fs::read_dir(dir).expect("seeds") {
+        let path = entry.expect("entry").path();
+        let bytes = std::fs::read(&path).expect("seed");
+        for dtype in [Dtype::Auto, Dtype::F32] {
+            if let Ok(base) = Base::from_gguf_bytes("seed", &bytes, dtype) {
+                let _ = base.model.last_logits(&[1, 2, 3], None);
+            }
+        }
+        found += path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("regress_")) as usize;
+    }
+    assert!(found >= 4, "the regression inputs are missing");
+}
+
+#[test]
+fn damaged_gguf_files_are_errors_not_crashes() {
+    for name in ["llama_f32", "llama_quantized"] {
+        let bytes = gguf_seed(name);
+        for dtype in [Dtype::Auto, Dtype::F32] {
+            let base = Base::from_gguf_bytes(name, &bytes, dtype).expect("the seed loads");
+            let logits = base.model.last_logits(&[1, 2, 3], None).expect("forward");
+            assert!(logits.iter().all(|v| v.is_finite()));
+        }
+        // Cut anywhere: an error naming the problem.
+        for len in (0..bytes.len()).step_by(61) {
+            let err =
+                Base::from_gguf_bytes(name, &bytes[..len], Dtype::Auto).err().expect("a cut file loads");
+            assert!(!err.to_string().is_empty());
+        }
+        // Every header byte (counts, lengths, types, shapes, offsets) set to 0xff or 0: loads or
+        // is refused, never panics; what loads must still run.
+        let header = bytes.len().min(4096);
+        for at in 0..header {
+            for value in [0xff, 0x00] {
+                let mut damaged = bytes.clone();
+                damaged[at] = value;
+                if let Ok(base) = Base::from_gguf_bytes(name, &damaged, Dtype::Auto) {
+                    let _ = base.model.last_logits(&[1, 2, 3], None);
+                }
+            }
+        }
+    }
+}

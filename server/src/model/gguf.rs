@@ -21,22 +21,40 @@ pub type Metadata = HashMap<String, gguf_file::Value>;
 /// Reads a GGUF model file.
 pub fn load(path: &Path, dtype: Dtype) -> Result<(Llama, Metadata), ModelError> {
     let file = std::fs::File::open(path).map_err(|e| ModelError::read(path, e))?;
-    let content = gguf_file::Content::read(&mut std::io::BufReader::new(&file))
-        .map_err(|e| ModelError::read(path, format!("not a valid GGUF file: {e}")))?;
     // Safety: the map is read-only and dropped before this function returns; a concurrent
     // truncation of the file is the same hazard every mmap-based model loader accepts.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::read(path, e))?;
+    load_bytes(path, &mmap, dtype)
+}
+
+/// Reads a GGUF model from its bytes; `path` only names it in errors. Any bytes give a model or
+/// an error: every length, offset and shape the file declares is checked against the bytes
+/// before it is used.
+pub fn load_bytes(path: &Path, bytes: &[u8], dtype: Dtype) -> Result<(Llama, Metadata), ModelError> {
+    let content =
+        read_content(bytes).map_err(|e| ModelError::read(path, format!("not a valid GGUF file: {e}")))?;
     let config = config_from_metadata(&content)?;
     let mut source = GgufSource {
         path: path.to_path_buf(),
         content: &content,
-        bytes: &mmap,
+        bytes,
         dtype,
         config: config.clone(),
         embedding_cache: None,
     };
     let model = Llama::load(config, &mut source)?;
     Ok((model, content.metadata))
+}
+
+/// candle's GGUF header reader. It bounds every count and length by the bytes left, but divides
+/// by the file's `general.alignment` unchecked: a zero there panics, which is caught here and
+/// answered as the error it is, so no model file can take the process down.
+fn read_content(bytes: &[u8]) -> Result<gguf_file::Content, String> {
+    let read = std::panic::catch_unwind(|| gguf_file::Content::read(&mut std::io::Cursor::new(bytes)));
+    match read {
+        Ok(content) => content.map_err(|e| e.to_string()),
+        Err(_) => Err("the GGUF header is inconsistent (e.g. a zero `general.alignment`)".into()),
+    }
 }
 
 fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
@@ -82,7 +100,7 @@ fn config_from_metadata(content: &gguf_file::Content) -> Result<ModelConfig, Mod
         Err(_) => content
             .tensor_infos
             .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
+            .and_then(|t| t.shape.dims().first().copied())
             .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?,
     };
     ModelConfig {
@@ -163,7 +181,11 @@ impl<'a> GgufSource<'a> {
     fn raw(&self, name: &str) -> Result<Raw<'a>, ModelError> {
         let info =
             self.content.tensor_infos.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let elems = info.shape.elem_count();
+        // Every size and offset comes from the file: checked, so a hostile one is an error.
+        let past_end =
+            || ModelError::read(&self.path, format!("file is truncated: tensor `{name}` runs past its end"));
+        let elems =
+            info.shape.dims().iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(past_end)?;
         let block = info.ggml_dtype.block_size();
         if elems % block != 0 {
             return Err(ModelError::read(
@@ -171,11 +193,15 @@ impl<'a> GgufSource<'a> {
                 format!("tensor `{name}` is not a whole number of blocks"),
             ));
         }
-        let size = elems / block * info.ggml_dtype.type_size();
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
-        let bytes: &'a [u8] = self.bytes.get(start..start + size).ok_or_else(|| {
-            ModelError::read(&self.path, format!("file is truncated: tensor `{name}` runs past its end"))
-        })?;
+        let size = (elems / block).checked_mul(info.ggml_dtype.type_size()).ok_or_else(past_end)?;
+        let start = self
+            .content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| usize::try_from(start).ok())
+            .ok_or_else(past_end)?;
+        let end = start.checked_add(size).ok_or_else(past_end)?;
+        let bytes: &'a [u8] = self.bytes.get(start..end).ok_or_else(past_end)?;
         Ok(Raw {
             name: name.to_string(),
             dtype: info.ggml_dtype,
@@ -213,9 +239,21 @@ impl<'a> GgufSource<'a> {
             let q = QuantMatrix::from_ggml_bytes(format, out, inp, &raw.bytes)?;
             return Ok(Tensor::from_vec(q.dequantize(), raw.dims.clone(), &Device::Cpu)?);
         }
-        let q = ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, raw.dims.clone(), &Device::Cpu)
-            .map_err(|e| ModelError::read(&self.path, format!("tensor `{}`: {e}", raw.name)))?;
-        Ok(q.dequantize(&Device::Cpu)?)
+        Ok(self.candle_qtensor(raw)?.dequantize(&Device::Cpu)?)
+    }
+
+    /// A tensor in candle's own form. candle reads the bytes in place as f32, f16 or block
+    /// structs, so they must be aligned: the GGUF format aligns tensor data to a multiple of 8
+    /// (the map starts on a page), and a file that does not is refused here.
+    fn candle_qtensor(&self, raw: &Raw) -> Result<candle_core::quantized::QTensor, ModelError> {
+        if raw.bytes.as_ptr().align_offset(8) != 0 {
+            return Err(ModelError::read(
+                &self.path,
+                format!("tensor `{}` does not start on an 8-byte boundary", raw.name),
+            ));
+        }
+        ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, raw.dims.clone(), &Device::Cpu)
+            .map_err(|e| ModelError::read(&self.path, format!("tensor `{}`: {e}", raw.name)))
     }
 
     fn weight(&self, raw: Raw) -> Result<Weight, ModelError> {
@@ -231,11 +269,12 @@ impl<'a> GgufSource<'a> {
                     raw.dims[1],
                     &raw.bytes,
                 )?))),
-                None => {
-                    let q = ggml_file::qtensor_from_ggml(dt, &raw.bytes, raw.dims.clone(), &Device::Cpu)
-                        .map_err(|e| ModelError::read(&self.path, format!("tensor `{}`: {e}", raw.name)))?;
-                    Ok(Weight::Candle(QMatMul::from_qtensor(q)?))
+                // candle's dot products for the 32-wide block types take blocks in pairs: a row
+                // of an odd number of them would lose its last block, so it is used dense.
+                None if dt.block_size() < 256 && !(raw.dims[1] / dt.block_size()).is_multiple_of(2) => {
+                    dense(self.dequantize(&raw)?)
                 }
+                None => Ok(Weight::Candle(QMatMul::from_qtensor(self.candle_qtensor(&raw)?)?)),
             },
             _ => dense(self.dequantize(&raw)?),
         }

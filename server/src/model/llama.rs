@@ -11,6 +11,9 @@ use adapters::LoraAdapter;
 use candle_core::{Device, Tensor};
 use kernels::attention::{paged_attention, write_kv, LayerKv, Rope, SeqRows};
 
+/// Positions whose rope angles are tabulated at load (16 MiB for a 128-wide head).
+const ROPE_TABLE_POSITIONS: usize = 32_768;
+
 /// Where layer weights come from; implemented by the GGUF and Hugging Face loaders so the layer
 /// code below has one naming scheme (Hugging Face names).
 pub trait WeightSource {
@@ -214,7 +217,10 @@ impl Llama {
             .collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(src, "model.norm", &config)?;
         let lm_head = src.lm_head(config.vocab_size, config.hidden_size, config.tie_word_embeddings)?;
-        let rope = Rope::new(config.head_dim, config.rope_theta, config.max_position_embeddings);
+        // Positions past the table are computed on the fly with the same rounding, so a model
+        // declaring a million-token context does not cost its whole table up front.
+        let table = config.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
+        let rope = Rope::new(config.head_dim, config.rope_theta, table);
         let quantized = layers.first().is_some_and(|l| l.self_attn.q_proj.base().is_quantized());
         let lora_storage = if quantized { LoraStorage::Int8 } else { LoraStorage::F32 };
         Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, lora_storage })

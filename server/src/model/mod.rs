@@ -13,6 +13,7 @@ mod llama;
 mod lora;
 
 pub use config::{json_ids, Architecture, HfConfig, ModelConfig};
+pub use gguf::{load_bytes as load_gguf_bytes, Metadata as GgufMetadata};
 pub use kv_cache::{KvCache, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
 pub use linear::{with_f32_slice, with_logits, Embedding, Linear};
 pub use llama::{DenseLayer, DenseWeights, ForwardBatch, Llama};
@@ -99,7 +100,7 @@ impl ModelSource {
 pub struct LoadedModel {
     pub model: Llama,
     /// Raw GGUF metadata, when the model came from a GGUF file.
-    pub gguf_metadata: Option<std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>>,
+    pub gguf_metadata: Option<GgufMetadata>,
     pub source: ModelSource,
 }
 
