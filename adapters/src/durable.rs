@@ -27,7 +27,7 @@ impl DurableError {
 }
 
 /// Whether an I/O error says the disk is full, a quota is used up or a file-size limit is
-/// reached: nothing the client sent is wrong, and retrying after space is freed can succeed.
+/// reached: the server has no room for the bytes, nothing the client sent is malformed.
 pub fn is_out_of_space(e: &io::Error) -> bool {
     matches!(
         e.kind(),

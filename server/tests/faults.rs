@@ -160,6 +160,9 @@ fn kill_9_during_uploads_and_generation_loses_nothing_acknowledged() {
                             acked.lock().expect("acks").adapters.push((name, expected));
                         }
                         Ok((status, reply)) => panic!("upload {name}: {status} {reply}"),
+                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                            panic!("upload {name}: an answer that is not JSON")
+                        }
                         Err(_) => break, // killed
                     }
                     i += 1;
@@ -178,7 +181,10 @@ fn kill_9_during_uploads_and_generation_loses_nothing_acknowledged() {
                             acked.lock().expect("acks").files.push((id, bytes));
                         }
                         Ok((status, reply)) => panic!("file upload: {status} {reply}"),
-                        Err(_) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                            panic!("file upload: an answer that is not JSON")
+                        }
+                        Err(_) => break, // killed
                     }
                     i += 1;
                 }

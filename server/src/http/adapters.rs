@@ -195,7 +195,7 @@ impl AdapterPublisher {
         self.backend.validate_adapter(config, weights).map_err(ApiError::InvalidAdapter)?;
         let (stored, replaced) =
             self.store.put(key, config, weights).map_err(|e| match e.is_out_of_space() {
-                true => ApiError::out_of_space("the adapter", &e.to_string()),
+                true => ApiError::out_of_space("nothing was stored", &e.to_string()),
                 false => ApiError::Internal(e.to_string()),
             })?;
         if let (Some(old), Some(cache)) = (&replaced, &self.cache) {

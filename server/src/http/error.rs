@@ -59,11 +59,12 @@ impl ApiError {
         ApiError::InvalidParameter { param: Some(param), message: message.into() }
     }
 
-    /// The answer to a write that found the disk full; the detail (paths) goes to the log only.
-    pub fn out_of_space(what: &str, detail: &str) -> Self {
+    /// The answer to a write that found no room (disk full, quota or file-size limit reached);
+    /// `outcome` says what became of the request. The detail (paths) goes to the log only.
+    pub fn out_of_space(outcome: &str, detail: &str) -> Self {
         tracing::error!(%detail, "out of disk space");
         ApiError::InsufficientStorage(format!(
-            "the server has no disk space left to store {what}; nothing was stored, retry later"
+            "the server has no disk space left: {outcome}; retry once space is freed"
         ))
     }
 
@@ -146,7 +147,9 @@ impl From<JobsError> for ApiError {
             }
             JobsError::Conflict(m) => ApiError::Conflict(m),
             e @ JobsError::Io(_) => ApiError::Internal(e.to_string()),
-            JobsError::OutOfSpace(detail) => ApiError::out_of_space("the file", &detail),
+            JobsError::OutOfSpace(detail) => {
+                ApiError::out_of_space("the jobs directory could not be written", &detail)
+            }
         }
     }
 }

@@ -83,7 +83,7 @@ async fn run(
         logprobs: prepared.logprobs,
         prompts_every: n_choices / prepared.prompts.max(1),
         _quota: quota,
-        _adapter_files: target.pin,
+        _adapter_files: AdapterFiles(target.pin),
         state,
         streams,
     };
@@ -121,6 +121,22 @@ struct TokenLogprobs {
     offset: usize,
 }
 
+/// A request's pin on its adapter's files. The last pin of a replaced or deleted adapter removes
+/// its files (under the store's writer lock, with fsyncs), so it is released on a blocking
+/// thread, never on the async ones.
+struct AdapterFiles(Option<ObjectPin>);
+
+impl Drop for AdapterFiles {
+    fn drop(&mut self) {
+        if let Some(pin) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(pin))),
+                Err(_) => drop(pin),
+            }
+        }
+    }
+}
+
 /// What happened next to a run.
 enum Step {
     /// A choice's text grew (`delta`) and/or it finished.
@@ -143,7 +159,7 @@ struct Run {
     /// The tenant's sequences, held until the response ends or the client goes away.
     _quota: SequenceLease,
     /// The adapter's files stay on disk until the request ends (they may still be loading).
-    _adapter_files: Option<ObjectPin>,
+    _adapter_files: AdapterFiles,
     /// Choices not finished yet.
     open: usize,
     started: Instant,

@@ -252,7 +252,13 @@ impl Jobs {
             created_at: unix_seconds(),
         };
         let mut state = self.state();
-        state.disk.commit_data(scratch, &record.id)?;
+        // A scratch file the rename did not take is removed now, not at the next start. (Data
+        // renamed into place but without a record stays until then: the record's write may have
+        // reached the disk before its error.)
+        if let Err(e) = state.disk.commit_data(scratch, &record.id) {
+            let _ = std::fs::remove_file(scratch);
+            return Err(e);
+        }
         state.disk.put_file(record.clone())?;
         Ok(record)
     }

@@ -47,6 +47,9 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// Widest attention head accepted (models use 64 to 256): per-head tables are sized by it.
+pub const MAX_HEAD_DIM: usize = 1024;
+
 impl ModelConfig {
     /// Checks the relations the forward pass relies on.
     pub fn validate(self) -> Result<Self, ModelError> {
@@ -60,8 +63,14 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return bad(format!("head_dim {} must be even and positive", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {
+            return bad(format!(
+                "head_dim {} must be even, positive and at most {MAX_HEAD_DIM}",
+                self.head_dim
+            ));
+        }
+        if self.num_heads.checked_mul(self.head_dim).is_none() {
+            return bad(format!("{} heads of {} dimensions overflow", self.num_heads, self.head_dim));
         }
         if self.hidden_size == 0 || self.intermediate_size == 0 || self.vocab_size == 0 {
             return bad("hidden, intermediate and vocab sizes must be positive".into());

@@ -243,16 +243,21 @@ impl<'a> GgufSource<'a> {
     }
 
     /// A tensor in candle's own form. candle reads the bytes in place as f32, f16 or block
-    /// structs, so they must be aligned: the GGUF format aligns tensor data to a multiple of 8
-    /// (the map starts on a page), and a file that does not is refused here.
+    /// structs, so they must be 8-byte aligned: GGUF aligns tensor data (and the map starts on a
+    /// page), but a damaged file or a re-ordered copy may not be, and is copied first.
     fn candle_qtensor(&self, raw: &Raw) -> Result<candle_core::quantized::QTensor, ModelError> {
-        if raw.bytes.as_ptr().align_offset(8) != 0 {
-            return Err(ModelError::read(
-                &self.path,
-                format!("tensor `{}` does not start on an 8-byte boundary", raw.name),
-            ));
-        }
-        ggml_file::qtensor_from_ggml(raw.dtype, &raw.bytes, raw.dims.clone(), &Device::Cpu)
+        let mut aligned: Vec<u64> = Vec::new();
+        let bytes: &[u8] = if raw.bytes.as_ptr().align_offset(8) == 0 {
+            &raw.bytes
+        } else {
+            aligned.resize(raw.bytes.len().div_ceil(8), 0);
+            // SAFETY: the u64 buffer holds at least `len` initialised bytes; u8 has no alignment.
+            let view =
+                unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), raw.bytes.len()) };
+            view.copy_from_slice(&raw.bytes);
+            view
+        };
+        ggml_file::qtensor_from_ggml(raw.dtype, bytes, raw.dims.clone(), &Device::Cpu)
             .map_err(|e| ModelError::read(&self.path, format!("tensor `{}`: {e}", raw.name)))
     }
 
@@ -269,9 +274,11 @@ impl<'a> GgufSource<'a> {
                     raw.dims[1],
                     &raw.bytes,
                 )?))),
-                // candle's dot products for the 32-wide block types take blocks in pairs: a row
-                // of an odd number of them would lose its last block, so it is used dense.
-                None if dt.block_size() < 256 && !(raw.dims[1] / dt.block_size()).is_multiple_of(2) => {
+                // candle's Q5_0 / Q5_1 dot products assert an even number of blocks per row (in
+                // builds with debug assertions): such a row is used dense instead.
+                None if matches!(dt, GgmlDType::Q5_0 | GgmlDType::Q5_1)
+                    && !(raw.dims[1] / dt.block_size()).is_multiple_of(2) =>
+                {
                     dense(self.dequantize(&raw)?)
                 }
                 None => Ok(Weight::Candle(QMatMul::from_qtensor(self.candle_qtensor(&raw)?)?)),

@@ -11,8 +11,10 @@ use adapters::LoraAdapter;
 use candle_core::{Device, Tensor};
 use kernels::attention::{paged_attention, write_kv, LayerKv, Rope, SeqRows};
 
-/// Positions whose rope angles are tabulated at load (16 MiB for a 128-wide head).
+/// Positions whose rope angles are tabulated at load (16 MiB for a 128-wide head)...
 const ROPE_TABLE_POSITIONS: usize = 32_768;
+/// ...and at most this many floats of cos and sin together, however wide the head.
+const ROPE_TABLE_FLOATS: usize = 1 << 22;
 
 /// Where layer weights come from; implemented by the GGUF and Hugging Face loaders so the layer
 /// code below has one naming scheme (Hugging Face names).
@@ -219,7 +221,8 @@ impl Llama {
         let lm_head = src.lm_head(config.vocab_size, config.hidden_size, config.tie_word_embeddings)?;
         // Positions past the table are computed on the fly with the same rounding, so a model
         // declaring a million-token context does not cost its whole table up front.
-        let table = config.max_position_embeddings.min(ROPE_TABLE_POSITIONS);
+        let table =
+            config.max_position_embeddings.min(ROPE_TABLE_POSITIONS).min(ROPE_TABLE_FLOATS / config.head_dim);
         let rope = Rope::new(config.head_dim, config.rope_theta, table);
         let quantized = layers.first().is_some_and(|l| l.self_attn.q_proj.base().is_quantized());
         let lora_storage = if quantized { LoraStorage::Int8 } else { LoraStorage::F32 };

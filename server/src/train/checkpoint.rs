@@ -29,14 +29,18 @@ pub fn path_for(out: &Path) -> PathBuf {
 pub fn fingerprint(config: &TrainConfig, total_steps: usize, data: &Path) -> Result<String, TrainError> {
     let size = std::fs::metadata(data).map(|m| m.len()).unwrap_or(0);
     let o = &config.optimizer;
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "adapter": config.peft_config(),
         "data": [data.display().to_string(), size],
         "steps": total_steps,
-        "batch": [config.batch_size, config.grad_accum, config.max_seq_len, config.group_by_length as usize],
+        "batch": [config.batch_size, config.grad_accum, config.max_seq_len],
         "optimizer": [o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, config.warmup_steps as f64, config.max_grad_norm],
         "seed": config.seed,
     });
+    // Only when on, so checkpoints of runs without it stay resumable.
+    if config.group_by_length {
+        value["group_by_length"] = serde_json::Value::Bool(true);
+    }
     Ok(value.to_string())
 }
 

@@ -459,9 +459,9 @@ fn batch_of(examples: &[Example], picks: &[usize]) -> Result<Batch, TrainError> 
     Batch::new(&items)
 }
 
-/// Steps' worth of examples sorted together by `group_by_length` (transformers' "megabatch"
-/// of 50 batches): large enough that neighbours have similar lengths, small enough that the
-/// order stays well mixed.
+/// Steps whose examples `group_by_length` sorts together (`batch_size × grad_accum × 50`
+/// examples; transformers sorts "megabatches" of 50 batches): large enough that neighbours
+/// have similar lengths, small enough that the order stays well mixed.
 pub const LENGTH_GROUP_BATCHES: usize = 50;
 
 /// Visits the examples in a fresh random order every epoch; with length groups, every run of
