@@ -467,6 +467,11 @@ async fn a_running_request_keeps_its_adapter_files_while_the_name_is_deleted() {
     assert_eq!(delete(&f.app, "/v1/adapters/short-lived", None).await.status, StatusCode::OK);
     assert!(object.is_dir(), "the running request's adapter files were removed under it");
     drop(response);
+    // The last pin is released on a blocking thread (removal takes the store's lock and fsyncs).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while object.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(!object.exists(), "the files go once the last request using them ends");
 }
 
