@@ -9,70 +9,12 @@ use adapters::store::FsStore;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use common::fake::{InstantBackend as FakeBackend, BASE};
 use common::tenants::{ALICE, BOB, KEYS, ROOT};
 use http_body_util::BodyExt;
-use lorahost::chat::ChatMessage;
-use lorahost::engine::{
-    ClientId, Completion, EngineError, EngineStats, FinishReason, GeneratedToken, TokenEvent, ValidRequest,
-};
-use lorahost::http::{router, ApiKeys, AppParts, AppState, Auth, Backend, Limits};
+use lorahost::http::{router, ApiKeys, AppParts, AppState, Auth, Limits};
 use serde_json::{json, Value};
-use std::time::Duration;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower::ServiceExt;
-
-const BASE: &str = "fake-base";
-
-/// Tokenises bytes; answers every request with `max_tokens` tokens at once.
-struct FakeBackend;
-
-impl Backend for FakeBackend {
-    fn model_id(&self) -> &str {
-        BASE
-    }
-
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        Ok(text.bytes().map(u32::from).collect())
-    }
-
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
-        self.encode(&messages.iter().map(|m| m.content.clone()).collect::<String>())
-    }
-
-    fn token_text(&self, _: u32) -> String {
-        "w".into()
-    }
-
-    fn max_sequence_tokens(&self) -> usize {
-        4096
-    }
-
-    fn submit(&self, req: ValidRequest, _: ClientId) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
-        let (tx, rx) = unbounded_channel();
-        for _ in 0..req.stop.max_tokens {
-            let token = GeneratedToken { id: 100, text: "w ".into(), logprob: None, top_logprobs: vec![] };
-            let _ = tx.send(TokenEvent::Token(token));
-        }
-        let _ = tx.send(TokenEvent::Finished(Completion {
-            reason: FinishReason::Length,
-            trailing_text: String::new(),
-            prompt_tokens: req.prompt_ids.len(),
-            completion_tokens: req.stop.max_tokens,
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-            preemptions: 0,
-        }));
-        Ok(rx)
-    }
-
-    fn stats(&self) -> EngineStats {
-        EngineStats::default()
-    }
-
-    fn validate_adapter(&self, _: &[u8], _: &[u8]) -> Result<(), String> {
-        Ok(())
-    }
-}
 
 fn app(auth: Auth) -> (Router, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");

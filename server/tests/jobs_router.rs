@@ -14,13 +14,10 @@ use adapters::store::FsStore;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use common::fake::{InstantBackend as FakeBackend, BASE};
 use common::tenants::{ALICE, BOB, KEYS, ROOT};
 use http_body_util::BodyExt;
 use lorahost::base::Base;
-use lorahost::chat::ChatMessage;
-use lorahost::engine::{
-    ClientId, Completion, EngineError, EngineStats, FinishReason, GeneratedToken, TokenEvent, ValidRequest,
-};
 use lorahost::http::{router, AdapterPublisher, ApiKeys, AppParts, AppState, Auth, Backend, Limits};
 use lorahost::jobs::{DataSummary, JobRecord, JobSettings, JobStatus, Jobs, JobsConfig, Trainer};
 use lorahost::testing::TinyModel;
@@ -29,10 +26,8 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower::ServiceExt;
 
-const BASE: &str = "fake-base";
 const GOOD: &str = concat!(
     r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#,
     "\n",
@@ -41,62 +36,6 @@ const GOOD: &str = concat!(
     r#"{"text": "plain text"}"#,
     "\n"
 );
-
-struct FakeBackend;
-
-impl Backend for FakeBackend {
-    fn model_id(&self) -> &str {
-        BASE
-    }
-
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        Ok(text.bytes().map(u32::from).collect())
-    }
-
-    fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
-        self.encode(&messages.iter().map(|m| m.content.clone()).collect::<String>())
-    }
-
-    fn token_text(&self, _: u32) -> String {
-        "w".into()
-    }
-
-    fn max_sequence_tokens(&self) -> usize {
-        4096
-    }
-
-    fn submit(&self, req: ValidRequest, _: ClientId) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
-        let (tx, rx) = unbounded_channel();
-        let _ = tx.send(TokenEvent::Token(GeneratedToken {
-            id: 100,
-            text: "w ".into(),
-            logprob: None,
-            top_logprobs: vec![],
-        }));
-        let _ = tx.send(TokenEvent::Finished(Completion {
-            reason: FinishReason::Length,
-            trailing_text: String::new(),
-            prompt_tokens: req.prompt_ids.len(),
-            completion_tokens: 1,
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-            preemptions: 0,
-        }));
-        Ok(rx)
-    }
-
-    fn stats(&self) -> EngineStats {
-        EngineStats::default()
-    }
-
-    fn validate_adapter(&self, config: &[u8], _: &[u8]) -> Result<(), String> {
-        let config: Value = serde_json::from_slice(config).map_err(|e| e.to_string())?;
-        if config["r"].as_u64().unwrap_or(0) == 0 {
-            return Err("adapter_config.json: `r` must be at least 1".into());
-        }
-        Ok(())
-    }
-}
 
 /// The tiny base the data checks tokenize with, loaded once.
 fn tiny() -> &'static Base {
