@@ -540,12 +540,12 @@ mod tests {
     #[test]
     fn quantized_sites_hold_a_quarter_and_are_not_written() {
         let mut a =
-            load(r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(2, &[0, 1]))
+            load(r#"{"r":4,"lora_alpha":8,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(4, &[0, 1]))
                 .unwrap();
         let f32_bytes = a.bytes();
         a.quantize_int8(&tiny_base()).unwrap();
-        // Per site: 2 rank rows of A (8 bytes each) and of Bᵀ, plus 2 + 2 f32 row scales.
-        let per_site = |out: usize| 2 * 8 + 2 * out + 4 * 4;
+        // Per site: 4 rank rows of A (8 bytes each) and of Bᵀ, plus 4 + 4 f32 row scales.
+        let per_site = |out: usize| 4 * 8 + 4 * out + 8 * 4;
         assert_eq!(a.bytes(), 2 * (per_site(8) + per_site(4)));
         assert!(a.bytes() * 2 < f32_bytes);
         let site = a.site(1, 1).unwrap();

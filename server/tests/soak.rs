@@ -112,7 +112,7 @@ fn client(url: String, seed: u64, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
             };
         let text = String::from_utf8_lossy(&reply);
         match status {
-            200 if stream && text.trim_end().ends_with("data: [DONE]") && !text.contains("\"error\"") => {
+            200 if stream && text.trim_end().ends_with("data: [DONE]") && !has_error_event(&text) => {
                 tally.completed.fetch_add(1, Ordering::SeqCst);
             }
             200 if !stream && text.contains("\"completion_tokens\"") => {
@@ -127,6 +127,16 @@ fn client(url: String, seed: u64, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
             _ => tally.fail(format!("{model} (stream {stream}): {status} {text}")),
         }
     }
+}
+
+/// Whether a server-sent event stream carries an error object (generated text may well contain
+/// the word "error", so the events are parsed rather than searched).
+fn has_error_event(stream: &str) -> bool {
+    stream
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .any(|data| serde_json::from_str::<Value>(data).map_or(true, |v| v.get("error").is_some()))
 }
 
 fn admin(url: String, adapters: Vec<(Vec<u8>, Vec<u8>)>, stop: Arc<AtomicBool>, tally: Arc<Tally>) {

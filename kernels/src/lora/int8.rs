@@ -10,14 +10,20 @@
 //!   `y[o] = g[o] · (y[o] + (du · scale) · Σ_j qu[j] · qbᵀ[j, o])`, the sum exact in i32.
 //!
 //! Why: at decode every row of a mixed batch uses another adapter, so each weight is used once
-//! per step; converting it to f32 cost three instructions per 8 multiply-adds, where `vpmaddwd`
-//! does 16 in two, and the activations become integers once per row.
+//! per step; converting it to f32 cost three instructions per 8 multiply-adds, where one byte
+//! dot-product instruction does 32 or 64, and the activations become integers once per row.
+//!
+//! Three implementations of the same integer sums: plain loops; AVX2, whose `vpmaddubsw` takes
+//! one unsigned operand, so the sign of one side moves onto the other (`|x| · (w · sign x)`, all
+//! magnitudes ≤ 127, so its i16 pair sums cannot saturate); AVX-512 VNNI (`vpdpbusd`, 64
+//! products per instruction), which reads the weights as unsigned by flipping their sign bit
+//! (`w + 128`) and subtracts `128 · Σ x` for it, exactly. Bᵀ is stored with rank rows interleaved
+//! in fours ([`bt_index`]), so the four weights one 32-bit lane needs are adjacent.
 //!
 //! The driver (`plan.rs`) quantizes each activation row once per call (shared by the fused
 //! sites) and each `u` once per (row, site), then runs the row functions here. The work of a row
 //! depends only on that row and its adapter, never on the other rows of the call, its tiling or
-//! the thread that runs it, so the op stays batch invariant. The AVX2 code also serves AVX-512
-//! CPUs.
+//! the thread that runs it, so the op stays batch invariant.
 
 // Blocks index the activations, their scales and the weight rows by the same block number.
 #![allow(clippy::needless_range_loop)]
@@ -28,6 +34,9 @@ use super::Isa;
 
 /// Activation elements per quantization block.
 pub(super) const XBLOCK: usize = 32;
+
+/// Rank rows of Bᵀ interleaved together (see [`bt_index`]).
+pub(super) const BT_INTERLEAVE: usize = 4;
 
 /// Symmetric absmax quantization of `src` into `dst` (same length): the largest magnitude maps
 /// to ±127, the rest round half to even; returns the scale (0 for an all-zero `src`).
@@ -48,18 +57,49 @@ fn quantize_with(src: &[f32], inv: f32, dst: &mut [i8]) {
     }
 }
 
-/// Padded i16 elements of one quantized activation row of `n` floats.
+/// Padded int8 elements of one quantized activation row of `n` floats.
 pub(super) fn padded(n: usize) -> usize {
     n.div_ceil(XBLOCK) * XBLOCK
 }
 
-/// Quantizes one activation row per [`XBLOCK`] elements: `x[k] ≈ d[k / 32] · q[k]`, the values
-/// widened to i16 (the operand `vpmaddwd` takes) and zero-padded to whole blocks.
-/// `q` holds [`padded`]`(x.len())` values, `d` one scale per block.
-pub(super) fn quantize_row(isa: Isa, x: &[f32], q: &mut [i16], d: &mut [f32]) {
+/// Which implementation runs for `isa`: AVX-512 CPUs with VNNI take the VNNI code, other AVX-512
+/// and AVX2 CPUs the AVX2 code, `Portable` the plain loops.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Scalar,
     #[cfg(target_arch = "x86_64")]
-    if avx2(isa) {
-        // SAFETY: AVX2 and FMA were detected.
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+fn path(isa: Isa) -> Path {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = Isa::Avx2.is_available();
+        if isa == Isa::Avx512
+            && avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            return Path::Vnni;
+        }
+        if matches!(isa, Isa::Avx512 | Isa::Avx2) && avx2 {
+            return Path::Avx2;
+        }
+    }
+    let _ = isa;
+    Path::Scalar
+}
+
+/// Quantizes one activation row per [`XBLOCK`] elements: `x[k] ≈ d[k / 32] · q[k]`, zero-padded
+/// to whole blocks. `q` holds [`padded`]`(x.len())` values, `d` one scale per block.
+pub(super) fn quantize_row(isa: Isa, x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if path(isa) != Path::Scalar {
+        // SAFETY: AVX2 and FMA were detected (both SIMD paths imply them).
         unsafe { quantize_row_avx2(x, q, d) };
         return;
     }
@@ -70,12 +110,9 @@ pub(super) fn quantize_row(isa: Isa, x: &[f32], q: &mut [i16], d: &mut [f32]) {
 }
 
 /// One block of [`quantize_row`] in plain loops (the specification); pads `q` with zeros.
-fn quantize_block(block: &[f32], q: &mut [i16]) -> f32 {
-    let mut tmp = [0i8; XBLOCK];
-    let scale = quantize_into(block, &mut tmp[..block.len()]);
-    for (dst, &v) in q.iter_mut().zip(&tmp) {
-        *dst = i16::from(v);
-    }
+fn quantize_block(block: &[f32], q: &mut [i8]) -> f32 {
+    let scale = quantize_into(block, &mut q[..block.len()]);
+    q[block.len()..].fill(0);
     scale
 }
 
@@ -86,9 +123,11 @@ fn quantize_block(block: &[f32], q: &mut [i16]) -> f32 {
 /// AVX2 and FMA available; `q` and `d` sized as in [`quantize_row`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i16], d: &mut [f32]) {
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     let full = x.len() / XBLOCK;
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    // The packs below interleave per 128-bit lane; this dword order undoes it.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for b in 0..full {
         // SAFETY: block b lies inside x and inside q (whole blocks).
         unsafe {
@@ -98,12 +137,9 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i16], d: &mut [f32]) {
             let scale = hmax256(m) / 127.0;
             let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
             let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv)));
-            // packs works per 128-bit lane: restore element order with a qword permute.
-            let lo = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(i[0], i[1]));
-            let hi = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(i[2], i[3]));
-            let dst = q.as_mut_ptr().add(b * XBLOCK);
-            _mm256_storeu_si256(dst.cast(), lo);
-            _mm256_storeu_si256(dst.add(16).cast(), hi);
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * XBLOCK).cast(), bytes);
             d[b] = scale;
         }
     }
@@ -112,15 +148,15 @@ unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i16], d: &mut [f32]) {
     }
 }
 
-/// Pairs of a rank-`rank` row of `u` (an odd rank is padded with a zero).
-pub(super) fn pair_count(rank: usize) -> usize {
-    rank.div_ceil(2)
+/// Groups of four of a rank-`rank` row of `u` (padded with zeros).
+pub(super) fn quad_count(rank: usize) -> usize {
+    rank.div_ceil(BT_INTERLEAVE)
 }
 
-/// One row's expand input: `u = t ∘ sb` quantized as one block, written to `pairs` as i16 pairs
-/// packed in i32 (the broadcast operand of `vpmaddwd`; [`pair_count`]`(t.len())` of them); returns
-/// `du`.
-pub(super) fn quantize_t(t: &[f32], sb: &[f32], pairs: &mut [i32]) -> f32 {
+/// One row's expand input: `u = t ∘ sb` quantized as one block, written to `quads` four int8
+/// values per i32 (little-endian; the broadcast operand of the byte dot products;
+/// [`quad_count`]`(t.len())` of them); returns `du`.
+pub(super) fn quantize_t(t: &[f32], sb: &[f32], quads: &mut [i32]) -> f32 {
     const MAX_RANK: usize = 64;
     // Chunks of MAX_RANK keep the scratch on the stack; the scale covers the whole row.
     let mut u = [0f32; MAX_RANK];
@@ -134,25 +170,26 @@ pub(super) fn quantize_t(t: &[f32], sb: &[f32], pairs: &mut [i32]) -> f32 {
             u[k] = tc[k] * sc[k];
         }
         quantize_with(&u[..n], inv, &mut q[..n]);
-        q[n..n.next_multiple_of(2)].fill(0);
-        let dst = &mut pairs[c * MAX_RANK / 2..];
-        for (d, p) in dst.iter_mut().zip(q[..n.next_multiple_of(2)].chunks_exact(2)) {
-            *d = pack(p);
+        let padded = n.next_multiple_of(BT_INTERLEAVE);
+        q[n..padded].fill(0);
+        let dst = &mut quads[c * MAX_RANK / BT_INTERLEAVE..];
+        for (d, p) in dst.iter_mut().zip(q[..padded].chunks_exact(BT_INTERLEAVE)) {
+            *d = i32::from_le_bytes([p[0] as u8, p[1] as u8, p[2] as u8, p[3] as u8]);
         }
     }
     scale
 }
 
-/// Two i8 values as the i16 pair (low, high) of one i32.
-fn pack(p: &[i8]) -> i32 {
-    (i32::from(p[0]) & 0xffff) | (i32::from(p[1]) << 16)
+/// The four int8 values of a quad from [`quantize_t`].
+fn unpack(quad: i32) -> [i8; BT_INTERLEAVE] {
+    quad.to_le_bytes().map(|b| b as i8)
 }
 
-/// The index of `Bᵀ[j, o]` in the pair-interleaved layout: rank rows `2p` and `2p + 1` are
-/// interleaved byte by byte, so the two weights a `vpmaddwd` lane needs are adjacent.
+/// The index of `Bᵀ[j, o]` in the interleaved layout: rank rows `4p..4p + 4` are interleaved
+/// byte by byte, so the four weights a 32-bit lane needs for output `o` are adjacent.
 #[inline(always)]
-pub(super) fn paired_index(j: usize, o: usize, out_features: usize) -> usize {
-    ((j / 2) * out_features + o) * 2 + j % 2
+pub(super) fn bt_index(j: usize, o: usize, out_features: usize) -> usize {
+    ((j / BT_INTERLEAVE) * out_features + o) * BT_INTERLEAVE + j % BT_INTERLEAVE
 }
 
 /// One row's shrink: `t[c] = scales[c] · Σ_b d[b] · Σ_{k∈b} a[c][k] · q[k]` for rank rows
@@ -162,47 +199,43 @@ pub(super) fn paired_index(j: usize, o: usize, out_features: usize) -> usize {
 /// `isa` available; each `a[c]` `n` long; `t` valid for writing `a.len()` floats.
 pub(super) unsafe fn shrink_row(
     isa: Isa,
-    q: &[i16],
+    q: &[i8],
     d: &[f32],
     a: &[&[i8]],
     scales: &[f32],
     n: usize,
     t: *mut f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2(isa) {
-        // SAFETY: AVX2 and FMA were detected; the rest is the caller's contract.
-        unsafe { shrink_row_avx2(q, d, a, scales, n, t) };
-        return;
+    // SAFETY (each arm): the path's features were detected; the rest is the caller's contract.
+    match path(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Path::Vnni => unsafe {
+            shrink_row_tiled(q, d, a, scales, n, t, shrink_rows_vnni::<4>, shrink_rows_vnni::<1>)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe {
+            shrink_row_tiled(q, d, a, scales, n, t, shrink_rows_avx2::<4>, shrink_rows_avx2::<1>)
+        },
+        Path::Scalar => unsafe { shrink_row_scalar(q, d, a, scales, n, t) },
     }
-    let _ = isa;
-    // SAFETY: the caller's contract.
-    unsafe { shrink_row_scalar(q, d, a, scales, n, t) }
 }
 
-/// One row's expand over the columns `p.outs` (see [`ExpandInt8`]): `pairs` and `du` from
+/// One row's expand over the columns `p.outs` (see [`ExpandInt8`]): `quads` and `du` from
 /// [`quantize_t`].
 ///
 /// # Safety
-/// `isa` available; `p.bt` a pair-interleaved `Bᵀ` of at least `pairs.len()` pair rows of
+/// `isa` available; `p.bt` an interleaved `Bᵀ` of at least `quads.len()` quad rows of
 /// `p.out_features`; `p.outs` within `0..out_features`; `p.g`, when set, `out_features` long; `y` the row's
 /// `out_features` floats, its columns `outs` touched by no other thread.
-pub(super) unsafe fn expand_row(isa: Isa, pairs: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2(isa) {
-        // SAFETY: AVX2 and FMA were detected; the rest is the caller's contract.
-        unsafe { expand_row_avx2(pairs, du, p, y) };
-        return;
+pub(super) unsafe fn expand_row(isa: Isa, quads: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
+    // SAFETY (each arm): the path's features were detected; the rest is the caller's contract.
+    match path(isa) {
+        #[cfg(target_arch = "x86_64")]
+        Path::Vnni => unsafe { expand_row_vnni(quads, du, p, y) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { expand_row_avx2(quads, du, p, y) },
+        Path::Scalar => unsafe { expand_row_scalar(quads, du, p, y) },
     }
-    let _ = isa;
-    // SAFETY: the caller's contract.
-    unsafe { expand_row_scalar(pairs, du, p, y) }
-}
-
-/// Whether `isa` runs the AVX2 code: the AVX2 and AVX-512 paths both do (an AVX-512 CPU has AVX2;
-/// 256-bit `vpmaddwd` keeps one implementation to test), `Portable` the plain loops.
-fn avx2(isa: Isa) -> bool {
-    matches!(isa, Isa::Avx512 | Isa::Avx2) && Isa::Avx2.is_available()
 }
 
 /// The weights of an int8 expand and its columns: `y[o] = g[o] · (y[o] + (du · scale) ·
@@ -219,7 +252,7 @@ pub(super) struct ExpandInt8<'a> {
 ///
 /// # Safety
 /// As [`shrink_row`].
-unsafe fn shrink_row_scalar(q: &[i16], d: &[f32], a: &[&[i8]], scales: &[f32], n: usize, t: *mut f32) {
+unsafe fn shrink_row_scalar(q: &[i8], d: &[f32], a: &[&[i8]], scales: &[f32], n: usize, t: *mut f32) {
     for (c, row) in a.iter().enumerate() {
         let mut acc = 0f32;
         for (b, &db) in d.iter().enumerate() {
@@ -235,12 +268,13 @@ unsafe fn shrink_row_scalar(q: &[i16], d: &[f32], a: &[&[i8]], scales: &[f32], n
 
 /// The integer sum of output `o`: `Σ_j qu[j] · qbᵀ[j, o]`.
 #[inline(always)]
-fn expand_isum(pairs: &[i32], bt: &[i8], out_features: usize, o: usize) -> i32 {
+fn expand_isum(quads: &[i32], bt: &[i8], out_features: usize, o: usize) -> i32 {
     let mut isum = 0i32;
-    for (pi, &pair) in pairs.iter().enumerate() {
-        let (lo, hi) = (pair as i16, (pair >> 16) as i16);
-        let k = ((pi * out_features) + o) * 2;
-        isum += i32::from(bt[k]) * i32::from(lo) + i32::from(bt[k + 1]) * i32::from(hi);
+    for (qi, &quad) in quads.iter().enumerate() {
+        let k = (qi * out_features + o) * BT_INTERLEAVE;
+        for (b, u) in unpack(quad).into_iter().enumerate() {
+            isum += i32::from(bt[k + b]) * i32::from(u);
+        }
     }
     isum
 }
@@ -249,15 +283,50 @@ fn expand_isum(pairs: &[i32], bt: &[i8], out_features: usize, o: usize) -> i32 {
 ///
 /// # Safety
 /// As [`expand_row`].
-unsafe fn expand_row_scalar(pairs: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
+unsafe fn expand_row_scalar(quads: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
     let c = du * p.scale;
     for o in p.outs.clone() {
-        let isum = expand_isum(pairs, p.bt, p.out_features, o);
+        let isum = expand_isum(quads, p.bt, p.out_features, o);
         // SAFETY: o is inside `outs` (caller contract).
         unsafe {
             let v = (isum as f32).mul_add(c, *y.add(o));
             *y.add(o) = p.g.map_or(v, |g| g[o] * v);
         }
+    }
+}
+
+/// A shrink kernel for a tile of rank rows (see [`shrink_rows_avx2`]).
+#[cfg(target_arch = "x86_64")]
+type ShrinkTile = unsafe fn(&[i8], &[f32], &[&[i8]], &[f32], usize, *mut f32);
+
+/// A row's shrink in tiles of four rank rows (which share each loaded activation block), the
+/// leftover rows one at a time.
+///
+/// # Safety
+/// As [`shrink_row`]; the tiles' CPU features available.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn shrink_row_tiled(
+    q: &[i8],
+    d: &[f32],
+    a: &[&[i8]],
+    scales: &[f32],
+    n: usize,
+    t: *mut f32,
+    four: ShrinkTile,
+    one: ShrinkTile,
+) {
+    let mut c = 0;
+    while c + 4 <= a.len() {
+        // SAFETY: rank rows c..c+4 exist; forwarded contract.
+        unsafe { four(q, d, &a[c..c + 4], &scales[c..c + 4], n, t.add(c)) };
+        c += 4;
+    }
+    while c < a.len() {
+        // SAFETY: as above.
+        unsafe { one(q, d, &a[c..c + 1], &scales[c..c + 1], n, t.add(c)) };
+        c += 1;
     }
 }
 
@@ -277,51 +346,25 @@ fn hmax256(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// `Σ w[k] · x[k]` over one block (32 int8 weights at `w`, the block's i16 activations `x`), as
-/// 8 i32 lanes of 4 products each.
-///
-/// # Safety
-/// AVX2 available; `w` valid for reading [`XBLOCK`] bytes.
+/// `Σ w[k] · x[k]` over 32 bytes, as 8 i32 lanes of 4 products each: `ax = |x|` and the sign of
+/// `x` moved onto `w`, so the unsigned-by-signed `vpmaddubsw` applies; its i16 pair sums are at
+/// most 2 · 127 · 127 (no ±128 is ever quantized), so they cannot saturate.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_isum(w: *const i8, x: [__m256i; 2]) -> __m256i {
-    // SAFETY: the caller's contract.
-    let (w0, w1) = unsafe {
-        (
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(w.cast())),
-            _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(16).cast())),
-        )
-    };
-    _mm256_add_epi32(_mm256_madd_epi16(w0, x[0]), _mm256_madd_epi16(w1, x[1]))
+fn dot_bytes_avx2(w: __m256i, x: __m256i, ax: __m256i) -> __m256i {
+    let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w, x));
+    _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
 }
 
-/// [`shrink_row_scalar`] with AVX2: four rank rows at a time share each loaded activation block.
+/// `J` rank rows of the AVX2 shrink: one block of activations at a time, shared by the rows.
 ///
 /// # Safety
-/// As [`shrink_row_scalar`]; AVX2 and FMA available.
+/// As [`shrink_row_scalar`] for `J` rank rows; AVX2 and FMA available.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn shrink_row_avx2(q: &[i16], d: &[f32], a: &[&[i8]], scales: &[f32], n: usize, t: *mut f32) {
-    let mut c = 0;
-    while c + 4 <= a.len() {
-        // SAFETY: rank rows c..c+4 exist; forwarded contract.
-        unsafe { shrink_rows_avx2::<4>(q, d, &a[c..c + 4], &scales[c..c + 4], n, t.add(c)) };
-        c += 4;
-    }
-    while c < a.len() {
-        // SAFETY: as above.
-        unsafe { shrink_rows_avx2::<1>(q, d, &a[c..c + 1], &scales[c..c + 1], n, t.add(c)) };
-        c += 1;
-    }
-}
-
-/// `J` rank rows of [`shrink_row_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn shrink_rows_avx2<const J: usize>(
-    q: &[i16],
+    q: &[i8],
     d: &[f32],
     a: &[&[i8]],
     scales: &[f32],
@@ -335,12 +378,8 @@ unsafe fn shrink_rows_avx2<const J: usize>(
     let mut tail = [0i8; XBLOCK];
     for (b, &db) in d.iter().enumerate() {
         // SAFETY: q holds whole blocks, so block b is readable there.
-        let x = unsafe {
-            [
-                _mm256_loadu_si256(q.as_ptr().add(b * XBLOCK).cast()),
-                _mm256_loadu_si256(q.as_ptr().add(b * XBLOCK + 16).cast()),
-            ]
-        };
+        let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(b * XBLOCK).cast()) };
+        let ax = _mm256_sign_epi8(x, x);
         let db = _mm256_set1_ps(db);
         for c in 0..J {
             let w = if b < full {
@@ -350,7 +389,7 @@ unsafe fn shrink_rows_avx2<const J: usize>(
                 tail.as_ptr()
             };
             // SAFETY: `w` points at XBLOCK readable bytes (inside the row, or the copy).
-            let s = unsafe { block_isum(w, x) };
+            let s = dot_bytes_avx2(unsafe { _mm256_loadu_si256(w.cast()) }, x, ax);
             acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), db, acc[c]);
         }
     }
@@ -362,7 +401,7 @@ unsafe fn shrink_rows_avx2<const J: usize>(
     }
 }
 
-/// [`expand_row_scalar`] with AVX2: 8 outputs per vector, 4 vectors per pass over the pairs;
+/// [`expand_row_scalar`] with AVX2: 8 outputs per vector, 4 vectors per pass over the quads;
 /// columns past the last whole vector use the same integer sum and a scalar fused multiply-add,
 /// so every column gets the same bits whichever way it is computed.
 ///
@@ -370,20 +409,22 @@ unsafe fn shrink_rows_avx2<const J: usize>(
 /// As [`expand_row_scalar`]; AVX2 and FMA available.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn expand_row_avx2(pairs: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
+unsafe fn expand_row_avx2(quads: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
+    const V: usize = 8 * BT_INTERLEAVE;
     let c = _mm256_set1_ps(du * p.scale);
     let (bt, out) = (p.bt.as_ptr(), p.out_features);
     let mut o = p.outs.start;
-    // SAFETY (all loads and stores): columns o..o+8·V are inside `outs`, so inside every
-    // interleaved pair row (2·out bytes), y's row and g.
+    // SAFETY (all loads and stores): the columns touched (o..o+32, or o..o+8) are inside
+    // `outs`, so inside every interleaved quad row (4·out bytes), y's row and g.
     while o + 32 <= p.outs.end {
         let mut acc = [_mm256_setzero_si256(); 4];
-        for (pi, &pair) in pairs.iter().enumerate() {
-            let w = _mm256_set1_epi32(pair);
-            let row = unsafe { bt.add((pi * out + o) * 2) };
+        for (qi, &quad) in quads.iter().enumerate() {
+            let u = _mm256_set1_epi32(quad);
+            let au = _mm256_sign_epi8(u, u);
+            let row = unsafe { bt.add((qi * out + o) * BT_INTERLEAVE) };
             for (v, a) in acc.iter_mut().enumerate() {
-                let b = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(row.add(16 * v).cast())) };
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(b, w));
+                let b = unsafe { _mm256_loadu_si256(row.add(V * v).cast()) };
+                *a = _mm256_add_epi32(*a, dot_bytes_avx2(b, u, au));
             }
         }
         for (v, a) in acc.iter().enumerate() {
@@ -393,16 +434,17 @@ unsafe fn expand_row_avx2(pairs: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
     }
     while o + 8 <= p.outs.end {
         let mut acc = _mm256_setzero_si256();
-        for (pi, &pair) in pairs.iter().enumerate() {
-            let b = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(bt.add((pi * out + o) * 2).cast())) };
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(b, _mm256_set1_epi32(pair)));
+        for (qi, &quad) in quads.iter().enumerate() {
+            let u = _mm256_set1_epi32(quad);
+            let b = unsafe { _mm256_loadu_si256(bt.add((qi * out + o) * BT_INTERLEAVE).cast()) };
+            acc = _mm256_add_epi32(acc, dot_bytes_avx2(b, u, _mm256_sign_epi8(u, u)));
         }
         unsafe { store_out(acc, c, y, p.g, o) };
         o += 8;
     }
     let cs = _mm_set_ss(du * p.scale);
     for o in o..p.outs.end {
-        let isum = expand_isum(pairs, p.bt, out, o);
+        let isum = expand_isum(quads, p.bt, out, o);
         unsafe {
             let v = _mm_fmadd_ss(_mm_set_ss(isum as f32), cs, _mm_set_ss(*y.add(o)));
             let v = _mm_cvtss_f32(v);
@@ -426,5 +468,128 @@ unsafe fn store_out(isum: __m256i, c: __m256, y: *mut f32, g: Option<&[f32]>, o:
             v = _mm256_mul_ps(_mm256_loadu_ps(g.as_ptr().add(o)), v);
         }
         _mm256_storeu_ps(yp, v);
+    }
+}
+
+/// The mask of the first `n` of 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn byte_mask(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// `J` rank rows of the VNNI shrink: two activation blocks (64 bytes) per step, shared by the
+/// rows; a partial last pair is read with masked loads, which never touch the masked bytes.
+///
+/// The weights are read as unsigned (`w ^ 0x80 = w + 128`), so each lane's dot product carries
+/// `128 · Σ x` of its four activations too; starting the lane from minus that (one more
+/// `vpdpbusd` per pair of blocks, shared by the rows) leaves exactly `Σ w · x`.
+///
+/// # Safety
+/// As [`shrink_row_scalar`] for `J` rank rows; AVX-512F/BW/VL, VNNI, AVX2 and FMA available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn shrink_rows_vnni<const J: usize>(
+    q: &[i8],
+    d: &[f32],
+    a: &[&[i8]],
+    scales: &[f32],
+    n: usize,
+    t: *mut f32,
+) {
+    let ap: [*const i8; J] = std::array::from_fn(|c| a[c].as_ptr());
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let mut acc = [_mm512_setzero_ps(); J];
+    for pair in 0..n.div_ceil(2 * XBLOCK) {
+        let k0 = pair * 2 * XBLOCK;
+        let mask = byte_mask(n - k0);
+        // SAFETY: the mask keeps the loads inside the row's n values (q holds at least n).
+        let x = unsafe { _mm512_maskz_loadu_epi8(mask, q.as_ptr().add(k0)) };
+        let bias =
+            _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, x));
+        // Lanes 0-7 hold block 2·pair, lanes 8-15 the next (scale 0 past the row's end).
+        let (d0, d1) = (d[2 * pair], d.get(2 * pair + 1).copied().unwrap_or(0.0));
+        let dv = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d0), _mm512_set1_ps(d1));
+        for c in 0..J {
+            // SAFETY: as for x; each rank row is n long.
+            let w = unsafe { _mm512_maskz_loadu_epi8(mask, ap[c].add(k0)) };
+            let s = _mm512_dpbusd_epi32(bias, _mm512_xor_si512(w, flip), x);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv, acc[c]);
+        }
+    }
+    for c in 0..J {
+        // SAFETY: entry c is inside the row's t (caller contract).
+        unsafe { *t.add(c) = scales[c] * _mm512_reduce_add_ps(acc[c]) };
+    }
+}
+
+/// [`expand_row_scalar`] with VNNI: 16 outputs per vector (64 bytes of a quad row), 4 vectors
+/// per pass over the quads, the last columns with masked loads and stores, so every column takes
+/// the same instructions. Weights are read as unsigned as in [`shrink_rows_vnni`]; the
+/// correction, `128 · Σ_j qu[j]`, is the same for every output.
+///
+/// # Safety
+/// As [`expand_row_scalar`]; AVX-512F/BW/VL, VNNI, AVX2 and FMA available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn expand_row_vnni(quads: &[i32], du: f32, p: &ExpandInt8, y: *mut f32) {
+    const LANES: usize = 16;
+    const V: usize = LANES * BT_INTERLEAVE;
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let usum: i32 = quads.iter().flat_map(|&q| unpack(q)).map(i32::from).sum();
+    let bias = _mm512_set1_epi32(-128 * usum);
+    let c = _mm512_set1_ps(du * p.scale);
+    let (bt, out) = (p.bt.as_ptr(), p.out_features);
+    let mut o = p.outs.start;
+    // SAFETY (all loads and stores): the columns touched are inside `outs` (full vectors, or
+    // masked to the columns left), so inside every quad row (4·out bytes), y's row and g.
+    while o + 4 * LANES <= p.outs.end {
+        let mut acc = [bias; 4];
+        for (qi, &quad) in quads.iter().enumerate() {
+            let u = _mm512_set1_epi32(quad);
+            let row = unsafe { bt.add((qi * out + o) * BT_INTERLEAVE) };
+            for (v, a) in acc.iter_mut().enumerate() {
+                let b = unsafe { _mm512_loadu_si512(row.add(V * v).cast()) };
+                *a = _mm512_dpbusd_epi32(*a, _mm512_xor_si512(b, flip), u);
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            unsafe { store_out_vnni(*a, c, y, p.g, o + LANES * v, LANES) };
+        }
+        o += 4 * LANES;
+    }
+    while o < p.outs.end {
+        let cols = (p.outs.end - o).min(LANES);
+        let mask = byte_mask(cols * BT_INTERLEAVE);
+        let mut acc = bias;
+        for (qi, &quad) in quads.iter().enumerate() {
+            let b = unsafe { _mm512_maskz_loadu_epi8(mask, bt.add((qi * out + o) * BT_INTERLEAVE)) };
+            acc = _mm512_dpbusd_epi32(acc, _mm512_xor_si512(b, flip), _mm512_set1_epi32(quad));
+        }
+        unsafe { store_out_vnni(acc, c, y, p.g, o, cols) };
+        o += cols;
+    }
+}
+
+/// `y[o..o+cols] = g ∘ fma(isum, c, y)` for the first `cols` (≤ 16) lanes.
+///
+/// # Safety
+/// Columns `o..o+cols` inside y's row and g; AVX-512F available.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn store_out_vnni(isum: __m512i, c: __m512, y: *mut f32, g: Option<&[f32]>, o: usize, cols: usize) {
+    let mask = ((1u32 << cols) - 1) as u16;
+    unsafe {
+        let yp = y.add(o);
+        let mut v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), c, _mm512_maskz_loadu_ps(mask, yp));
+        if let Some(g) = g {
+            v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, g.as_ptr().add(o)), v);
+        }
+        _mm512_mask_storeu_ps(yp, mask, v);
     }
 }

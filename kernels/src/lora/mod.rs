@@ -66,10 +66,10 @@ pub enum LoraMatrices<'a> {
     F32 { a: &'a [f32], b: &'a [f32] },
     /// A quarter of the bytes (see [`Int8LoraMatrices`]): `A[j, k] = a_scales[j] · a[j, k]`
     /// with `a` `[rank, in_features]`, and `B[o, j] = bt_scales[j] · bt[i]` with `bt` holding
-    /// `Bᵀ` (`[rank, out_features]`) with rank rows interleaved in pairs:
-    /// `i = ((j / 2) · out_features + o) · 2 + j % 2`, an odd rank padded with a zero row. The
-    /// kernels quantize the activations too (the module docs of `int8.rs` give the arithmetic;
-    /// [`lora_delta_reference`] does the same in plain loops).
+    /// `Bᵀ` (`[rank, out_features]`) with rank rows interleaved in fours:
+    /// `i = ((j / 4) · out_features + o) · 4 + j % 4`, the rank padded with zero rows to a
+    /// multiple of 4. The kernels quantize the activations too (the module docs of `int8.rs`
+    /// give the arithmetic; [`lora_delta_reference`] does the same in plain loops).
     Int8 { a: &'a [i8], a_scales: &'a [f32], bt: &'a [i8], bt_scales: &'a [f32] },
 }
 
@@ -82,7 +82,7 @@ impl<'a> LoraSiteWeights<'a> {
 
 /// One row-quantized matrix: `values` row-major `[rows, cols]`, element `(r, c)` standing for
 /// `scales[r] · values[r · cols + c]` (except in [`Int8LoraMatrices::bt`], whose rows are
-/// interleaved in pairs).
+/// interleaved in fours).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Int8Rows {
     pub values: Vec<i8>,
@@ -116,7 +116,7 @@ impl Int8Rows {
 pub struct Int8LoraMatrices {
     /// `A`: `[rank, in_features]`.
     pub a: Int8Rows,
-    /// `Bᵀ`: `rank` rows of `out_features`, scales per rank row, values pair-interleaved (see
+    /// `Bᵀ`: `rank` rows of `out_features`, scales per rank row, values interleaved in fours (see
     /// [`LoraMatrices::Int8`]; [`Self::bt_value`] reads one).
     pub bt: Int8Rows,
     out_features: usize,
@@ -132,22 +132,22 @@ impl Int8LoraMatrices {
             }
         }
         let rows = Int8Rows::quantize(&bt, out_features);
-        let mut paired = vec![0i8; rank.next_multiple_of(2) * out_features];
+        let mut interleaved = vec![0i8; rank.next_multiple_of(int8::BT_INTERLEAVE) * out_features];
         for (j, row) in rows.values.chunks_exact(out_features.max(1)).enumerate() {
             for (o, &v) in row.iter().enumerate() {
-                paired[int8::paired_index(j, o, out_features)] = v;
+                interleaved[int8::bt_index(j, o, out_features)] = v;
             }
         }
         Self {
             a: Int8Rows::quantize(a, in_features),
-            bt: Int8Rows { values: paired, scales: rows.scales },
+            bt: Int8Rows { values: interleaved, scales: rows.scales },
             out_features,
         }
     }
 
     /// The int8 value standing for `Bᵀ[j, o]` (before its rank row's scale).
     pub fn bt_value(&self, j: usize, o: usize) -> i8 {
-        self.bt.values[int8::paired_index(j, o, self.out_features)]
+        self.bt.values[int8::bt_index(j, o, self.out_features)]
     }
 
     pub fn view(&self) -> LoraMatrices<'_> {
@@ -320,19 +320,19 @@ fn reference_int8(
     (a, a_scales, bt, bt_scales): (&[i8], &[f32], &[i8], &[f32]),
 ) {
     let a_rows: Vec<&[i8]> = a.chunks_exact(in_features).collect();
-    let mut q = vec![0i16; int8::padded(in_features)];
+    let mut q = vec![0i8; int8::padded(in_features)];
     let mut d = vec![0f32; in_features.div_ceil(int8::XBLOCK)];
     let mut t = vec![0f32; w.rank];
-    let mut pairs = vec![0i32; int8::pair_count(w.rank)];
+    let mut quads = vec![0i32; int8::quad_count(w.rank)];
     let p = int8::ExpandInt8 { bt, outs: 0..out_features, out_features, scale: w.scale, g: w.dora_factor };
     for i in rows {
         int8::quantize_row(Isa::Portable, &x[i * in_features..(i + 1) * in_features], &mut q, &mut d);
         // SAFETY: t holds one float per rank row of A (validated shapes); Portable is always
         // available.
         unsafe { int8::shrink_row(Isa::Portable, &q, &d, &a_rows, a_scales, in_features, t.as_mut_ptr()) };
-        let du = int8::quantize_t(&t, bt_scales, &mut pairs);
+        let du = int8::quantize_t(&t, bt_scales, &mut quads);
         // SAFETY: row i of y holds out_features floats (validated shapes).
-        unsafe { int8::expand_row(Isa::Portable, &pairs, du, &p, y[i * out_features..].as_mut_ptr()) };
+        unsafe { int8::expand_row(Isa::Portable, &quads, du, &p, y[i * out_features..].as_mut_ptr()) };
     }
 }
 
@@ -401,8 +401,8 @@ fn check_weights(w: &LoraSiteWeights, in_features: usize, out_features: usize) -
     let (a, b, b_len, a_scales, bt_scales) = match w.matrices {
         LoraMatrices::F32 { a, b } => (a.len(), b.len(), w.rank.checked_mul(out_features), w.rank, w.rank),
         LoraMatrices::Int8 { a, a_scales, bt, bt_scales } => {
-            let paired = w.rank.next_multiple_of(2).checked_mul(out_features);
-            (a.len(), bt.len(), paired, a_scales.len(), bt_scales.len())
+            let interleaved = w.rank.next_multiple_of(int8::BT_INTERLEAVE).checked_mul(out_features);
+            (a.len(), bt.len(), interleaved, a_scales.len(), bt_scales.len())
         }
     };
     if a_len != Some(a) {

@@ -130,7 +130,7 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
     let mut int8_scales: Vec<f32> = Vec::with_capacity(rank_rows(true));
     let mut shrinks: Vec<ShrinkItem> = Vec::new();
     let (mut t_len, mut shrink_macs) = (0usize, 0usize);
-    let (mut x_rows, mut u_rows, mut u_pairs) = (0usize, 0usize, 0usize);
+    let (mut x_rows, mut u_rows, mut u_quads) = (0usize, 0usize, 0usize);
     let mut groups: Vec<Group> = Vec::new();
     let mut g = 0;
     while g < parts.len() {
@@ -146,7 +146,7 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
             if int8 {
                 p.u_row = u_rows;
                 u_rows += rows.len();
-                u_pairs = u_pairs.max(int8::pair_count(p.w.rank));
+                u_quads = u_quads.max(int8::quad_count(p.w.rank));
             }
             match p.w.matrices {
                 LoraMatrices::F32 { a, .. } => f32_rows.extend(a.chunks_exact(in_features)),
@@ -223,9 +223,9 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
     // int8: each activation row quantized once (per 32-element block) for all the sites that
     // share it, and each part's `u = t ∘ sb` once per row for all its expand items.
     let (xq_len, nb) = (int8::padded(in_features), in_features.div_ceil(int8::XBLOCK));
-    let mut xq = vec![0i16; x_rows * xq_len];
+    let mut xq = vec![0i8; x_rows * xq_len];
     let mut xd = vec![0f32; x_rows * nb];
-    let mut uq = vec![0i32; u_rows * u_pairs];
+    let mut uq = vec![0i32; u_rows * u_quads];
     let mut ud = vec![0f32; u_rows];
     let (xqp, xdp, uqp, udp) =
         (SharedMut::new(&mut xq), SharedMut::new(&mut xd), SharedMut::new(&mut uq), SharedMut::new(&mut ud));
@@ -256,8 +256,8 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                     tp.ptr().add(p.t_base + (i - p.rows.start) * p.t_stride + p.t_col),
                     p.w.rank,
                 );
-                let pairs = std::slice::from_raw_parts_mut(uqp.ptr().add(r * u_pairs), u_pairs);
-                *udp.ptr().add(r) = int8::quantize_t(tr, bt_scales, pairs);
+                let quads = std::slice::from_raw_parts_mut(uqp.ptr().add(r * u_quads), u_quads);
+                *udp.ptr().add(r) = int8::quantize_t(tr, bt_scales, quads);
             }
         }
     };
@@ -300,11 +300,11 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                 }
                 LoraMatrices::Int8 { bt, .. } => {
                     let e = ExpandInt8 { bt, outs, out_features, scale, g };
-                    let npairs = int8::pair_count(rank);
+                    let nquads = int8::quad_count(rank);
                     for k in 0..rows {
                         let r = p.u_row + it.rows.start - p.rows.start + k;
-                        let pairs = std::slice::from_raw_parts(uqp.ptr().add(r * u_pairs), npairs);
-                        int8::expand_row(isa, pairs, *udp.ptr().add(r), &e, y.add(k * out_features));
+                        let quads = std::slice::from_raw_parts(uqp.ptr().add(r * u_quads), nquads);
+                        int8::expand_row(isa, quads, *udp.ptr().add(r), &e, y.add(k * out_features));
                     }
                 }
             }
@@ -328,9 +328,10 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
                 kernel::prefetch_range(rows.as_ptr(), rows.len());
             }
             LoraMatrices::Int8 { bt, .. } => {
-                // Each pair of rank rows is one interleaved row of 2 · out bytes.
-                for row in bt.chunks_exact(2 * out) {
-                    let cols = &row[2 * outs.start..2 * outs.end];
+                // Each four rank rows are one interleaved row of 4 · out bytes.
+                let k = int8::BT_INTERLEAVE;
+                for row in bt.chunks_exact(k * out) {
+                    let cols = &row[k * outs.start..k * outs.end];
                     kernel::prefetch_range(cols.as_ptr(), cols.len());
                 }
             }
