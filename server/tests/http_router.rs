@@ -12,8 +12,7 @@ use common::tenants::{ALICE, BOB, KEYS, ROOT};
 use http_body_util::BodyExt;
 use lorahost::chat::ChatMessage;
 use lorahost::engine::{
-    AdapterChoice, ClientId, Completion, EngineError, EngineStats, FinishReason, GeneratedToken, TokenEvent,
-    TokenLogprob, ValidRequest,
+    AdapterChoice, ClientId, EngineError, EngineStats, GeneratedToken, TokenEvent, TokenLogprob, ValidRequest,
 };
 use lorahost::http::{router, ApiKeys, AppParts, AppState, Auth, Backend, Limits};
 use serde_json::{json, Value};
@@ -80,15 +79,7 @@ impl Backend for FakeBackend {
         for i in 0..req.stop.max_tokens {
             let _ = tx.send(TokenEvent::Token(token(i, &req)));
         }
-        let _ = tx.send(TokenEvent::Finished(Completion {
-            reason: FinishReason::Length,
-            trailing_text: String::new(),
-            prompt_tokens: req.prompt_ids.len(),
-            completion_tokens: req.stop.max_tokens,
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-            preemptions: 0,
-        }));
+        let _ = tx.send(common::fake::finished_at_length(&req));
         Ok(rx)
     }
 

@@ -12,6 +12,19 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 /// The base model's id.
 pub const BASE: &str = "fake-base";
 
+/// The last event of a request that generated all its `max_tokens`.
+pub fn finished_at_length(req: &ValidRequest) -> TokenEvent {
+    TokenEvent::Finished(Completion {
+        reason: FinishReason::Length,
+        trailing_text: String::new(),
+        prompt_tokens: req.prompt_ids.len(),
+        completion_tokens: req.stop.max_tokens,
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+        preemptions: 0,
+    })
+}
+
 pub struct InstantBackend;
 
 impl Backend for InstantBackend {
@@ -41,15 +54,7 @@ impl Backend for InstantBackend {
             let token = GeneratedToken { id: 100, text: "w ".into(), logprob: None, top_logprobs: vec![] };
             let _ = tx.send(TokenEvent::Token(token));
         }
-        let _ = tx.send(TokenEvent::Finished(Completion {
-            reason: FinishReason::Length,
-            trailing_text: String::new(),
-            prompt_tokens: req.prompt_ids.len(),
-            completion_tokens: req.stop.max_tokens,
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-            preemptions: 0,
-        }));
+        let _ = tx.send(finished_at_length(&req));
         Ok(rx)
     }
 
