@@ -2,6 +2,8 @@
 //! end-to-end benchmarks use. Benchmarks report ratios against a baseline run in the same
 //! process or script, never absolute pass/fail thresholds.
 
+pub mod quant;
+
 use adapters::LoraAdapter;
 use lorahost::base::Base;
 use lorahost::engine::{EngineConfig, EngineCore, SamplingParams, StopCriteria, TokenEvent, ValidRequest};

@@ -10,3 +10,17 @@ pub fn default_candle_threads() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// candle asks how many threads a matmul may use on every f32 matmul, and unless
+/// `RAYON_NUM_THREADS` is set it works the answer out from /proc/cpuinfo each time: thousands of
+/// reads per training step (~3 % of it on a 2-core host). This computes candle's answer once and
+/// pins it in that variable. Call after the global rayon pool is configured (the global pool is
+/// built here first if it is not, so the variable does not resize it) and before other threads
+/// read the environment.
+pub fn pin_candle_matmul_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        let _ = rayon::current_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}

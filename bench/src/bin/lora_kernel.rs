@@ -23,6 +23,10 @@
 //! distinct rank-16 adapters, each call on a different set of adapters (a different layer), the
 //! sets together far larger than L3, so A and B stream from DRAM; it reports the A+B read
 //! bandwidth of ours next to the candle loop under the same rotation.
+//!
+//! `--decode-step` prints the LoRA work of a whole decode step of the default model instead
+//! (f32 and int8 adapters, from DRAM and cache-hot), and the same step with each site's Q4_1
+//! base matmul before its LoRA call, against the base matmuls alone.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -31,6 +35,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use kernels::lora::workload::{Popularity, SplitMix64, Workload, WorkloadSpec};
 use kernels::lora::{lora_delta, lora_delta_fused, Isa, SiteDelta};
+use kernels::quant::{QuantFormat, QuantMatrix};
+use lorahost_bench::quant::{random_matrix, Rng};
 
 struct Shape {
     name: &'static str,
@@ -286,6 +292,20 @@ fn cold_decode(which: &str, budget: Duration) -> Result<()> {
     Ok(())
 }
 
+/// One fused LoRA call over the sites of `w` that share its input, adding into `ys` (one output
+/// per site), as the model makes it for q/k/v and gate/up.
+fn group_lora(w: &Workload, ys: &mut [Vec<f32>]) -> Result<()> {
+    let segs: Vec<Vec<_>> = (0..w.out_features.len()).map(|k| w.segments(k)).collect();
+    let mut sites: Vec<SiteDelta> = ys
+        .iter_mut()
+        .zip(&segs)
+        .zip(&w.out_features)
+        .map(|((y, segments), &out_features)| SiteDelta { y, out_features, segments })
+        .collect();
+    lora_delta_fused(&w.x, w.in_features, &mut sites)?;
+    Ok(())
+}
+
 /// The LoRA work of one whole decode step of the default model: 30 layers × 7 projections, 32
 /// rows with 32 distinct rank-16 adapters, every call on another adapter set (from DRAM), with
 /// A/B in f32 and in int8, alternated round by round; best round of each (the least disturbed
@@ -319,14 +339,7 @@ fn decode_step(rounds: usize) -> Result<()> {
         let mut ys: Vec<Vec<Vec<f32>>> = sets.iter().map(|w| w.y.clone()).collect();
         let t = Instant::now();
         for (w, y) in sets.iter().zip(ys.iter_mut()) {
-            let segs: Vec<Vec<_>> = (0..w.out_features.len()).map(|k| w.segments(k)).collect();
-            let mut sites: Vec<SiteDelta> = y
-                .iter_mut()
-                .zip(&segs)
-                .zip(&w.out_features)
-                .map(|((y, segments), &out_features)| SiteDelta { y, out_features, segments })
-                .collect();
-            lora_delta_fused(&w.x, w.in_features, &mut sites)?;
+            group_lora(w, y)?;
         }
         Ok(t.elapsed().as_secs_f64())
     };
@@ -335,11 +348,39 @@ fn decode_step(rounds: usize) -> Result<()> {
     let hot_sets: Vec<&Workload> = (0..layers).flat_map(|_| &int8_sets[..groups.len()]).collect();
     let (f32_refs, int8_refs): (Vec<&Workload>, Vec<&Workload>) =
         (f32_sets.iter().collect(), int8_sets.iter().collect());
+    // Each site's base projection as the default model holds it (Q4_1): the step as a whole,
+    // every group's base matmuls then its LoRA call.
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let base_sets: Vec<Vec<QuantMatrix>> = f32_sets
+        .iter()
+        .map(|w| {
+            w.out_features
+                .iter()
+                .map(|&o| random_matrix(QuantFormat::Q4_1, o, w.in_features, &mut rng))
+                .collect()
+        })
+        .collect();
+    let with_base = |lora: bool| -> Result<f64> {
+        let mut ys: Vec<Vec<Vec<f32>>> = int8_sets.iter().map(|w| w.y.clone()).collect();
+        let t = Instant::now();
+        for ((w, y), mats) in int8_sets.iter().zip(ys.iter_mut()).zip(&base_sets) {
+            for (m, y) in mats.iter().zip(y.iter_mut()) {
+                m.matmul(&w.x, rows, y)?;
+            }
+            if lora {
+                group_lora(w, y)?;
+            }
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
     let (mut best_f32, mut best_int8, mut best_hot) = (f64::MAX, f64::MAX, f64::MAX);
+    let (mut best_base, mut best_with_lora) = (f64::MAX, f64::MAX);
     for _ in 0..rounds {
         best_f32 = best_f32.min(run(&f32_refs)?);
         best_int8 = best_int8.min(run(&int8_refs)?);
         best_hot = best_hot.min(run(&hot_sets)?);
+        best_base = best_base.min(with_base(false)?);
+        best_with_lora = best_with_lora.min(with_base(true)?);
     }
     let bytes = |sets: &[Workload]| -> usize {
         sets.iter()
@@ -358,6 +399,13 @@ LoRA work of one decode step (30 layers x 7 projections, 32 rows, 32 distinct ra
         bytes(&int8_sets[..groups.len()]) >> 20,
         best_hot * 1e3
     );
+    println!(
+        "\nThe same step with each site's Q4_1 base matmul (random weights) before its LoRA call, int8 A/B:"
+    );
+    println!("| | time per step | / base |");
+    println!("|---|---:|---:|");
+    println!("| base matmuls alone | {:.2} ms | 1.00 |", best_base * 1e3);
+    println!("| base, then LoRA | {:.2} ms | {:.3} |", best_with_lora * 1e3, best_with_lora / best_base);
     Ok(())
 }
 

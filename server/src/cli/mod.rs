@@ -64,6 +64,7 @@ impl ModelArgs {
                 .build_global()
                 .context("setting --threads")?;
         }
+        crate::runtime::pin_candle_matmul_threads();
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 mod checkpoint;
 pub mod data;
 pub mod model;
+mod ops;
 pub mod optim;
 mod plot;
 

@@ -5,12 +5,15 @@
 //! scale`, causal attention, right-padded sequences, cross entropy over the trained positions),
 //! with candle's autograd. Frozen projections go through [`FrozenMatmul`], whose backward gives
 //! the input's gradient only: autograd would otherwise also build a gradient for every base
-//! weight, doubling the backward's cost and memory.
+//! weight, doubling the backward's cost and memory. Norms, rotary embedding, the causal softmax
+//! and the MLP activation are fused ops with their own backward (`ops`).
 
-use super::TrainError;
+use super::{ops, TrainError};
 use crate::model::{DenseWeights, Llama, ModelConfig, MODULES};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One adapted projection's trainable matrices.
 pub struct LoraParam {
@@ -68,8 +71,9 @@ pub struct TrainModel {
     cfg: ModelConfig,
     weights: DenseWeights,
     /// `[positions, head_dim]`: each half-table repeated, as transformers lays `cos`/`sin` out.
-    cos: Tensor,
-    sin: Tensor,
+    cos: Arc<[f32]>,
+    sin: Arc<[f32]>,
+    max_len: usize,
     params: Vec<LoraParam>,
     by_site: HashMap<(usize, usize), usize>,
 }
@@ -81,12 +85,11 @@ impl TrainModel {
         let weights = model.dense_weights()?;
         let (cos, sin) = model.rope().cos_sin(max_len);
         let half = cfg.head_dim / 2;
-        let table = |v: Vec<f32>| -> Result<Tensor, TrainError> {
-            let t = Tensor::from_vec(v, (max_len, half), &Device::Cpu)?;
-            Ok(Tensor::cat(&[&t, &t], 1)?)
+        let table = |v: Vec<f32>| -> Arc<[f32]> {
+            v.chunks_exact(half.max(1)).flat_map(|row| row.iter().chain(row).copied()).collect()
         };
         let by_site = params.iter().enumerate().map(|(i, p)| ((p.layer, p.module), i)).collect();
-        Ok(Self { cfg, weights, cos: table(cos)?, sin: table(sin)?, params, by_site })
+        Ok(Self { cfg, weights, cos: table(cos), sin: table(sin), max_len, params, by_site })
     }
 
     pub fn params(&self) -> &[LoraParam] {
@@ -102,32 +105,30 @@ impl TrainModel {
     pub fn loss(&self, batch: &Batch) -> Result<Tensor, TrainError> {
         let cfg = &self.cfg;
         let (n_seq, len) = batch.ids.dims2()?;
-        if len > self.cos.dim(0)? {
+        if len > self.max_len {
             return Err(TrainError::Config(format!("a batch of {len} tokens exceeds the model's table")));
         }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let rows = n_seq * len;
         let mut x = self.weights.embed.index_select(&batch.ids.flatten_all()?, 0)?;
-        let mask = causal_mask(len)?;
-        let (cos, sin) = (self.cos.narrow(0, 0, len)?, self.sin.narrow(0, 0, len)?);
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
+            let h = ops::rms_norm(&x, &layer.input_norm, cfg.rms_norm_eps)?;
             let heads = |t: Tensor, n: usize| -> Result<Tensor, TrainError> {
                 Ok(t.reshape((n_seq, len, n, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = rope(&heads(self.linear(i, 0, &h)?, nh)?, &cos, &sin)?;
-            let k = repeat_kv(&rope(&heads(self.linear(i, 1, &h)?, nkv)?, &cos, &sin)?, nh / nkv)?;
+            let q = ops::rope(&heads(self.linear(i, 0, &h)?, nh)?, &self.cos, &self.sin)?;
+            let k = ops::rope(&heads(self.linear(i, 1, &h)?, nkv)?, &self.cos, &self.sin)?;
+            let k = repeat_kv(&k, nh / nkv)?;
             let v = repeat_kv(&heads(self.linear(i, 2, &h)?, nkv)?, nh / nkv)?;
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(&mask)?;
-            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let probs = ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f32).sqrt())?;
             let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, nh * hd))?;
             x = (x + self.linear(i, 3, &attn)?)?;
-            let h = rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;
-            let act = (self.linear(i, 4, &h)?.silu()? * self.linear(i, 5, &h)?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_norm, cfg.rms_norm_eps)?;
+            let act = ops::silu_mul(&self.linear(i, 4, &h)?, &self.linear(i, 5, &h)?)?;
             x = (x + self.linear(i, 6, &act)?)?;
         }
         // Only the trained rows need logits (the vocabulary projection is the largest matmul).
-        let x = rms_norm(&x.index_select(&batch.rows, 0)?, &self.weights.norm, cfg.rms_norm_eps)?;
+        let x = ops::rms_norm(&x.index_select(&batch.rows, 0)?, &self.weights.norm, cfg.rms_norm_eps)?;
         let logits = frozen_matmul(&x, &self.weights.lm_head)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?)
     }
@@ -142,8 +143,10 @@ impl TrainModel {
         }
         if let Some(&p) = self.by_site.get(&(layer, module)) {
             let p = &self.params[p];
-            let delta = x.matmul(&p.a.as_tensor().t()?)?.matmul(&p.b.as_tensor().t()?)?;
-            y = (y + (delta * p.scale)?)?;
+            // Scaling the rank-r intermediate instead of the delta: the same product, an
+            // element-wise op over `rank` columns instead of `out_features`, forward and backward.
+            let shrunk = (x.matmul(&p.a.as_tensor().t()?)? * p.scale)?;
+            y = (y + shrunk.matmul(&p.b.as_tensor().t()?)?)?;
         }
         Ok(y)
     }
@@ -165,37 +168,34 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input must be contiguous".into()))?;
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        let (st, l) = y.storage_and_layout();
-        match &*st {
-            Storage::Cpu(cpu) if l.is_contiguous() && l.start_offset() == 0 => Ok((cpu.clone(), shape)),
-            _ => Err(candle_core::Error::Msg("frozen-matmul: unexpected output layout".into())),
+        // Straight into the backend's gemm on the borrowed buffers: no copy of `x` in, none of
+        // `y` out (the tensor API would need both here).
+        let dims = layout.dims();
+        let k = dims.last().copied().unwrap_or(1);
+        let m = layout.shape().elem_count() / k.max(1);
+        let (w_storage, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w_storage else {
+            return Err(candle_core::Error::Msg("frozen-matmul: the weight is not on the CPU".into()));
+        };
+        let (n, w_in) = w_layout.shape().dims2()?;
+        if w_in != k || !layout.is_contiguous() {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen-matmul: contiguous input with {w_in} features expected, got {:?}",
+                layout.shape()
+            )));
         }
+        let x_layout = Layout::contiguous_with_offset((m, k), layout.start_offset());
+        let y = storage.matmul(w, (1, m, n, k), &x_layout, &w_layout.transpose(0, 1)?)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((y, Shape::from(out_dims)))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
     }
-}
-
-/// transformers' `LlamaRMSNorm` in f32: `w · x / sqrt(mean(x²) + eps)`.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor, TrainError> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(var + eps as f64)?.sqrt()?)?.broadcast_mul(w)?)
-}
-
-/// `x · cos + rotate_half(x) · sin` on `(seqs, heads, len, head_dim)`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, TrainError> {
-    let half = x.dim(D::Minus1)? / 2;
-    let (x1, x2) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// Each key/value head repeated for the `n_rep` query heads that share it (GQA).
@@ -205,13 +205,6 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor, TrainError> {
     }
     let (b, n, l, d) = x.dims4()?;
     Ok(x.unsqueeze(2)?.expand((b, n, n_rep, l, d))?.reshape((b, n * n_rep, l, d))?)
-}
-
-/// `(len, len)`: 0 on and below the diagonal, −∞ above.
-fn causal_mask(len: usize) -> Result<Tensor, TrainError> {
-    let m: Vec<f32> =
-        (0..len).flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(m, (len, len), &Device::Cpu)?)
 }
 
 /// The LoRA matrices of `params` as f32 row-major vectors, for writing the adapter.
