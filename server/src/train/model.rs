@@ -34,7 +34,7 @@ pub struct Batch {
     /// Flat row (`sequence · length + position`) of every trained prediction.
     pub rows: Tensor,
     /// The token each of those rows must predict.
-    pub targets: Tensor,
+    pub targets: Vec<u32>,
     /// Number of trained predictions.
     pub predictions: usize,
 }
@@ -60,7 +60,7 @@ impl Batch {
         Ok(Self {
             ids: Tensor::from_vec(ids, (examples.len(), len), dev)?,
             rows: Tensor::from_vec(rows, predictions, dev)?,
-            targets: Tensor::from_vec(targets, predictions, dev)?,
+            targets,
             predictions,
         })
     }
@@ -130,7 +130,7 @@ impl TrainModel {
         // Only the trained rows need logits (the vocabulary projection is the largest matmul).
         let x = ops::rms_norm(&x.index_select(&batch.rows, 0)?, &self.weights.norm, cfg.rms_norm_eps)?;
         let logits = frozen_matmul(&x, &self.weights.lm_head)?;
-        Ok(candle_nn::loss::cross_entropy(&logits, &batch.targets)?)
+        Ok(ops::cross_entropy(&logits, &batch.targets)?)
     }
 
     /// Projection `module` of layer `layer` on `x: (rows, in)`: the frozen base plus, when

@@ -1,6 +1,6 @@
 //! The trainer's fused element-wise ops, each one pass forward and one backward over rows split
 //! across the current rayon pool: RMSNorm with a frozen weight, rotary embedding, causal
-//! softmax and `silu(gate) · up`.
+//! softmax, `silu(gate) · up` and the cross-entropy loss.
 //!
 //! Why: composed from candle's primitives, each of these is three to six passes over memory
 //! forward and as many again backward, every one single-threaded (candle's element-wise pool is
@@ -322,6 +322,76 @@ impl CustomOp2 for SiluMul {
     }
 }
 
+/// Mean cross entropy of `(rows, vocab)` logits against one target class per row (candle_nn's
+/// `cross_entropy`: `mean(logsumexp(logits) − logits[target])`), a scalar.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.into() })
+}
+
+struct CrossEntropy {
+    targets: Arc<[u32]>,
+}
+
+impl CrossEntropy {
+    fn check(&self, shape: &Shape) -> Result<(usize, usize)> {
+        let (rows, vocab) = shape.dims2()?;
+        if rows != self.targets.len() || self.targets.iter().any(|&t| t as usize >= vocab) {
+            return Err(candle_core::Error::Msg(format!(
+                "cross-entropy: {rows} rows of {vocab} classes, {} targets",
+                self.targets.len()
+            )));
+        }
+        Ok((rows, vocab))
+    }
+}
+
+/// `(max, Σ exp(x − max))` of a row, the sum in f64: a vocabulary's worth of f32 terms added
+/// one by one would drift by ~1e-5.
+fn max_and_exp_sum(x: &[f32]) -> (f32, f32) {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    (max, x.iter().map(|&v| (v - max).exp() as f64).sum::<f64>() as f32)
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "train-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = input(storage, layout, self.name())?;
+        let (rows, vocab) = self.check(layout.shape())?;
+        let mut losses = vec![0f32; rows];
+        par_rows(&mut losses, 1, |r, loss| {
+            let row = &x[r * vocab..(r + 1) * vocab];
+            let (max, sum) = max_and_exp_sum(row);
+            loss[0] = max + sum.ln() - row[self.targets[r] as usize];
+        });
+        let mean = losses.iter().sum::<f32>() / rows.max(1) as f32;
+        Ok((CpuStorage::F32(vec![mean]), Shape::from(())))
+    }
+
+    /// `d logits = g · (softmax(logits) − onehot(target)) / rows`.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, vocab) = self.check(arg.shape())?;
+        let g = grad.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = g.first().copied().unwrap_or(0.0) / rows.max(1) as f32;
+        let dx = with_data(arg, |x| {
+            let mut dx = vec![0f32; x.len()];
+            par_rows(&mut dx, vocab, |r, dx| {
+                let row = &x[r * vocab..(r + 1) * vocab];
+                let (max, sum) = max_and_exp_sum(row);
+                let norm = k / sum;
+                for (d, &v) in dx.iter_mut().zip(row) {
+                    *d = (v - max).exp() * norm;
+                }
+                dx[self.targets[r] as usize] -= k;
+            });
+            Ok(dx)
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), &Device::Cpu)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +499,25 @@ mod tests {
             .backward()
             .unwrap();
         close(fused.get(up.as_tensor()).unwrap(), reference.get(up.as_tensor()).unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn cross_entropy_matches_candle_nn() {
+        let targets = [3u32, 0, 9, 9, 4];
+        let t = Tensor::new(&targets, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (5, 10), &Device::Cpu).unwrap()).unwrap();
+        let (ours, theirs) = (
+            cross_entropy(x.as_tensor(), &targets).unwrap(),
+            candle_nn::loss::cross_entropy(x.as_tensor(), &t).unwrap(),
+        );
+        close(&ours, &theirs, 1e-6);
+        let g_ours = (ours * 1.7).unwrap().backward().unwrap();
+        let g_theirs = (theirs * 1.7).unwrap().backward().unwrap();
+        close(g_ours.get(x.as_tensor()).unwrap(), g_theirs.get(x.as_tensor()).unwrap(), 1e-5);
+        assert!(cross_entropy(
+            &Tensor::zeros((5, 10), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            &[10]
+        )
+        .is_err());
     }
 }
