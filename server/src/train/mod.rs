@@ -5,6 +5,7 @@
 
 mod checkpoint;
 pub mod data;
+mod linear;
 pub mod model;
 mod ops;
 pub mod optim;

@@ -3,15 +3,14 @@
 //!
 //! It computes what transformers + peft compute (Llama forward in f32, `base(x) + B(A(x)) ·
 //! scale`, causal attention, right-padded sequences, cross entropy over the trained positions),
-//! with candle's autograd. Frozen projections go through [`FrozenMatmul`], whose backward gives
-//! the input's gradient only: autograd would otherwise also build a gradient for every base
-//! weight, doubling the backward's cost and memory. Norms, rotary embedding, the causal softmax
+//! with candle's autograd. Projections are single ops (`linear`) whose backward never builds a
+//! gradient for a frozen base weight. Norms, rotary embedding, the causal softmax
 //! and the MLP activation are fused ops with their own backward (`ops`).
 
+use super::linear::{frozen_matmul, lora_linear};
 use super::{ops, TrainError};
 use crate::model::{DenseWeights, Llama, ModelConfig, MODULES};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -137,64 +136,17 @@ impl TrainModel {
     /// trained, `(x Aᵀ) Bᵀ · scale`.
     fn linear(&self, layer: usize, module: usize, x: &Tensor) -> Result<Tensor, TrainError> {
         let (w, bias) = &self.weights.layers[layer].projections[module];
-        let mut y = frozen_matmul(x, w)?;
-        if let Some(b) = bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(&p) = self.by_site.get(&(layer, module)) {
-            let p = &self.params[p];
-            // Scaling the rank-r intermediate instead of the delta: the same product, an
-            // element-wise op over `rank` columns instead of `out_features`, forward and backward.
-            let shrunk = (x.matmul(&p.a.as_tensor().t()?)? * p.scale)?;
-            y = (y + shrunk.matmul(&p.b.as_tensor().t()?)?)?;
-        }
-        Ok(y)
-    }
-}
-
-/// `x Wᵀ` for a frozen `W: [out, in]`.
-fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor, TrainError> {
-    Ok(x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })?)
-}
-
-/// `x Wᵀ` whose backward is the input's gradient only (`W` is a constant).
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        // Straight into the backend's gemm on the borrowed buffers: no copy of `x` in, none of
-        // `y` out (the tensor API would need both here).
-        let dims = layout.dims();
-        let k = dims.last().copied().unwrap_or(1);
-        let m = layout.shape().elem_count() / k.max(1);
-        let (w_storage, w_layout) = self.w.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else {
-            return Err(candle_core::Error::Msg("frozen-matmul: the weight is not on the CPU".into()));
+        let y = match self.by_site.get(&(layer, module)) {
+            Some(&p) => {
+                let p = &self.params[p];
+                lora_linear(x, w, p.a.as_tensor(), p.b.as_tensor(), p.scale)?
+            }
+            None => frozen_matmul(x, w)?,
         };
-        let (n, w_in) = w_layout.shape().dims2()?;
-        if w_in != k || !layout.is_contiguous() {
-            return Err(candle_core::Error::Msg(format!(
-                "frozen-matmul: contiguous input with {w_in} features expected, got {:?}",
-                layout.shape()
-            )));
-        }
-        let x_layout = Layout::contiguous_with_offset((m, k), layout.start_offset());
-        let y = storage.matmul(w, (1, m, n, k), &x_layout, &w_layout.transpose(0, 1)?)?;
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = n;
-        }
-        Ok((y, Shape::from(out_dims)))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?))
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 }
 

@@ -28,7 +28,7 @@ fn par_rows(out: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
 }
 
 /// The f32 elements of a contiguous CPU input.
-fn input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(super) fn input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
@@ -37,7 +37,7 @@ fn input<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [
 }
 
 /// Runs `f` on the f32 elements of `t` (made contiguous first).
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+pub(super) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let n = t.elem_count();
     let (storage, layout) = t.storage_and_layout();
@@ -393,11 +393,12 @@ impl CustomOp1 for CrossEntropy {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Var, D};
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+    /// Element-wise within `tol` of `b`'s largest magnitude.
+    pub(in crate::train) fn close(a: &Tensor, b: &Tensor, tol: f32) {
         let (a, b) = (
             a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
