@@ -160,7 +160,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let report = crate::train::train(&base, &config, &mut Bar(bar.clone()))?;
+    // On a worker of the global pool, so the parallel ops inside join in their own work instead
+    // of handing it to the pool and sleeping until it is done (two context switches each).
+    let report = rayon::scope(|_| crate::train::train(&base, &config, &mut Bar(bar.clone())))?;
     bar.finish();
     eprintln!(
         "trained {} steps on {} examples ({} cut to --max-seq-len) in {:.1} s, {:.0} tokens/s; final loss {:.4}{}; peak memory {}",
