@@ -208,6 +208,12 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = input(storage, layout, self.name())?;
         let len = last_dim(layout.shape());
+        if !matches!(layout.dims(), [.., rows, cols] if rows == cols) {
+            return Err(candle_core::Error::Msg(format!(
+                "causal-softmax: (.., len, len) expected, got {:?}",
+                layout.dims()
+            )));
+        }
         let mut p = vec![0f32; s.len()];
         par_rows(&mut p, len, |r, p| {
             let seen = r % len + 1;
@@ -293,23 +299,19 @@ impl CustomOp2 for SiluMul {
         let (d_gate, d_up) = with_data(gate, |x| {
             with_data(up, |u| {
                 with_data(grad, |g| {
-                    // One buffer, each row holding its d_gate then its d_up: one parallel pass.
-                    let mut both = vec![0f32; 2 * x.len()];
-                    par_rows(&mut both, 2 * d, |r, row| {
-                        let (dg, du) = row.split_at_mut(d);
-                        let span = r * d..(r + 1) * d;
-                        let (x, u, g) = (&x[span.clone()], &u[span.clone()], &g[span]);
-                        for i in 0..d {
-                            let sig = sigmoid(x[i]);
-                            du[i] = g[i] * x[i] * sig;
-                            dg[i] = g[i] * u[i] * sig * (1.0 + x[i] * (1.0 - sig));
-                        }
-                    });
-                    let (mut dg, mut du) = (Vec::with_capacity(x.len()), Vec::with_capacity(x.len()));
-                    for row in both.chunks_exact(2 * d.max(1)) {
-                        dg.extend_from_slice(&row[..d]);
-                        du.extend_from_slice(&row[d..]);
-                    }
+                    let (mut dg, mut du) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+                    let per_task = (TASK_ELEMS / d.max(1)).max(1) * d.max(1);
+                    dg.par_chunks_mut(per_task).zip(du.par_chunks_mut(per_task)).enumerate().for_each(
+                        |(t, (dg, du))| {
+                            let span = t * per_task..t * per_task + dg.len();
+                            let (x, u, g) = (&x[span.clone()], &u[span.clone()], &g[span]);
+                            for i in 0..dg.len() {
+                                let sig = sigmoid(x[i]);
+                                du[i] = g[i] * x[i] * sig;
+                                dg[i] = g[i] * u[i] * sig * (1.0 + x[i] * (1.0 - sig));
+                            }
+                        },
+                    );
                     Ok((dg, du))
                 })
             })
