@@ -13,7 +13,7 @@ pub fn default_candle_threads() {
 
 /// candle asks how many threads a matmul may use on every f32 matmul, and unless
 /// `RAYON_NUM_THREADS` is set it works the answer out from /proc/cpuinfo each time: thousands of
-/// reads per training step (~3 % of it on a 2-core host). This computes candle's answer once and
+/// reads per training step (~6 % of it on a 2-core host). This computes candle's answer once and
 /// pins it in that variable. Call after the global rayon pool is configured (the global pool is
 /// built here first if it is not, so the variable does not resize it) and before other threads
 /// read the environment.
