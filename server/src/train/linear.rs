@@ -205,32 +205,27 @@ impl CustomOp3 for LoraLinear {
         let (m, k) = rows_and_features(x_t.shape());
         let ((rank, _), (out, _)) = (a_t.dims2()?, b_t.dims2()?);
         let s = self.scale;
+        // A and B are small (rank × features): copies keep the borrows of the large operands
+        // (x, the gradient, W) to one nesting.
+        let (a, b) = (a_t.flatten_all()?.to_vec1::<f32>()?, b_t.flatten_all()?.to_vec1::<f32>()?);
+        let (a, b) = (Mat::new(&a, rank, k)?, Mat::new(&b, out, rank)?);
         let (dx, da, db) = with_data(x_t, |x| {
-            with_data(a_t, |a| {
-                with_data(b_t, |b| {
-                    with_data(grad, |g| {
-                        with_weight(&self.w, |w| {
-                            let (x, a, b, g) = (
-                                Mat::new(x, m, k)?,
-                                Mat::new(a, rank, k)?,
-                                Mat::new(b, out, rank)?,
-                                Mat::new(g, m, out)?,
-                            );
-                            let mut u = vec![0f32; m * rank];
-                            matmul_into(&mut u, x, a.t(), 1.0, false)?;
-                            let mut v = vec![0f32; m * rank];
-                            matmul_into(&mut v, g, b, 1.0, false)?;
-                            let (u, v) = (Mat::new(&u, m, rank)?, Mat::new(&v, m, rank)?);
-                            let mut dx = vec![0f32; m * k];
-                            matmul_into(&mut dx, g, w, 1.0, false)?;
-                            matmul_into(&mut dx, v, a, s, true)?;
-                            let mut da = vec![0f32; rank * k];
-                            matmul_into(&mut da, v.t(), x, s, false)?;
-                            let mut db = vec![0f32; out * rank];
-                            matmul_into(&mut db, g.t(), u, s, false)?;
-                            Ok((dx, da, db))
-                        })
-                    })
+            with_data(grad, |g| {
+                with_weight(&self.w, |w| {
+                    let (x, g) = (Mat::new(x, m, k)?, Mat::new(g, m, out)?);
+                    let mut u = vec![0f32; m * rank];
+                    matmul_into(&mut u, x, a.t(), 1.0, false)?;
+                    let mut v = vec![0f32; m * rank];
+                    matmul_into(&mut v, g, b, 1.0, false)?;
+                    let (u, v) = (Mat::new(&u, m, rank)?, Mat::new(&v, m, rank)?);
+                    let mut dx = vec![0f32; m * k];
+                    matmul_into(&mut dx, g, w, 1.0, false)?;
+                    matmul_into(&mut dx, v, a, s, true)?;
+                    let mut da = vec![0f32; rank * k];
+                    matmul_into(&mut da, v.t(), x, s, false)?;
+                    let mut db = vec![0f32; out * rank];
+                    matmul_into(&mut db, g.t(), u, s, false)?;
+                    Ok((dx, da, db))
                 })
             })
         })?;
