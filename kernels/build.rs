@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Sources under `cuda/`, each compiled to `$OUT_DIR/NAME.ptx`.
-const KERNELS: &[&str] = &["lora", "attention"];
+const KERNELS: &[&str] = &["lora", "attention", "model"];
 
 fn main() {
     println!("cargo:rerun-if-changed=cuda");

@@ -246,3 +246,40 @@ fn request_lines_name_adapters_in_the_store() {
     assert_eq!(results[0]["token_ids"], results[1]["token_ids"], "the stored adapter is the directory's");
     assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("nobody")), "{}", results[2]);
 }
+
+#[test]
+fn device_flags_are_checked_and_a_missing_gpu_is_a_clear_error() {
+    let model = tiny_dir(TinyModel::default());
+    let out = lorahost(&["generate", "--model", path(model.path()), "--prompt", "x", "--device", "tpu"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown device `tpu`"), "{}", stderr(&out));
+
+    let out = lorahost(&[
+        "generate",
+        "--model",
+        path(model.path()),
+        "--prompt",
+        "x",
+        "--device",
+        "cuda:0",
+        "--max-running",
+        "16",
+        "--max-gpu-adapters",
+        "8",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--max-gpu-adapters (8) must be at least --max-running (16)"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Without a usable GPU (this build, or this machine) the engine does not start, and says why.
+    if kernels::cuda::Gpu::open(0).is_err() {
+        let out = lorahost(&["generate", "--model", path(model.path()), "--prompt", "x", "--device", "cuda"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("CUDA") || err.contains("cuda"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -64,7 +64,8 @@ fn main() -> anyhow::Result<()> {
                     * KvCache::block_bytes(base.model.config(), DEFAULT_BLOCK_SIZE),
                 block_size: DEFAULT_BLOCK_SIZE,
             };
-            let config = EngineConfig { max_step_tokens: 512, max_running: b.max(1), kv_cache };
+            let config =
+                EngineConfig { max_step_tokens: 512, max_running: b.max(1), kv_cache, ..Default::default() };
             let v =
                 (0..args.reps).map(|_| run_batch(&base, config, b, 128, 128).decode_tokens_per_s).collect();
             record(format!("aggregate decode, {b} sequences (128 prompt + 128 generated each)"), v);

@@ -14,6 +14,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::attention::{GpuAttentionRows, GpuKvCache, ATTENTION_PARTITION};
+use super::model::{GpuPositions, GpuRope};
 use super::{DeviceFloat, LaunchPlan, SlotSite, BLOCK_THREADS, EXPAND_ROWS};
 use crate::KernelError;
 
@@ -23,6 +24,10 @@ const ATTN_THREADS: u32 = 128;
 /// PTX of `kernels/cuda/*.cu`, compiled by nvcc in `build.rs`.
 const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const MODEL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/model.ptx"));
+
+/// Threads per block of `model.cu`'s row kernels (`ROW_THREADS` there).
+const ROW_THREADS: u32 = 256;
 
 // SAFETY: `SlotSite` is `repr(C)` plain data (u64 ×3, u32, f32) that the kernels read as such,
 // and all-zero bits are a valid (empty) slot.
@@ -56,6 +61,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     lora: Arc<CudaModule>,
     attention: Arc<CudaModule>,
+    model: Arc<CudaModule>,
     blas: CudaBlas,
     name: String,
     sm_count: usize,
@@ -77,9 +83,10 @@ impl Gpu {
         let lora = ctx.load_module(Ptx::from_src(LORA_PTX)).map_err(cuda_err("loading lora.ptx"))?;
         let attention =
             ctx.load_module(Ptx::from_src(ATTENTION_PTX)).map_err(cuda_err("loading attention.ptx"))?;
+        let model = ctx.load_module(Ptx::from_src(MODEL_PTX)).map_err(cuda_err("loading model.ptx"))?;
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("starting cuBLAS: {e}")))?;
-        Ok(Gpu { stream, lora, attention, blas, name, sm_count })
+        Ok(Gpu { stream, lora, attention, model, blas, name, sm_count })
     }
 
     pub fn name(&self) -> &str {
@@ -110,6 +117,21 @@ impl Gpu {
             return Ok(Vec::new());
         }
         self.stream.clone_dtoh(&buf.slice).map_err(cuda_err("copying from the device"))
+    }
+
+    /// Overwrites the whole buffer with `host` (of the same length).
+    pub(super) fn write<T: DeviceElem>(&self, buf: &mut DeviceBuf<T>, host: &[T]) -> Result<(), KernelError> {
+        if host.len() != buf.len {
+            return Err(KernelError::Shape(format!(
+                "writing {} values into a buffer of {}",
+                host.len(),
+                buf.len
+            )));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.stream.memcpy_htod(host, &mut buf.slice).map_err(cuda_err("copying to the device"))
     }
 
     /// The buffer's device address, for [`SlotSite`] records.
@@ -334,6 +356,134 @@ impl Gpu {
         };
         // SAFETY: as above; out holds rows·n_heads·head_dim values and head_dim ≤ 1024 threads.
         unsafe { launch.launch(cfg) }.map_err(cuda_err("launching paged_attention_reduce"))?;
+        Ok(())
+    }
+
+    /// A grid-stride launch over `n` elements: enough blocks to fill the device a few times.
+    fn elementwise(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(ROW_THREADS as usize).clamp(1, 8 * self.sm_count.max(1));
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// One block of `ROW_THREADS` per row.
+    fn per_row(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// Launches `gather_rows_*` (indices and shapes checked by [`super::model::gather_rows`]).
+    pub(super) fn launch_gather<T: DeviceFloat>(
+        &self,
+        src: &DeviceBuf<T>,
+        idx: &DeviceBuf<u32>,
+        width: usize,
+        out: &mut DeviceBuf<T>,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.model, &format!("gather_rows_{}", T::SUFFIX))?;
+        let width_u = width as u32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&src.slice).arg(&idx.slice).arg(&width_u).arg(&mut out.slice);
+        // SAFETY: the arguments match `gather_rows_*`; every index names a row of src and out
+        // holds idx.len() rows of width.
+        unsafe { launch.launch(Self::per_row(idx.len())) }.map_err(cuda_err("launching gather_rows"))?;
+        Ok(())
+    }
+
+    /// Launches `residual_rms_norm_*` (shapes checked by [`super::model::rms_norm`]).
+    pub(super) fn launch_rms_norm<T: DeviceFloat>(
+        &self,
+        x: &mut DeviceBuf<T>,
+        delta: Option<&DeviceBuf<T>>,
+        weight: &DeviceBuf<f32>,
+        width: usize,
+        eps: f32,
+        out: &mut DeviceBuf<T>,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.model, &format!("residual_rms_norm_{}", T::SUFFIX))?;
+        let (width_u, rows) = (width as u32, x.len / width);
+        let no_delta = 0u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&mut x.slice);
+        match delta {
+            Some(d) => launch.arg(&d.slice),
+            None => launch.arg(&no_delta),
+        };
+        launch.arg(&weight.slice).arg(&width_u).arg(&eps).arg(&mut out.slice);
+        // SAFETY: the arguments match `residual_rms_norm_*` (a null delta is allowed); x, delta
+        // and out hold rows·width values and weight width.
+        unsafe { launch.launch(Self::per_row(rows)) }.map_err(cuda_err("launching residual_rms_norm"))?;
+        Ok(())
+    }
+
+    /// Launches `rope_*` (shapes and positions checked by [`super::model::rope`]).
+    pub(super) fn launch_rope<T: DeviceFloat>(
+        &self,
+        x: &mut DeviceBuf<T>,
+        positions: &GpuPositions,
+        rope: &GpuRope,
+        n_heads: usize,
+        half: usize,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.model, &format!("rope_{}", T::SUFFIX))?;
+        let (heads_u, half_u) = (n_heads as u32, half as u32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(&mut x.slice)
+            .arg(&positions.pos.slice)
+            .arg(&rope.cos.slice)
+            .arg(&rope.sin.slice)
+            .arg(&heads_u)
+            .arg(&half_u);
+        // SAFETY: the arguments match `rope_*`; x holds rows·n_heads·2·half values and every
+        // position is below the tables' length (GpuRope::positions checked it).
+        unsafe { launch.launch(Self::per_row(positions.pos.len)) }.map_err(cuda_err("launching rope"))?;
+        Ok(())
+    }
+
+    /// Launches `silu_mul_*` over equally long buffers.
+    pub(super) fn launch_silu_mul<T: DeviceFloat>(
+        &self,
+        gate: &mut DeviceBuf<T>,
+        up: &DeviceBuf<T>,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.model, &format!("silu_mul_{}", T::SUFFIX))?;
+        let n = gate.len as u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&mut gate.slice).arg(&up.slice).arg(&n);
+        // SAFETY: the arguments match `silu_mul_*`; both buffers hold n values.
+        unsafe { launch.launch(self.elementwise(gate.len)) }.map_err(cuda_err("launching silu_mul"))?;
+        Ok(())
+    }
+
+    /// Launches `add_bias_*`: y `[rows, width]`, bias `[width]`.
+    pub(super) fn launch_add_bias<T: DeviceFloat>(
+        &self,
+        y: &mut DeviceBuf<T>,
+        bias: &DeviceBuf<T>,
+        rows: usize,
+        width: usize,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.model, &format!("add_bias_{}", T::SUFFIX))?;
+        let (rows_u, width_u) = (rows as u64, width as u32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&mut y.slice).arg(&bias.slice).arg(&rows_u).arg(&width_u);
+        // SAFETY: the arguments match `add_bias_*`; y holds rows·width values, bias width.
+        unsafe { launch.launch(self.elementwise(rows * width)) }.map_err(cuda_err("launching add_bias"))?;
+        Ok(())
+    }
+
+    /// Launches `fill_uniform_*` over the whole buffer.
+    pub(super) fn launch_fill_uniform<T: DeviceFloat>(
+        &self,
+        buf: &mut DeviceBuf<T>,
+        seed: u32,
+        scale: f32,
+    ) -> Result<(), KernelError> {
+        let f = self.function(&self.model, &format!("fill_uniform_{}", T::SUFFIX))?;
+        let n = buf.len as u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&mut buf.slice).arg(&n).arg(&seed).arg(&scale);
+        // SAFETY: the arguments match `fill_uniform_*`; buf holds n values.
+        unsafe { launch.launch(self.elementwise(buf.len)) }.map_err(cuda_err("launching fill_uniform"))?;
         Ok(())
     }
 

@@ -19,6 +19,8 @@ mod device;
 #[cfg(not(feature = "cuda"))]
 #[path = "stub.rs"]
 mod device;
+mod model;
+mod slots;
 #[cfg(test)]
 mod tests;
 
@@ -30,6 +32,8 @@ pub use attention::{
     paged_attention, write_kv, AttentionScratch, GpuAttentionRows, GpuKvCache, RowsFor, ATTENTION_PARTITION,
 };
 pub use device::{DeviceBuf, Gpu};
+pub use model::{fill_uniform, gather_rows, linear, rms_norm, rope, silu_mul, GpuPositions, GpuRope};
+pub use slots::{HostSite, SlotPool};
 
 /// Threads per block of both kernels (`THREADS` in `lora.cu`).
 pub const BLOCK_THREADS: u32 = 256;
@@ -359,7 +363,36 @@ pub fn lora_delta<T: DeviceFloat>(
     table: &SlotTable<'_, T>,
     scratch: &mut LoraScratch,
 ) -> Result<(), KernelError> {
+    let view = TableView {
+        records: &table.table,
+        in_features: table.in_features,
+        out_features: &table.out_features,
+        n_slots: table.n_slots,
+        r_max: table.r_max,
+    };
+    delta_with_table(gpu, x, ys, segments, view, scratch)
+}
+
+/// A slot table as the launch needs it: from a [`SlotTable`] or a [`SlotPool`] group.
+struct TableView<'t> {
+    records: &'t DeviceBuf<SlotSite>,
+    in_features: usize,
+    out_features: &'t [usize],
+    n_slots: usize,
+    r_max: usize,
+}
+
+/// [`lora_delta`] over any table whose records were checked against its buffers.
+fn delta_with_table<T: DeviceFloat>(
+    gpu: &Gpu,
+    x: &DeviceBuf<T>,
+    ys: &mut [&mut DeviceBuf<T>],
+    segments: &GpuSegments,
+    table: TableView<'_>,
+    scratch: &mut LoraScratch,
+) -> Result<(), KernelError> {
     let rows = segments.rows;
+    let sites = table.out_features.len();
     let shape = |m: String| Err(KernelError::Shape(m));
     if x.len() != rows * table.in_features {
         return shape(format!(
@@ -369,10 +402,10 @@ pub fn lora_delta<T: DeviceFloat>(
             rows * table.in_features
         ));
     }
-    if ys.len() != table.sites() {
-        return shape(format!("{} outputs for a table of {} sites", ys.len(), table.sites()));
+    if ys.len() != sites {
+        return shape(format!("{} outputs for a table of {sites} sites", ys.len()));
     }
-    for (site, (y, &out)) in ys.iter().zip(&table.out_features).enumerate() {
+    for (site, (y, &out)) in ys.iter().zip(table.out_features).enumerate() {
         if y.len() != rows * out {
             return shape(format!(
                 "site {site}: y holds {} values, {rows} rows of {out} need {}",
@@ -390,8 +423,8 @@ pub fn lora_delta<T: DeviceFloat>(
     if rows == 0 || table.n_slots == 0 {
         return Ok(());
     }
-    let plan = LaunchPlan::new(table.n_slots, table.sites(), table.in_features, gpu.sm_count());
-    let buf = grown(gpu, &mut scratch.buf, plan.scratch_len(table.sites(), rows, table.r_max))?;
+    let plan = LaunchPlan::new(table.n_slots, sites, table.in_features, gpu.sm_count());
+    let buf = grown(gpu, &mut scratch.buf, plan.scratch_len(sites, rows, table.r_max))?;
     let mut outs: Vec<(&mut DeviceBuf<T>, usize)> =
         ys.iter_mut().map(|y| &mut **y).zip(table.out_features.iter().copied()).collect();
     gpu.launch_lora(
@@ -400,7 +433,7 @@ pub fn lora_delta<T: DeviceFloat>(
         table.in_features,
         &mut outs,
         &segments.meta,
-        &table.table,
+        table.records,
         table.n_slots,
         table.r_max,
         plan,

@@ -123,11 +123,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => None,
     };
     args.model.init_threads()?;
-    let path = args.model.resolve()?;
-    let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
+    let config = args.engine.config(args.model.dtype)?;
+    let base = args.model.load_base(&config)?;
     let host = args.adapters.open(base.model.clone())?;
     let cache = host.as_ref().map(|h| h.cache.clone());
-    let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), args.engine.config()?, cache)?;
+    let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), config, cache)?;
     let mut adapters = Adapters::new(&base, host);
     match lines {
         Some(lines) => run_batch(&args, &base, &engine, &mut adapters, lines),

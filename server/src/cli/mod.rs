@@ -6,8 +6,12 @@ mod generate;
 mod serve;
 mod train;
 
+use crate::base::Base;
 use crate::engine::{EngineConfig, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS};
-use crate::model::{Dtype, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
+use crate::model::{
+    ComputeDevice, DeviceConfig, Dtype, KvCacheConfig, LoraStorage, DEFAULT_BLOCK_SIZE,
+    DEFAULT_GPU_ADAPTER_SLOTS, DEFAULT_KV_CACHE_BYTES,
+};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -55,6 +59,20 @@ impl ModelArgs {
                 crate::fetch::default_model().context("no --model given and the default model is unavailable")
             }
         }
+    }
+
+    /// Loads the base for an engine configured as `engine`: on a GPU, adapters are kept in f32 on
+    /// the host, the form the device slots are filled from.
+    pub fn load_base(&self, engine: &EngineConfig) -> anyhow::Result<Base> {
+        let path = self.resolve()?;
+        let mut base =
+            Base::load(&path, self.dtype).with_context(|| format!("loading {}", path.display()))?;
+        if engine.device.device != ComputeDevice::Cpu {
+            std::sync::Arc::get_mut(&mut base.model)
+                .context("the base model is shared before the engine starts")?
+                .set_lora_storage(LoraStorage::F32);
+        }
+        Ok(base)
     }
 
     pub fn init_threads(&self) -> anyhow::Result<()> {
@@ -111,17 +129,33 @@ pub struct EngineArgs {
     /// Sequences running at once.
     #[arg(long, default_value_t = DEFAULT_MAX_RUNNING)]
     pub max_running: usize,
+    /// Where the model runs: cpu, or cuda / cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value_t = ComputeDevice::Cpu, env = "LORAHOST_DEVICE")]
+    pub device: ComputeDevice,
+    /// Adapter slots on the GPU: the most distinct adapters resident there at once; at least
+    /// --max-running, so every step's adapters fit.
+    #[arg(long, default_value_t = DEFAULT_GPU_ADAPTER_SLOTS)]
+    pub max_gpu_adapters: usize,
 }
 
 impl EngineArgs {
-    pub fn config(&self) -> anyhow::Result<EngineConfig> {
+    /// The engine's configuration; `dtype` is `--dtype`, which also says how weights are stored
+    /// on a GPU.
+    pub fn config(&self, dtype: Dtype) -> anyhow::Result<EngineConfig> {
         anyhow::ensure!(self.kv_block_size > 0, "--kv-block-size must be positive");
         anyhow::ensure!(self.max_batch_tokens > 0, "--max-batch-tokens must be positive");
         anyhow::ensure!(self.max_running > 0, "--max-running must be positive");
+        anyhow::ensure!(
+            self.device == ComputeDevice::Cpu || self.max_gpu_adapters >= self.max_running,
+            "--max-gpu-adapters ({}) must be at least --max-running ({}): every running sequence may use its own adapter",
+            self.max_gpu_adapters,
+            self.max_running
+        );
         Ok(EngineConfig {
             max_step_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             kv_cache: KvCacheConfig { budget_bytes: self.kv_cache_bytes, block_size: self.kv_block_size },
+            device: DeviceConfig { device: self.device, dtype, adapter_slots: self.max_gpu_adapters },
         })
     }
 }

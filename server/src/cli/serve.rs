@@ -2,7 +2,6 @@
 //! OpenAI-compatible API until SIGTERM or ctrl-c, then drain.
 
 use super::{AdapterArgs, EngineArgs, ModelArgs};
-use crate::base::Base;
 use crate::engine::Engine;
 use crate::http::{self, AdapterPublisher, AppParts, AppState, Auth, EngineBackend, Limits};
 use crate::jobs::{self, BaseTrainer, Jobs, JobsConfig};
@@ -84,18 +83,13 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         None => Auth::Open,
     };
     args.model.init_threads()?;
-    let path = args.model.resolve()?;
-    let base = Base::load(&path, args.model.dtype).with_context(|| format!("loading {}", path.display()))?;
+    let config = args.engine.config(args.model.dtype)?;
+    let base = args.model.load_base(&config)?;
     let adapters_dir = args.adapters.adapters_dir.get_or_insert_with(default_adapters_dir).clone();
     let jobs_dir = args.jobs_dir.clone().unwrap_or_else(|| adapters_dir.join("jobs"));
     let host = args.adapters.open(base.model.clone())?.context("the adapter store did not open")?;
-    let engine = Engine::start(
-        base.model.clone(),
-        base.tokenizer.clone(),
-        args.engine.config()?,
-        Some(host.cache.clone()),
-    )?
-    .with_max_waiting(args.max_waiting);
+    let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), config, Some(host.cache.clone()))?
+        .with_max_waiting(args.max_waiting);
     let backend = Arc::new(EngineBackend { base, engine });
     let limits = Limits {
         max_adapter_bytes: args.max_adapter_bytes,

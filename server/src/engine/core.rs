@@ -10,7 +10,7 @@ use super::request::{Completion, FinishReason, GeneratedToken, StopCriteria, Tok
 use super::sampler::Sampler;
 use super::stop::TextStop;
 use super::{EngineConfig, EngineError};
-use crate::model::{ForwardBatch, KvCache, Llama, LoraBatch};
+use crate::model::{Executor, ForwardBatch, Llama, LoraBatch};
 use crate::tokenizer::TextTokenizer;
 use adapters::cache::{Acquire, HostCache, Lease};
 use adapters::{AdapterId, LoraAdapter};
@@ -91,7 +91,8 @@ pub struct EngineStats {
 pub struct EngineCore {
     model: Arc<Llama>,
     tokenizer: Arc<TextTokenizer>,
-    kv: KvCache,
+    /// The forward pass and its KV storage, on the CPU or a GPU.
+    exec: Executor,
     blocks: BlockAllocator,
     config: EngineConfig,
     seqs: HashMap<SeqId, Sequence>,
@@ -109,13 +110,24 @@ pub struct EngineCore {
 }
 
 impl EngineCore {
+    /// An engine running the model on the CPU.
     pub fn new(model: Arc<Llama>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Self {
-        let kv = KvCache::new(model.config(), config.kv_cache);
-        let blocks = BlockAllocator::new(kv.num_blocks());
+        let exec = Executor::cpu(&model, config.kv_cache);
+        Self::with_executor(model, tokenizer, config, exec)
+    }
+
+    /// An engine whose steps run on `exec` (see [`Executor::open`]).
+    pub fn with_executor(
+        model: Arc<Llama>,
+        tokenizer: Arc<TextTokenizer>,
+        config: EngineConfig,
+        exec: Executor,
+    ) -> Self {
+        let blocks = BlockAllocator::new(exec.num_blocks());
         Self {
             model,
             tokenizer,
-            kv,
+            exec,
             blocks,
             config,
             seqs: HashMap::new(),
@@ -152,7 +164,7 @@ impl EngineCore {
 
     /// The most tokens (prompt + generated) one sequence may hold.
     pub fn max_sequence_tokens(&self) -> usize {
-        let cache_tokens = self.kv.num_blocks() * self.kv.block_size();
+        let cache_tokens = self.exec.num_blocks() * self.exec.block_size();
         cache_tokens.min(self.model.config().max_position_embeddings)
     }
 
@@ -250,7 +262,7 @@ impl EngineCore {
         let budgets = Budgets {
             max_step_tokens: self.config.max_step_tokens,
             max_running: self.config.max_running,
-            block_size: self.kv.block_size(),
+            block_size: self.exec.block_size(),
             free_blocks: self.blocks.num_free(),
         };
         let step_plan = plan(&state, &budgets, &self.fair);
@@ -385,10 +397,9 @@ impl EngineCore {
             logit_rows: &logit_rows,
             lora: &lora,
         };
-        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let mut logits = self.exec.forward(&self.model, &batch)?;
         drop((seq_rows, lora));
         let vocab = self.model.config().vocab_size;
-        let mut logits = crate::model::with_logits(&logits)?;
         for r in &step.rows {
             if let Some(seq) = self.seqs.get_mut(&r.id) {
                 seq.computed += r.count;

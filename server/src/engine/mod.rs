@@ -23,7 +23,7 @@ pub use request::{
 };
 pub use sampler::{argmax, Sampler};
 
-use crate::model::{KvCacheConfig, Llama, ModelError};
+use crate::model::{DeviceConfig, Executor, KvCacheConfig, Llama, ModelError};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 use adapters::cache::HostCache;
 use adapters::LoraAdapter;
@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub max_step_tokens: usize,
     pub max_running: usize,
     pub kv_cache: KvCacheConfig,
+    /// Where the steps run.
+    pub device: DeviceConfig,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             max_step_tokens: DEFAULT_MAX_STEP_TOKENS,
             max_running: DEFAULT_MAX_RUNNING,
             kv_cache: KvCacheConfig::default(),
+            device: DeviceConfig::default(),
         }
     }
 }
@@ -122,7 +125,9 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let vocab_size = model.config().vocab_size;
         let shared = Arc::new(Shared::default());
-        let mut core = EngineCore::new(model, tokenizer, config).with_queue_counter(shared.queued.clone());
+        let exec = Executor::open(&model, config.device, config.kv_cache)?;
+        let mut core = EngineCore::with_executor(model, tokenizer, config, exec)
+            .with_queue_counter(shared.queued.clone());
         if let Some(cache) = adapter_cache {
             core = core.with_adapter_cache(cache);
         }

@@ -262,6 +262,31 @@ impl Llama {
         Ok(DenseWeights { embed, layers, norm: self.norm.weight.clone(), lm_head })
     }
 
+    /// The token embedding table (for copying the base to another device).
+    pub(super) fn embedding(&self) -> &Embedding {
+        &self.embed_tokens
+    }
+
+    /// The final RMSNorm's weight.
+    pub(super) fn final_norm(&self) -> &Tensor {
+        &self.norm.weight
+    }
+
+    /// The output projection (the embedding table's layer when they are tied).
+    pub(super) fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// Layer `layer`'s input and post-attention RMSNorm weights.
+    pub(super) fn layer_norms(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer).map(|l| (&l.input_layernorm.weight, &l.post_attention_layernorm.weight))
+    }
+
+    /// The base projection of an adapter site.
+    pub(super) fn base_projection(&self, layer: usize, module: ModuleId) -> Option<&Linear> {
+        self.projection(layer, module).map(LoraLinear::base)
+    }
+
     /// The rotary embedding this model uses.
     pub fn rope(&self) -> &Rope {
         &self.rope
@@ -276,6 +301,11 @@ impl Llama {
     pub fn with_lora_storage(mut self, storage: LoraStorage) -> Self {
         self.lora_storage = storage;
         self
+    }
+
+    /// Overrides the adapter storage in place: a GPU executor needs the adapters' f32 weights.
+    pub fn set_lora_storage(&mut self, storage: LoraStorage) {
+        self.lora_storage = storage;
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -85,6 +85,11 @@ impl<'a> LoraBatch<'a> {
         self.segments.is_empty()
     }
 
+    /// The step's adapter segments, in row order.
+    pub fn segments(&self) -> &[(Range<usize>, &'a LoraAdapter)] {
+        &self.segments
+    }
+
     /// The kernel segments for one site: the adapters that adapt this layer and module.
     fn site(&self, layer: usize, module: ModuleId) -> Vec<Segment<'a>> {
         self.segments

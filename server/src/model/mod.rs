@@ -5,7 +5,9 @@
 //! block tables and gets logits back.
 
 mod config;
+mod device;
 mod gguf;
+mod gpu;
 mod hf;
 mod kv_cache;
 mod linear;
@@ -13,7 +15,9 @@ mod llama;
 mod lora;
 
 pub use config::{json_ids, Architecture, HfConfig, ModelConfig};
+pub use device::{ComputeDevice, DeviceConfig, Executor, DEFAULT_GPU_ADAPTER_SLOTS};
 pub use gguf::{load_bytes as load_gguf_bytes, Metadata as GgufMetadata};
+pub use gpu::GpuModel;
 pub use kv_cache::{KvCache, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
 pub use linear::{with_f32_slice, with_logits, Embedding, Linear};
 pub use llama::{DenseLayer, DenseWeights, ForwardBatch, Llama};

@@ -67,6 +67,7 @@ pub fn engine_config(kv_bytes: usize, block_size: usize, step_tokens: usize) -> 
         max_step_tokens: step_tokens,
         max_running: 64,
         kv_cache: KvCacheConfig { budget_bytes: kv_bytes, block_size },
+        ..Default::default()
     }
 }
 
