@@ -71,7 +71,6 @@ fn run() -> Result<()> {
     let rounds = if quick { 1 } else { 2 };
     let counts: &[usize] = if quick { &[1, 100] } else { &[1, 100, 1000] };
     let most = counts.iter().copied().max().unwrap_or(1);
-    let adapters = make_adapters(&cfg, most)?;
     // Blocks for one round's sequences, plus one per adapter for the warm-up rows.
     let blocks_per_seq = (PROMPT + GENERATE).div_ceil(BLOCK_SIZE);
     let blocks = SEQS * blocks_per_seq + SEQS;
@@ -81,6 +80,7 @@ fn run() -> Result<()> {
     let started = Instant::now();
     let mut model = GpuModel::random(&cfg, 0, Dtype::Bf16, kv, slots, 1)?;
     eprintln!("gpu_e2e: {} ready in {:.1} s", model.device_name(), started.elapsed().as_secs_f64());
+    let adapters = make_adapters(&cfg, most)?;
 
     let mut report = format!(
         "## End to end on the GPU: 7B-shaped bf16 model, rank-16 q/v adapters (`gpu_e2e`)\n\n\
