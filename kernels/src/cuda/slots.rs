@@ -35,6 +35,8 @@ struct Group {
     /// Changed since the last [`SlotPool::sync`].
     dirty: bool,
     r_max: usize,
+    /// Some slot has a site of this group: otherwise a call has nothing to add and is skipped.
+    populated: bool,
 }
 
 /// One slot's device memory.
@@ -72,6 +74,7 @@ impl<T: DeviceFloat> SlotPool<T> {
                     records,
                     dirty: false,
                     r_max: 1,
+                    populated: false,
                 })
             })
             .collect::<Result<Vec<_>, KernelError>>()?;
@@ -209,14 +212,17 @@ impl<T: DeviceFloat> SlotPool<T> {
     pub fn sync(&mut self, gpu: &Gpu) -> Result<(), KernelError> {
         for group in self.groups.iter_mut().filter(|g| g.dirty) {
             gpu.write(&mut group.table, &group.records)?;
-            group.r_max = group.records.iter().map(|r| r.rank as usize).max().unwrap_or(0).max(1);
+            let r_max = group.records.iter().map(|r| r.rank as usize).max().unwrap_or(0);
+            group.populated = r_max > 0;
+            group.r_max = r_max.max(1);
             group.dirty = false;
         }
         Ok(())
     }
 
     /// [`super::lora_delta`] for group `group`'s sites, with the slots as they were at the last
-    /// [`SlotPool::sync`] (`Err` if a load or clear came after it).
+    /// [`SlotPool::sync`] (`Err` if a load or clear came after it). A group no slot adapts
+    /// queues nothing.
     pub fn delta(
         &self,
         gpu: &Gpu,
@@ -232,6 +238,9 @@ impl<T: DeviceFloat> SlotPool<T> {
             .ok_or_else(|| KernelError::Shape(format!("group {group} of a pool of {}", self.groups.len())))?;
         if g.dirty {
             return Err(KernelError::Shape(format!("group {group}'s slots changed since the last sync")));
+        }
+        if !g.populated {
+            return Ok(());
         }
         let view = TableView {
             records: &g.table,

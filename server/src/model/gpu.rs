@@ -348,7 +348,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
         }
         self.slots.step += 1;
         let in_step: Vec<AdapterId> = segments.iter().map(|(_, a)| a.id).collect();
-        let mut packed = Vec::with_capacity(segments.len());
+        let mut packed: Vec<(Range<usize>, u32)> = Vec::with_capacity(segments.len());
         for (range, adapter) in segments {
             let slot = match self.slots.slot_of.get(&adapter.id) {
                 Some(&slot) => slot,
@@ -368,7 +368,12 @@ impl<T: DeviceFloat> GpuLlama<T> {
                 }
             };
             self.slots.last_used[slot] = self.slots.step;
-            packed.push((range.clone(), slot as u32));
+            // Adjacent segments of one adapter become one: the kernels take at most one
+            // segment per slot.
+            match packed.last_mut() {
+                Some((rows, last)) if *last == slot as u32 && rows.end == range.start => rows.end = range.end,
+                _ => packed.push((range.clone(), slot as u32)),
+            }
         }
         self.pool.sync(&self.gpu)?;
         Ok(Some(GpuSegments::new(&self.gpu, rows, self.pool.n_slots(), &packed)?))

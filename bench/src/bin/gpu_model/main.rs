@@ -259,8 +259,16 @@ fn compare(model: &Llama, adapters: &[LoraAdapter], dtype: Dtype) -> Result<Comp
         let mut next = Vec::new();
         for (row, (w, g)) in want.chunks_exact(vocab).zip(got.chunks_exact(vocab)).enumerate() {
             let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let diff = w.iter().zip(g).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
-            result.max_diff = result.max_diff.max(if diff.is_nan() { f32::INFINITY } else { diff });
+            // A NaN or infinite GPU logit is infinitely wrong (f32::max would skip a NaN).
+            let diff = w.iter().zip(g).fold(0.0f32, |m, (a, b)| {
+                let d = (a - b).abs();
+                if b.is_finite() && !d.is_nan() {
+                    m.max(d)
+                } else {
+                    f32::INFINITY
+                }
+            }) / scale;
+            result.max_diff = result.max_diff.max(diff);
             let (cpu_top, gap) = top_two(w);
             let gpu_top = top_two(g).0;
             result.tokens += 1;
