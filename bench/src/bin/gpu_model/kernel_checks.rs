@@ -269,15 +269,7 @@ fn slot_pool_case<T: DeviceFloat>(gpu: &Gpu, rng: &mut SplitMix64, tol: f32) -> 
     replaced[1] = make(rng, ranks[1], false);
     pool.load(gpu, slots[1], &host_sites(1, &replaced[1], ranks[1], scales[1]))?;
     // Until the next sync the pool must refuse to run: everything else about this call is valid.
-    let refused_stale = {
-        let x_dev = up::<T>(gpu, &x)?;
-        let mut y_devs = ys.iter().map(|y| up::<T>(gpu, y)).collect::<Result<Vec<_>>>()?;
-        let packed: Vec<(std::ops::Range<usize>, u32)> =
-            seg_rows.iter().zip(slots).map(|(r, s)| (r.clone(), s as u32)).collect();
-        let segments = GpuSegments::new(gpu, rows, pool.n_slots(), &packed)?;
-        let mut refs: Vec<&mut DeviceBuf<T>> = y_devs.iter_mut().collect();
-        pool.delta(gpu, 0, &x_dev, &mut refs, &segments, &mut LoraScratch::new()).is_err()
-    };
+    let refused_stale = run(&pool).is_err();
     pool.sync(gpu)?;
     let second = worst(&run(&pool)?, &reference(&replaced, &present)?);
     Ok(if refused_stale { first.max(second) } else { f32::INFINITY })
