@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use kernels::attention::SeqRows;
 use kernels::lora::workload::SplitMix64;
 use lorahost::model::{
-    base_shape, Architecture, Dtype, ForwardBatch, GpuModel, KvCacheConfig, LoraBatch, ModelConfig,
+    base_shape, Architecture, Dtype, ForwardBatch, GpuModel, KvCache, KvCacheConfig, LoraBatch, ModelConfig,
 };
 
 const SEQS: usize = 64;
@@ -74,7 +74,7 @@ fn run() -> Result<()> {
     // Blocks for one round's sequences, plus one per adapter for the warm-up rows.
     let blocks_per_seq = (PROMPT + GENERATE).div_ceil(BLOCK_SIZE);
     let blocks = SEQS * blocks_per_seq + SEQS;
-    let block_bytes = 2 * cfg.num_layers * BLOCK_SIZE * cfg.kv_size() * 2;
+    let block_bytes = KvCache::block_bytes_of(&cfg, BLOCK_SIZE, std::mem::size_of::<half::bf16>());
     let kv = KvCacheConfig { budget_bytes: blocks * block_bytes, block_size: BLOCK_SIZE };
     let slots = most.next_power_of_two().max(SEQS);
     let started = Instant::now();

@@ -4,7 +4,7 @@
 //! `ForwardBatch` as the CPU model and gets the same logits back; everything device-specific is
 //! behind `kernels::cuda`, which exists (and fails to open a device) in builds without CUDA.
 
-use super::kv_cache::KvCacheConfig;
+use super::kv_cache::{KvCache, KvCacheConfig};
 use super::linear::{with_f32_slice, Embedding, Linear};
 use super::llama::{ForwardBatch, Llama};
 use super::lora::{ModuleId, MODULES};
@@ -299,7 +299,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
     ) -> Result<Self, ModelError> {
         let geom =
             KvGeometry { block_size: kv.block_size, n_kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
-        let block_bytes = 2 * cfg.num_layers * kv.block_size * cfg.kv_size() * std::mem::size_of::<T>();
+        let block_bytes = KvCache::block_bytes_of(&cfg, kv.block_size, std::mem::size_of::<T>());
         let num_blocks = (kv.budget_bytes / block_bytes.max(1)).max(1);
         let kv_layers = (0..cfg.num_layers)
             .map(|_| GpuKvCache::new(&gpu, geom, num_blocks))
@@ -417,12 +417,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
         let rows = batch.tokens.len();
-        if batch.positions.len() != rows {
-            return Err(ModelError::Config("tokens and positions differ in length".into()));
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Config(format!("token id {bad} is outside the vocabulary")));
-        }
+        batch.check(self.cfg.vocab_size)?;
         let segments = self.segments(rows, batch.lora.segments())?;
         let Self {
             gpu,

@@ -32,7 +32,12 @@ pub struct KvCache {
 impl KvCache {
     /// Bytes one block costs across all layers (K and V, f32).
     pub fn block_bytes(model: &ModelConfig, block_size: usize) -> usize {
-        2 * model.num_layers * block_size * model.kv_size() * std::mem::size_of::<f32>()
+        Self::block_bytes_of(model, block_size, std::mem::size_of::<f32>())
+    }
+
+    /// The same for K and V stored in `elem_bytes`-byte values (a GPU cache in f16, say).
+    pub fn block_bytes_of(model: &ModelConfig, block_size: usize, elem_bytes: usize) -> usize {
+        2 * model.num_layers * block_size * model.kv_size() * elem_bytes
     }
 
     /// As many blocks as fit in the budget (at least one).

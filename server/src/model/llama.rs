@@ -60,6 +60,20 @@ pub struct ForwardBatch<'a> {
     pub lora: &'a LoraBatch<'a>,
 }
 
+impl ForwardBatch<'_> {
+    /// What every executor checks before running a step: one position per token, and every
+    /// token inside the vocabulary.
+    pub(super) fn check(&self, vocab_size: usize) -> Result<(), ModelError> {
+        if self.tokens.len() != self.positions.len() {
+            return Err(ModelError::Config("tokens and positions differ in length".into()));
+        }
+        if let Some(&bad) = self.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(ModelError::Config(format!("token id {bad} is outside the vocabulary")));
+        }
+        Ok(())
+    }
+}
+
 /// What every layer needs besides its input: the step's rows and the shared rope table.
 struct StepCtx<'a> {
     batch: &'a ForwardBatch<'a>,
@@ -388,12 +402,7 @@ impl Llama {
     /// `(logit_rows, vocab)` f32.
     pub fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Tensor, ModelError> {
         let cfg = &self.config;
-        if batch.tokens.len() != batch.positions.len() {
-            return Err(ModelError::Config("tokens and positions differ in length".into()));
-        }
-        if let Some(&bad) = batch.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(ModelError::Config(format!("token id {bad} is outside the vocabulary")));
-        }
+        batch.check(cfg.vocab_size)?;
         // (rows, hidden)
         let mut x = self.embed_tokens.forward(batch.tokens, cfg.hidden_size)?;
         let ctx = StepCtx { batch, rope: &self.rope, cfg };
