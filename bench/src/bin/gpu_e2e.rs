@@ -22,6 +22,7 @@ use kernels::attention::SeqRows;
 use kernels::lora::workload::SplitMix64;
 use lorahost::model::{
     base_shape, Architecture, Dtype, ForwardBatch, GpuModel, KvCache, KvCacheConfig, LoraBatch, ModelConfig,
+    SlotLimits,
 };
 
 const SEQS: usize = 64;
@@ -78,7 +79,9 @@ fn run() -> Result<()> {
     let kv = KvCacheConfig { budget_bytes: blocks * block_bytes, block_size: BLOCK_SIZE };
     let slots = most.next_power_of_two().max(SEQS);
     let started = Instant::now();
-    let mut model = GpuModel::random(&cfg, 0, Dtype::Bf16, kv, slots, 1)?;
+    // Room for every adapter: the benchmark measures steps, not evictions.
+    let limits = SlotLimits { slots, bytes: usize::MAX };
+    let mut model = GpuModel::random(&cfg, 0, Dtype::Bf16, kv, limits, 1)?;
     eprintln!("gpu_e2e: {} ready in {:.1} s", model.device_name(), started.elapsed().as_secs_f64());
     let adapters = make_adapters(&cfg, most)?;
 

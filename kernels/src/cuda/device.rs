@@ -1,6 +1,6 @@
-//! The `cuda` build of [`Gpu`]: one cudarc context and stream per device, our PTX module loaded
-//! once, and the launches of `lora.cu`'s kernels (plus a per-segment cuBLAS loop that the
-//! benchmarks compare them with).
+//! The `cuda` build of [`Gpu`]: one cudarc context per device with a compute stream and an
+//! upload stream, our PTX modules loaded once, and the launches of our kernels (plus a
+//! per-segment cuBLAS loop that the benchmarks compare them with).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,8 +8,8 @@ use std::time::Instant;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     sys::{CUdevice_attribute, CUevent_flags},
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -56,9 +56,57 @@ impl<T> DeviceBuf<T> {
     }
 }
 
-/// An open CUDA device: context, the stream every call of this handle runs on, and our kernels.
+/// Page-locked host memory: the source of copies that run while the host goes on.
+pub struct PinnedBuf<T> {
+    host: PinnedHostSlice<T>,
+}
+
+impl<T: DeviceElem> PinnedBuf<T> {
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+
+    /// The memory, for filling. The caller must not touch it while a copy from it may still run
+    /// (see [`UploadMark`]).
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T], KernelError> {
+        self.host.as_mut_slice().map_err(cuda_err("mapping pinned memory"))
+    }
+}
+
+/// The point the upload stream had reached when it was recorded: everything queued on it
+/// before is done once this is.
+pub struct UploadMark {
+    event: CudaEvent,
+}
+
+impl UploadMark {
+    /// Whether the uploads before the mark are done, without waiting. `Err` if one failed.
+    pub fn is_done(&self) -> Result<bool, KernelError> {
+        self.event.try_is_complete().map_err(cuda_err("asking about an upload"))
+    }
+
+    /// Waits for the uploads before the mark.
+    pub fn wait(&self) -> Result<(), KernelError> {
+        self.event.synchronize().map_err(cuda_err("waiting for an upload"))
+    }
+}
+
+/// An open CUDA device: context, the two streams, and our kernels.
+///
+/// Every call of this handle runs on the compute stream except the `*_upload*` ones, which run
+/// on the upload stream, so that copying an adapter in overlaps the steps. cudarc's automatic
+/// cross-stream tracking is off (it would record events on every kernel argument): a buffer is
+/// used on the stream that made it, and the one exception, adapter slot memory made on the
+/// upload stream and read by kernels through addresses in slot tables, is ordered by
+/// [`super::SlotPool`] (kernels see a slot only after its [`UploadMark`] is done; its memory is
+/// freed only after [`Gpu::uploads_after_compute`]).
 pub struct Gpu {
     stream: Arc<CudaStream>,
+    uploads: Arc<CudaStream>,
     lora: Arc<CudaModule>,
     attention: Arc<CudaModule>,
     model: Arc<CudaModule>,
@@ -79,14 +127,18 @@ impl Gpu {
         let sm_count = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("reading the multiprocessor count"))? as usize;
+        // SAFETY: no buffer exists yet; how buffers are kept to one stream, or ordered across
+        // the two, is said on `Gpu`.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let uploads = ctx.new_stream().map_err(cuda_err("creating the upload stream"))?;
         let lora = ctx.load_module(Ptx::from_src(LORA_PTX)).map_err(cuda_err("loading lora.ptx"))?;
         let attention =
             ctx.load_module(Ptx::from_src(ATTENTION_PTX)).map_err(cuda_err("loading attention.ptx"))?;
         let model = ctx.load_module(Ptx::from_src(MODEL_PTX)).map_err(cuda_err("loading model.ptx"))?;
         let blas =
             CudaBlas::new(stream.clone()).map_err(|e| KernelError::Cuda(format!("starting cuBLAS: {e}")))?;
-        Ok(Gpu { stream, lora, attention, model, blas, name, sm_count })
+        Ok(Gpu { stream, uploads, lora, attention, model, blas, name, sm_count })
     }
 
     pub fn name(&self) -> &str {
@@ -132,6 +184,55 @@ impl Gpu {
             return Ok(());
         }
         self.stream.memcpy_htod(host, &mut buf.slice).map_err(cuda_err("copying to the device"))
+    }
+
+    /// `len` elements of page-locked host memory, zeroed.
+    pub fn pinned<T: DeviceElem>(&self, len: usize) -> Result<PinnedBuf<T>, KernelError> {
+        // SAFETY: the memory is zeroed below before anything reads it, and all-zero bits are a
+        // valid `T` (`ValidAsZeroBits`).
+        let mut host = unsafe { self.stream.context().alloc_pinned::<T>(len.max(1)) }
+            .map_err(cuda_err("allocating pinned host memory"))?;
+        let ptr = host.as_mut_ptr().map_err(cuda_err("mapping pinned memory"))?;
+        // SAFETY: `ptr` points to `len.max(1)` elements just allocated and not shared.
+        unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
+        Ok(PinnedBuf { host })
+    }
+
+    /// Queues a copy of `staged[..len]` into a new device buffer on the upload stream and
+    /// returns at once. The buffer must not be read on the compute stream before an
+    /// [`UploadMark`] recorded after this call is done, and `staged` must not be written before
+    /// then either.
+    pub(super) fn upload_staged<T: DeviceElem>(
+        &self,
+        staged: &PinnedBuf<T>,
+        len: usize,
+    ) -> Result<DeviceBuf<T>, KernelError> {
+        if len > staged.len() {
+            return Err(KernelError::Shape(format!("uploading {len} values from {} staged", staged.len())));
+        }
+        // SAFETY: the copy queued next on the same stream overwrites all `len` elements before
+        // anything can read them (an empty buffer's one element is never read).
+        let mut slice =
+            unsafe { self.uploads.alloc::<T>(len.max(1)) }.map_err(cuda_err("allocating device memory"))?;
+        if len > 0 {
+            let host = staged.host.as_slice().map_err(cuda_err("mapping pinned memory"))?;
+            // A pinned source makes this a DMA queued on the stream; the host does not wait.
+            self.uploads.memcpy_htod(&host[..len], &mut slice).map_err(cuda_err("copying to the device"))?;
+        }
+        Ok(DeviceBuf { slice, len })
+    }
+
+    /// Marks what the upload stream has been given so far.
+    pub(super) fn mark_uploads(&self) -> Result<UploadMark, KernelError> {
+        let event = self.uploads.record_event(None).map_err(cuda_err("recording an upload mark"))?;
+        Ok(UploadMark { event })
+    }
+
+    /// Makes the upload stream wait (on the device; the host goes on) for the work queued on the
+    /// compute stream so far: memory freed on the upload stream afterwards is no longer read by
+    /// a step.
+    pub(super) fn uploads_after_compute(&self) -> Result<(), KernelError> {
+        self.uploads.join(&self.stream).map_err(cuda_err("ordering the upload stream"))
     }
 
     /// The buffer's device address, for [`SlotSite`] records.

@@ -31,7 +31,7 @@ use crate::KernelError;
 pub use attention::{
     paged_attention, write_kv, AttentionScratch, GpuAttentionRows, GpuKvCache, RowsFor, ATTENTION_PARTITION,
 };
-pub use device::{DeviceBuf, Gpu};
+pub use device::{DeviceBuf, Gpu, PinnedBuf, UploadMark};
 pub use model::{fill_uniform, gather_rows, linear, rms_norm, rope, silu_mul, GpuPositions, GpuRope};
 pub use slots::{HostSite, SlotPool};
 

@@ -35,6 +35,41 @@ impl<T> DeviceBuf<T> {
     }
 }
 
+/// Page-locked host memory (none exists in this build).
+pub struct PinnedBuf<T> {
+    never: Never,
+    _t: PhantomData<T>,
+}
+
+impl<T: DeviceElem> PinnedBuf<T> {
+    pub fn len(&self) -> usize {
+        match self.never {}
+    }
+
+    pub fn is_empty(&self) -> bool {
+        match self.never {}
+    }
+
+    pub fn as_mut_slice(&mut self) -> Result<&mut [T], KernelError> {
+        match self.never {}
+    }
+}
+
+/// A point on the upload stream (none exists in this build).
+pub struct UploadMark {
+    never: Never,
+}
+
+impl UploadMark {
+    pub fn is_done(&self) -> Result<bool, KernelError> {
+        match self.never {}
+    }
+
+    pub fn wait(&self) -> Result<(), KernelError> {
+        match self.never {}
+    }
+}
+
 /// An open CUDA device (none can be opened in this build).
 pub struct Gpu {
     never: Never,
@@ -71,6 +106,26 @@ impl Gpu {
         _buf: &mut DeviceBuf<T>,
         _host: &[T],
     ) -> Result<(), KernelError> {
+        match self.never {}
+    }
+
+    pub fn pinned<T: DeviceElem>(&self, _len: usize) -> Result<PinnedBuf<T>, KernelError> {
+        match self.never {}
+    }
+
+    pub(super) fn upload_staged<T: DeviceElem>(
+        &self,
+        _staged: &PinnedBuf<T>,
+        _len: usize,
+    ) -> Result<DeviceBuf<T>, KernelError> {
+        match self.never {}
+    }
+
+    pub(super) fn mark_uploads(&self) -> Result<UploadMark, KernelError> {
+        match self.never {}
+    }
+
+    pub(super) fn uploads_after_compute(&self) -> Result<(), KernelError> {
         match self.never {}
     }
 

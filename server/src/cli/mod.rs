@@ -9,8 +9,8 @@ mod train;
 use crate::base::Base;
 use crate::engine::{EngineConfig, DEFAULT_MAX_RUNNING, DEFAULT_MAX_STEP_TOKENS};
 use crate::model::{
-    ComputeDevice, DeviceConfig, Dtype, KvCacheConfig, LoraStorage, DEFAULT_BLOCK_SIZE,
-    DEFAULT_GPU_ADAPTER_SLOTS, DEFAULT_KV_CACHE_BYTES,
+    ComputeDevice, DeviceConfig, Dtype, KvCacheConfig, LoraStorage, SlotLimits, DEFAULT_BLOCK_SIZE,
+    DEFAULT_GPU_ADAPTER_BYTES, DEFAULT_GPU_ADAPTER_SLOTS, DEFAULT_KV_CACHE_BYTES,
 };
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -136,6 +136,10 @@ pub struct EngineArgs {
     /// --max-running, so every step's adapters fit.
     #[arg(long, default_value_t = DEFAULT_GPU_ADAPTER_SLOTS)]
     pub max_gpu_adapters: usize,
+    /// GPU memory for adapter slots, in bytes: least recently used adapters that no running
+    /// sequence uses are given up beyond it.
+    #[arg(long, default_value_t = DEFAULT_GPU_ADAPTER_BYTES)]
+    pub gpu_adapter_bytes: usize,
 }
 
 impl EngineArgs {
@@ -155,7 +159,11 @@ impl EngineArgs {
             max_step_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             kv_cache: KvCacheConfig { budget_bytes: self.kv_cache_bytes, block_size: self.kv_block_size },
-            device: DeviceConfig { device: self.device, dtype, adapter_slots: self.max_gpu_adapters },
+            device: DeviceConfig {
+                device: self.device,
+                dtype,
+                adapters: SlotLimits { slots: self.max_gpu_adapters, bytes: self.gpu_adapter_bytes },
+            },
         })
     }
 }

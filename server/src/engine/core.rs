@@ -10,12 +10,12 @@ use super::request::{Completion, FinishReason, GeneratedToken, StopCriteria, Tok
 use super::sampler::Sampler;
 use super::stop::TextStop;
 use super::{EngineConfig, EngineError};
-use crate::model::{Executor, ForwardBatch, Llama, LoraBatch};
+use crate::model::{AdapterReadiness, Executor, ForwardBatch, Llama, LoraBatch};
 use crate::tokenizer::TextTokenizer;
 use adapters::cache::{Acquire, HostCache, Lease};
 use adapters::{AdapterId, LoraAdapter};
 use kernels::attention::SeqRows;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -249,13 +249,17 @@ impl EngineCore {
             self.cancel(id);
         }
         self.poll_adapters();
+        let off_device = self.prepare_device_adapters();
         let state = SchedState {
             running: self.running.iter().map(|id| self.seqs[id].sched(*id)).collect(),
-            // A sequence whose adapter is still loading waits in the queue, not in the batch.
+            // A sequence whose adapter is still loading (into host memory, or onto the
+            // device) waits in the queue, not in the batch.
             waiting: self
                 .waiting
                 .iter()
-                .filter(|id| !matches!(self.seqs[id].adapter, SeqAdapter::Pending(_)))
+                .filter(|id| {
+                    !matches!(self.seqs[id].adapter, SeqAdapter::Pending(_)) && !off_device.contains(id)
+                })
                 .map(|id| self.seqs[id].sched(*id))
                 .collect(),
         };
@@ -268,6 +272,8 @@ impl EngineCore {
         let step_plan = plan(&state, &budgets, &self.fair);
         self.apply(&step_plan)?;
         if step_plan.rows.is_empty() {
+            // No step will start the device copies the executor queued.
+            self.exec.start_queued_loads();
             return Ok(false);
         }
         self.steps += 1;
@@ -308,6 +314,39 @@ impl EngineCore {
             }
             self.remove(id);
         }
+    }
+
+    /// Asks the executor to bring the adapters of waiting sequences onto its device (on the CPU
+    /// they are there already); returns the waiting sequences whose adapter is not there yet,
+    /// and fails those whose adapter can never go there.
+    fn prepare_device_adapters(&mut self) -> HashSet<SeqId> {
+        let running: Vec<AdapterId> =
+            self.running.iter().filter_map(|id| Some(self.seqs.get(id)?.adapter.held()?.id)).collect();
+        let (ids, wanted): (Vec<SeqId>, Vec<Arc<LoraAdapter>>) = self
+            .waiting
+            .iter()
+            .filter_map(|id| Some((*id, self.seqs.get(id)?.adapter.held()?.clone())))
+            .unzip();
+        let mut off_device = HashSet::new();
+        let mut failed = Vec::new();
+        for (id, readiness) in ids.into_iter().zip(self.exec.prepare_adapters(&wanted, &running)) {
+            match readiness {
+                AdapterReadiness::Ready => {}
+                AdapterReadiness::NotYet => {
+                    off_device.insert(id);
+                }
+                AdapterReadiness::Failed(why) => failed.push((id, why)),
+            }
+        }
+        for (id, why) in failed {
+            if let Some(seq) = self.seqs.get(&id) {
+                let _ = seq
+                    .events
+                    .send(TokenEvent::Failed(format!("adapter cannot be placed on the device: {why}")));
+            }
+            self.remove(id);
+        }
+        off_device
     }
 
     fn apply(&mut self, step: &StepPlan) -> Result<(), EngineError> {

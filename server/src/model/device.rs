@@ -2,15 +2,20 @@
 //! in RAM, or a CUDA device, with a copy of the weights, the KV cache and the adapter slots in
 //! device memory. The engine holds one [`Executor`] and never asks which.
 
-use super::gpu::GpuModel;
+use super::gpu::{AdapterReadiness, GpuModel, SlotLimits};
 use super::kv_cache::{KvCache, KvCacheConfig};
 use super::llama::{ForwardBatch, Llama};
 use super::{Dtype, ModelError};
+use adapters::{AdapterId, LoraAdapter};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Default `--max-gpu-adapters`: device adapter slots (each as large as one adapter).
 pub const DEFAULT_GPU_ADAPTER_SLOTS: usize = 128;
+
+/// Default `--gpu-adapter-bytes`: 8 GiB, 250 rank-16 q/v adapters of a 7B model in bf16.
+pub const DEFAULT_GPU_ADAPTER_BYTES: usize = 8 << 30;
 
 /// A device the forward pass can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,13 +58,17 @@ pub struct DeviceConfig {
     pub device: ComputeDevice,
     /// Storage type of the weights on a GPU (`auto`: bf16).
     pub dtype: Dtype,
-    /// Adapter slots on a GPU: the most distinct adapters resident there at once.
-    pub adapter_slots: usize,
+    /// Adapter slots on a GPU: how many, and how many bytes.
+    pub adapters: SlotLimits,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { device: ComputeDevice::Cpu, dtype: Dtype::Auto, adapter_slots: DEFAULT_GPU_ADAPTER_SLOTS }
+        Self {
+            device: ComputeDevice::Cpu,
+            dtype: Dtype::Auto,
+            adapters: SlotLimits { slots: DEFAULT_GPU_ADAPTER_SLOTS, bytes: DEFAULT_GPU_ADAPTER_BYTES },
+        }
     }
 }
 
@@ -80,7 +89,7 @@ impl Executor {
         match device.device {
             ComputeDevice::Cpu => Ok(Self::cpu(model, kv)),
             ComputeDevice::Cuda(ordinal) => {
-                let gpu = GpuModel::new(model, ordinal, device.dtype, kv, device.adapter_slots)?;
+                let gpu = GpuModel::new(model, ordinal, device.dtype, kv, device.adapters)?;
                 tracing::info!(
                     device = gpu.device_name(),
                     blocks = gpu.num_blocks(),
@@ -111,6 +120,28 @@ impl Executor {
         match self {
             Self::Cpu(kv) => super::with_logits(&model.forward(batch, kv)?),
             Self::Gpu(gpu) => gpu.forward(batch),
+        }
+    }
+
+    /// Brings the adapters of waiting sequences (`wanted`, in queue order) onto the device
+    /// without waiting, and says for each whether it is there; adapters of `running` sequences
+    /// keep their place. On the CPU every adapter is where it needs to be.
+    pub fn prepare_adapters(
+        &mut self,
+        wanted: &[Arc<LoraAdapter>],
+        running: &[AdapterId],
+    ) -> Vec<AdapterReadiness> {
+        match self {
+            Self::Cpu(_) => vec![AdapterReadiness::Ready; wanted.len()],
+            Self::Gpu(gpu) => gpu.prepare_adapters(wanted, running),
+        }
+    }
+
+    /// Starts the adapter copies `prepare_adapters` queued, for an engine with no step to run
+    /// (a step starts them itself).
+    pub fn start_queued_loads(&mut self) {
+        if let Self::Gpu(gpu) = self {
+            gpu.start_queued_loads();
         }
     }
 }

@@ -1,8 +1,16 @@
 //! The base resident on a CUDA device (`--device cuda[:N]`): `llama.rs`'s decoder with its
 //! weights in f32, f16 or bf16 device buffers, the paged KV cache in device memory, and adapters
-//! in a pool of device slots filled from the host tier on first use. The engine hands it the same
+//! in a pool of device slots between the host tier and the steps. The engine hands it the same
 //! `ForwardBatch` as the CPU model and gets the same logits back; everything device-specific is
 //! behind `kernels::cuda`, which exists (and fails to open a device) in builds without CUDA.
+//!
+//! Adapters come in ahead of their steps: the engine asks [`GpuModel::prepare_adapters`] for the
+//! adapters of waiting sequences, which reserves slots (never one a running sequence uses, nor
+//! more bytes than the budget) and queues the loads; a step converts queued adapters into pinned
+//! memory after its own kernels are queued, so the host work overlaps the device's, and the
+//! copies run on the upload stream under the next steps. A sequence is admitted once its adapter
+//! is in the tables. A step that meets an adapter not in a slot (a caller that did not prepare)
+//! loads it and waits.
 
 use super::kv_cache::{KvCache, KvCacheConfig};
 use super::linear::{with_f32_slice, Embedding, Linear};
@@ -18,7 +26,9 @@ use kernels::cuda::{
     SlotPool,
 };
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// The site groups of one layer, as the fused LoRA calls run them: q/k/v and gate/up share their
 /// input, o and down have their own.
@@ -28,6 +38,30 @@ const GROUPS: [&[ModuleId]; 4] = [
     &[ModuleId::GATE, ModuleId::UP],
     &[ModuleId::DOWN],
 ];
+
+/// Adapter loads queued or copying at once: each holds pinned host memory the size of its
+/// adapter, and more in flight would only delay the first.
+const MAX_LOADS_IN_FLIGHT: usize = 4;
+
+/// Device memory for adapters (`--max-gpu-adapters`, `--gpu-adapter-bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLimits {
+    /// The most distinct adapters resident at once.
+    pub slots: usize,
+    /// The most bytes their weights may take.
+    pub bytes: usize,
+}
+
+/// Where a waiting sequence's adapter stands on the executor's device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterReadiness {
+    /// In a slot: the sequence may run.
+    Ready,
+    /// Queued or copying, or waiting for a slot to come free.
+    NotYet,
+    /// It can never be placed (larger than the byte budget, say): the reason.
+    Failed(String),
+}
 
 /// A model on the GPU, in the storage type `--dtype` chose.
 pub struct GpuModel {
@@ -57,15 +91,15 @@ macro_rules! build_typed {
 impl GpuModel {
     /// Copies `model`'s weights to device `ordinal` as `dtype` says (`auto` is bf16: quantized
     /// GGUF weights are dequantized), allocates the KV cache (`kv.budget_bytes` of device memory)
-    /// and `adapter_slots` empty adapter slots.
+    /// and empty adapter slots within `limits`.
     pub fn new(
         model: &Llama,
         ordinal: usize,
         dtype: Dtype,
         kv: KvCacheConfig,
-        adapter_slots: usize,
+        limits: SlotLimits,
     ) -> Result<Self, ModelError> {
-        Self::open(ordinal, |gpu| Ok(build_typed!(dtype, new(gpu, model, kv, adapter_slots))))
+        Self::open(ordinal, |gpu| Ok(build_typed!(dtype, new(gpu, model, kv, limits))))
     }
 
     /// A model of `cfg`'s shape with random weights made on the device (benchmarks: a 7B-shaped
@@ -75,10 +109,10 @@ impl GpuModel {
         ordinal: usize,
         dtype: Dtype,
         kv: KvCacheConfig,
-        adapter_slots: usize,
+        limits: SlotLimits,
         seed: u32,
     ) -> Result<Self, ModelError> {
-        Self::open(ordinal, |gpu| Ok(build_typed!(dtype, random(gpu, cfg, kv, adapter_slots, seed))))
+        Self::open(ordinal, |gpu| Ok(build_typed!(dtype, random(gpu, cfg, kv, limits, seed))))
     }
 
     /// Opens the device and builds the model on it.
@@ -119,6 +153,40 @@ impl GpuModel {
             Typed::Bf16(m) => m.forward(batch),
         }
     }
+
+    /// Brings `wanted` (the adapters of waiting sequences, in queue order) onto the device
+    /// without waiting for any copy, and says for each whether it is there. Slots holding
+    /// `running` (adapters of running sequences) are never given up.
+    pub fn prepare_adapters(
+        &mut self,
+        wanted: &[Arc<LoraAdapter>],
+        running: &[AdapterId],
+    ) -> Vec<AdapterReadiness> {
+        match &mut self.typed {
+            Typed::F32(m) => m.prepare_adapters(wanted, running),
+            Typed::F16(m) => m.prepare_adapters(wanted, running),
+            Typed::Bf16(m) => m.prepare_adapters(wanted, running),
+        }
+    }
+
+    /// Starts the loads [`GpuModel::prepare_adapters`] queued; a step does this itself, so only
+    /// an engine with no step to run needs to.
+    pub fn start_queued_loads(&mut self) {
+        match &mut self.typed {
+            Typed::F32(m) => m.start_queued_loads(),
+            Typed::F16(m) => m.start_queued_loads(),
+            Typed::Bf16(m) => m.start_queued_loads(),
+        }
+    }
+
+    /// Device bytes the adapter slots hold, loading ones included.
+    pub fn adapter_bytes(&self) -> usize {
+        match &self.typed {
+            Typed::F32(m) => m.pool.weight_bytes(),
+            Typed::F16(m) => m.pool.weight_bytes(),
+            Typed::Bf16(m) => m.pool.weight_bytes(),
+        }
+    }
 }
 
 /// One projection on the device.
@@ -154,25 +222,97 @@ struct Layer<T> {
     projections: Vec<Projection<T>>,
 }
 
-/// Which adapter each device slot holds, and when each was last used.
+/// Where a slot stands, as the model sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotStatus {
+    Empty,
+    /// Reserved for an adapter whose load has not started.
+    Queued,
+    /// Its copy is running.
+    Loading,
+    /// In the tables.
+    Ready,
+}
+
+/// Which adapter each device slot holds, how far its load is, its bytes and when it was last
+/// used: the host-side bookkeeping of the device tier.
 struct SlotMap {
     slot_of: HashMap<AdapterId, usize>,
     occupant: Vec<Option<AdapterId>>,
+    status: Vec<SlotStatus>,
+    bytes: Vec<usize>,
     last_used: Vec<u64>,
+    budget: usize,
     step: u64,
 }
 
+/// Where a new adapter goes: `slot`, once every slot in `evict` (`slot` among them, if it was
+/// occupied) is emptied.
+#[derive(Debug, PartialEq, Eq)]
+struct Placement {
+    slot: usize,
+    evict: Vec<usize>,
+}
+
 impl SlotMap {
-    fn new(slots: usize) -> Self {
-        Self { slot_of: HashMap::new(), occupant: vec![None; slots], last_used: vec![0; slots], step: 0 }
+    fn new(limits: SlotLimits) -> Self {
+        let n = limits.slots;
+        Self {
+            slot_of: HashMap::new(),
+            occupant: vec![None; n],
+            status: vec![SlotStatus::Empty; n],
+            bytes: vec![0; n],
+            last_used: vec![0; n],
+            budget: limits.bytes,
+            step: 0,
+        }
     }
 
-    /// A slot for an adapter not resident: an empty one, else the least recently used one that
-    /// no row of this step uses.
-    fn victim(&self, in_step: &[AdapterId]) -> Option<usize> {
-        (0..self.occupant.len())
-            .filter(|&s| self.occupant[s].is_none_or(|id| !in_step.contains(&id)))
-            .min_by_key(|&s| (self.occupant[s].is_some(), self.last_used[s]))
+    /// A place for an adapter of `need` bytes: an empty slot, else the least recently used one
+    /// that holds a ready adapter not in `protected`; then as many more such slots, least
+    /// recently used first, as the byte budget needs. `None` if the slots that may be given up
+    /// do not make enough room.
+    fn place(&self, need: usize, protected: &HashSet<AdapterId>) -> Option<Placement> {
+        let may_give_up = |s: usize| match self.occupant[s] {
+            None => true,
+            Some(id) => self.status[s] == SlotStatus::Ready && !protected.contains(&id),
+        };
+        let mut candidates: Vec<usize> = (0..self.occupant.len()).filter(|&s| may_give_up(s)).collect();
+        candidates.sort_by_key(|&s| (self.occupant[s].is_some(), self.last_used[s]));
+        let (&slot, others) = candidates.split_first()?;
+        let mut evict: Vec<usize> = self.occupant[slot].map(|_| slot).into_iter().collect();
+        let mut held = self.bytes.iter().sum::<usize>() - self.bytes[slot];
+        for &s in others {
+            if held.saturating_add(need) <= self.budget {
+                break;
+            }
+            if self.occupant[s].is_some() {
+                evict.push(s);
+                held -= self.bytes[s];
+            }
+        }
+        (held.saturating_add(need) <= self.budget).then_some(Placement { slot, evict })
+    }
+
+    fn assign(&mut self, slot: usize, id: AdapterId, bytes: usize, status: SlotStatus) {
+        self.remove(slot);
+        self.occupant[slot] = Some(id);
+        self.slot_of.insert(id, slot);
+        self.status[slot] = status;
+        self.bytes[slot] = bytes;
+        self.last_used[slot] = self.step;
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(id) = self.occupant[slot].take() {
+            self.slot_of.remove(&id);
+        }
+        self.status[slot] = SlotStatus::Empty;
+        self.bytes[slot] = 0;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.status.iter().filter(|s| matches!(s, SlotStatus::Queued | SlotStatus::Loading)).count()
     }
 }
 
@@ -198,12 +338,16 @@ struct GpuLlama<T> {
     num_blocks: usize,
     pool: SlotPool<T>,
     slots: SlotMap,
+    /// Slots reserved by `prepare_adapters` whose loads start after the next step's launches.
+    queued: Vec<(usize, Arc<LoraAdapter>)>,
+    /// Adapters whose load failed since the last `prepare_adapters`, with the reason.
+    failed: HashMap<AdapterId, String>,
     lora_scratch: LoraScratch,
     attention_scratch: AttentionScratch,
 }
 
 impl<T: DeviceFloat> GpuLlama<T> {
-    fn new(gpu: Gpu, model: &Llama, kv: KvCacheConfig, adapter_slots: usize) -> Result<Self, ModelError> {
+    fn new(gpu: Gpu, model: &Llama, kv: KvCacheConfig, limits: SlotLimits) -> Result<Self, ModelError> {
         let cfg = model.config().clone();
         let missing = |what: String| ModelError::Config(format!("the model has no {what}"));
         let embed_table = match model.embedding() {
@@ -238,7 +382,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
             .collect::<Result<Vec<_>, ModelError>>()?;
         let final_norm = gpu.upload(&tensor_f32(model.final_norm())?)?;
         let weights = Weights { embed, lm_head, layers, final_norm };
-        Self::assemble(gpu, cfg, weights, model.rope(), kv, adapter_slots)
+        Self::assemble(gpu, cfg, weights, model.rope(), kv, limits)
     }
 
     /// A model of `cfg`'s shape with random weights made on the device (uniform, scaled by
@@ -247,7 +391,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
         gpu: Gpu,
         cfg: &ModelConfig,
         kv: KvCacheConfig,
-        adapter_slots: usize,
+        limits: SlotLimits,
         seed: u32,
     ) -> Result<Self, ModelError> {
         let mut next_seed = seed;
@@ -285,7 +429,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
         }
         let weights = Weights { embed, lm_head, layers, final_norm: ones(cfg.hidden_size)? };
         let rope = kernels::attention::Rope::new(cfg.head_dim, cfg.rope_theta, 1);
-        Self::assemble(gpu, cfg.clone(), weights, &rope, kv, adapter_slots)
+        Self::assemble(gpu, cfg.clone(), weights, &rope, kv, limits)
     }
 
     /// The KV cache, rope tables and adapter slots around a model's weights.
@@ -295,7 +439,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
         weights: Weights<T>,
         rope: &kernels::attention::Rope,
         kv: KvCacheConfig,
-        adapter_slots: usize,
+        limits: SlotLimits,
     ) -> Result<Self, ModelError> {
         let geom =
             KvGeometry { block_size: kv.block_size, n_kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim };
@@ -316,7 +460,7 @@ impl<T: DeviceFloat> GpuLlama<T> {
                 (in_features, group.iter().map(|m| shape.modules[m.0].out_features).collect())
             })
             .collect();
-        let pool = SlotPool::new(&gpu, adapter_slots, &groups)?;
+        let pool = SlotPool::new(&gpu, limits.slots, &groups)?;
         let Weights { embed, lm_head, layers, final_norm } = weights;
         Ok(Self {
             gpu,
@@ -330,14 +474,119 @@ impl<T: DeviceFloat> GpuLlama<T> {
             geom,
             num_blocks,
             pool,
-            slots: SlotMap::new(adapter_slots),
+            slots: SlotMap::new(limits),
+            queued: Vec::new(),
+            failed: HashMap::new(),
             lora_scratch: LoraScratch::new(),
             attention_scratch: AttentionScratch::default(),
         })
     }
 
-    /// Makes every adapter of the step resident in a slot and returns the step's segments, or
-    /// `None` when no row uses an adapter.
+    /// See [`GpuModel::prepare_adapters`].
+    fn prepare_adapters(
+        &mut self,
+        wanted: &[Arc<LoraAdapter>],
+        running: &[AdapterId],
+    ) -> Vec<AdapterReadiness> {
+        self.poll_loads();
+        let mut protected: HashSet<AdapterId> = running.iter().copied().collect();
+        let answers = wanted.iter().map(|adapter| self.readiness(adapter, &mut protected)).collect();
+        // Every sequence waiting on a failed adapter has just been told; a later request for
+        // it tries again.
+        self.failed.clear();
+        answers
+    }
+
+    fn readiness(
+        &mut self,
+        adapter: &Arc<LoraAdapter>,
+        protected: &mut HashSet<AdapterId>,
+    ) -> AdapterReadiness {
+        if let Some(why) = self.failed.get(&adapter.id) {
+            return AdapterReadiness::Failed(why.clone());
+        }
+        // Adapters earlier in the queue keep their slots against later ones.
+        protected.insert(adapter.id);
+        if let Some(&slot) = self.slots.slot_of.get(&adapter.id) {
+            self.slots.last_used[slot] = self.slots.step;
+            return match self.slots.status[slot] {
+                SlotStatus::Ready => AdapterReadiness::Ready,
+                _ => AdapterReadiness::NotYet,
+            };
+        }
+        if self.slots.in_flight() >= MAX_LOADS_IN_FLIGHT {
+            return AdapterReadiness::NotYet;
+        }
+        let need = match host_sites(self.cfg.num_layers, adapter) {
+            Ok(sites) => SlotPool::<T>::bytes_for(&sites),
+            Err(e) => return AdapterReadiness::Failed(e.to_string()),
+        };
+        if need > self.slots.budget {
+            return AdapterReadiness::Failed(format!(
+                "it needs {need} bytes of GPU memory and the adapter slots may hold {} (--gpu-adapter-bytes)",
+                self.slots.budget
+            ));
+        }
+        let Some(placement) = self.slots.place(need, protected) else {
+            // Every slot that could make room is in use: wait for a sequence to finish.
+            return AdapterReadiness::NotYet;
+        };
+        if let Err(e) = self.evict(&placement.evict) {
+            return AdapterReadiness::Failed(e.to_string());
+        }
+        self.slots.assign(placement.slot, adapter.id, need, SlotStatus::Queued);
+        self.queued.push((placement.slot, adapter.clone()));
+        AdapterReadiness::NotYet
+    }
+
+    fn evict(&mut self, slots: &[usize]) -> Result<(), ModelError> {
+        for &slot in slots {
+            self.slots.remove(slot);
+            self.pool.clear(&self.gpu, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Lets finished copies join the tables.
+    fn poll_loads(&mut self) {
+        for slot in 0..self.slots.status.len() {
+            if self.slots.status[slot] != SlotStatus::Loading {
+                continue;
+            }
+            match self.pool.poll(slot) {
+                Ok(true) => self.slots.status[slot] = SlotStatus::Ready,
+                Ok(false) => {}
+                Err(e) => self.load_failed(slot, e.into()),
+            }
+        }
+    }
+
+    /// Converts every queued adapter into pinned memory and queues its copy.
+    fn start_queued_loads(&mut self) {
+        for (slot, adapter) in std::mem::take(&mut self.queued) {
+            let started = host_sites(self.cfg.num_layers, &adapter)
+                .and_then(|sites| Ok(self.pool.begin_load(&self.gpu, slot, &sites)?));
+            match started {
+                Ok(()) => self.slots.status[slot] = SlotStatus::Loading,
+                Err(e) => self.load_failed(slot, e),
+            }
+        }
+    }
+
+    /// Empties a slot whose load failed and remembers why, for the sequences waiting on it.
+    fn load_failed(&mut self, slot: usize, error: ModelError) {
+        if let Some(id) = self.slots.occupant[slot] {
+            self.failed.insert(id, error.to_string());
+        }
+        self.slots.remove(slot);
+        if let Err(e) = self.pool.clear(&self.gpu, slot) {
+            tracing::warn!(slot, error = %e, "emptying a GPU adapter slot after a failed load");
+        }
+    }
+
+    /// Makes every adapter of the step ready in a slot (waiting for copies still running, and
+    /// loading any the engine did not prepare) and returns the step's segments, or `None` when no
+    /// row uses an adapter.
     fn segments(
         &mut self,
         rows: usize,
@@ -347,26 +596,22 @@ impl<T: DeviceFloat> GpuLlama<T> {
             return Ok(None);
         }
         self.slots.step += 1;
-        let in_step: Vec<AdapterId> = segments.iter().map(|(_, a)| a.id).collect();
+        if segments.iter().any(|(_, a)| {
+            self.slots.slot_of.get(&a.id).is_some_and(|&s| self.slots.status[s] == SlotStatus::Queued)
+        }) {
+            self.start_queued_loads();
+        }
+        let in_step: HashSet<AdapterId> = segments.iter().map(|(_, a)| a.id).collect();
         let mut packed: Vec<(Range<usize>, u32)> = Vec::with_capacity(segments.len());
         for (range, adapter) in segments {
             let slot = match self.slots.slot_of.get(&adapter.id) {
                 Some(&slot) => slot,
-                None => {
-                    let slot = self.slots.victim(&in_step).ok_or_else(|| {
-                        ModelError::Config(format!(
-                            "a step uses more adapters than the {} GPU adapter slots (--max-gpu-adapters)",
-                            self.pool.n_slots()
-                        ))
-                    })?;
-                    self.load_adapter(slot, adapter)?;
-                    if let Some(old) = self.slots.occupant[slot].replace(adapter.id) {
-                        self.slots.slot_of.remove(&old);
-                    }
-                    self.slots.slot_of.insert(adapter.id, slot);
-                    slot
-                }
+                None => self.load_now(adapter, &in_step)?,
             };
+            if self.slots.status[slot] != SlotStatus::Ready {
+                self.pool.finish_load(slot)?;
+                self.slots.status[slot] = SlotStatus::Ready;
+            }
             self.slots.last_used[slot] = self.slots.step;
             // Adjacent segments of one adapter become one: the kernels take at most one
             // segment per slot.
@@ -379,40 +624,27 @@ impl<T: DeviceFloat> GpuLlama<T> {
         Ok(Some(GpuSegments::new(&self.gpu, rows, self.pool.n_slots(), &packed)?))
     }
 
-    fn load_adapter(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<(), ModelError> {
-        let mut sites = Vec::with_capacity(self.cfg.num_layers * GROUPS.len());
-        for layer in 0..self.cfg.num_layers {
-            for group in GROUPS {
-                let group_sites = group
-                    .iter()
-                    .map(|m| {
-                        let Some(site) = adapter.site(layer, m.0) else { return Ok(None) };
-                        let (a, b) = site.f32_matrices().ok_or_else(|| {
-                            ModelError::Config(
-                                "an adapter on the GPU needs its f32 weights, not a quantized copy".into(),
-                            )
-                        })?;
-                        Ok(Some(HostSite {
-                            a,
-                            b,
-                            dora: site.dora_factor.as_deref(),
-                            rank: site.rank,
-                            scale: site.scale,
-                        }))
-                    })
-                    .collect::<Result<Vec<_>, ModelError>>()?;
-                sites.push(group_sites);
-            }
-        }
-        // A failed load leaves the slot as it was, but the map must not keep pointing at it.
+    /// Loads an adapter a step needs and no slot holds, waiting for its copy.
+    fn load_now(&mut self, adapter: &LoraAdapter, in_step: &HashSet<AdapterId>) -> Result<usize, ModelError> {
+        let sites = host_sites(self.cfg.num_layers, adapter)?;
+        let need = SlotPool::<T>::bytes_for(&sites);
+        let placement = self.slots.place(need, in_step).ok_or_else(|| {
+            ModelError::Config(format!(
+                "the step's adapters do not fit the {} GPU adapter slots and {} bytes \
+                 (--max-gpu-adapters, --gpu-adapter-bytes)",
+                self.pool.n_slots(),
+                self.slots.budget
+            ))
+        })?;
+        self.evict(&placement.evict)?;
+        let slot = placement.slot;
         if let Err(e) = self.pool.load(&self.gpu, slot, &sites) {
-            if let Some(old) = self.slots.occupant[slot].take() {
-                self.slots.slot_of.remove(&old);
-            }
-            self.pool.clear(slot);
+            self.slots.remove(slot);
+            self.pool.clear(&self.gpu, slot)?;
             return Err(e.into());
         }
-        Ok(())
+        self.slots.assign(slot, adapter.id, need, SlotStatus::Ready);
+        Ok(slot)
     }
 
     fn forward(&mut self, batch: &ForwardBatch) -> Result<Vec<f32>, ModelError> {
@@ -496,8 +728,43 @@ impl<T: DeviceFloat> GpuLlama<T> {
         let mut logits = gpu.zeros::<T>(wanted * cfg.vocab_size)?;
         let head = lm_head.as_ref().unwrap_or(embed);
         linear(gpu, &selected, head, (cfg.vocab_size, h), None, &mut logits)?;
-        Ok(gpu.download(&logits)?.into_iter().map(T::to_f32).collect())
+        // The step is queued: the host converts waiting adapters while the device runs it.
+        self.start_queued_loads();
+        Ok(self.gpu.download(&logits)?.into_iter().map(T::to_f32).collect())
     }
+}
+
+/// An adapter's sites in the pool's group order (layer by layer, `GROUPS` within each), borrowing
+/// its f32 weights.
+fn host_sites(
+    num_layers: usize,
+    adapter: &LoraAdapter,
+) -> Result<Vec<Vec<Option<HostSite<'_>>>>, ModelError> {
+    let mut sites = Vec::with_capacity(num_layers * GROUPS.len());
+    for layer in 0..num_layers {
+        for group in GROUPS {
+            let group_sites = group
+                .iter()
+                .map(|m| {
+                    let Some(site) = adapter.site(layer, m.0) else { return Ok(None) };
+                    let (a, b) = site.f32_matrices().ok_or_else(|| {
+                        ModelError::Config(
+                            "an adapter on the GPU needs its f32 weights, not a quantized copy".into(),
+                        )
+                    })?;
+                    Ok(Some(HostSite {
+                        a,
+                        b,
+                        dora: site.dora_factor.as_deref(),
+                        rank: site.rank,
+                        scale: site.scale,
+                    }))
+                })
+                .collect::<Result<Vec<_>, ModelError>>()?;
+            sites.push(group_sites);
+        }
+    }
+    Ok(sites)
 }
 
 /// A CPU tensor's values as f32.
@@ -509,4 +776,83 @@ fn tensor_f32(t: &Tensor) -> Result<Vec<f32>, ModelError> {
 fn upload_as<T: DeviceFloat>(gpu: &Gpu, values: &[f32]) -> Result<DeviceBuf<T>, ModelError> {
     let converted: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
     Ok(gpu.upload(&converted)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Placement, SlotLimits, SlotMap, SlotStatus};
+    use adapters::AdapterId;
+    use std::collections::HashSet;
+
+    fn id(n: u8) -> AdapterId {
+        AdapterId::of_files(&[n], b"weights")
+    }
+
+    /// Slots holding `(adapter, bytes, status, last used)` (`None`: empty).
+    fn map(budget: usize, slots: &[Option<(u8, usize, SlotStatus, u64)>]) -> SlotMap {
+        let mut map = SlotMap::new(SlotLimits { slots: slots.len(), bytes: budget });
+        for (slot, occupant) in slots.iter().enumerate() {
+            if let Some((n, bytes, status, used)) = *occupant {
+                map.assign(slot, id(n), bytes, status);
+                map.last_used[slot] = used;
+            }
+        }
+        map
+    }
+
+    fn place(map: &SlotMap, need: usize, protected: &[u8]) -> Option<Placement> {
+        map.place(need, &protected.iter().map(|&n| id(n)).collect::<HashSet<_>>())
+    }
+
+    #[test]
+    fn an_empty_slot_goes_first_then_the_least_recently_used_ready_one() {
+        use SlotStatus::Ready;
+        let with_room = map(1000, &[Some((1, 10, Ready, 1)), None, Some((2, 10, Ready, 0))]);
+        assert_eq!(place(&with_room, 10, &[]), Some(Placement { slot: 1, evict: vec![] }));
+        let full = map(1000, &[Some((1, 10, Ready, 5)), Some((2, 10, Ready, 2)), Some((3, 10, Ready, 9))]);
+        assert_eq!(place(&full, 10, &[]), Some(Placement { slot: 1, evict: vec![1] }));
+        // A protected adapter (a running sequence's, or one earlier in the queue) keeps its slot.
+        assert_eq!(place(&full, 10, &[2]), Some(Placement { slot: 0, evict: vec![0] }));
+        assert_eq!(place(&full, 10, &[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn a_slot_whose_copy_is_queued_or_running_is_never_given_up() {
+        use SlotStatus::{Loading, Queued, Ready};
+        let busy = map(1000, &[Some((1, 10, Loading, 0)), Some((2, 10, Queued, 1)), Some((3, 10, Ready, 7))]);
+        assert_eq!(place(&busy, 10, &[]), Some(Placement { slot: 2, evict: vec![2] }));
+        assert_eq!(place(&busy, 10, &[3]), None);
+    }
+
+    #[test]
+    fn the_byte_budget_gives_up_more_slots_least_recently_used_first() {
+        use SlotStatus::Ready;
+        let slots = [Some((1, 40, Ready, 1)), Some((2, 40, Ready, 2)), None, Some((3, 10, Ready, 3))];
+        let m = map(100, &slots);
+        // 90 bytes held: 10 more fit in the empty slot.
+        assert_eq!(place(&m, 10, &[]), Some(Placement { slot: 2, evict: vec![] }));
+        // 50 need the oldest (40) gone as well.
+        assert_eq!(place(&m, 50, &[]), Some(Placement { slot: 2, evict: vec![0] }));
+        assert_eq!(place(&m, 90, &[]), Some(Placement { slot: 2, evict: vec![0, 1] }));
+        // Protecting the oldest moves the eviction to the next.
+        assert_eq!(place(&m, 50, &[1]), Some(Placement { slot: 2, evict: vec![1] }));
+        assert_eq!(place(&m, 90, &[3]), Some(Placement { slot: 2, evict: vec![0, 1] }));
+        assert_eq!(place(&m, 91, &[3]), None);
+        assert_eq!(place(&m, 101, &[]), None);
+    }
+
+    #[test]
+    fn assigning_and_removing_keep_the_index_and_the_counts() {
+        let mut m = map(100, &[None, None]);
+        m.assign(0, id(1), 30, SlotStatus::Queued);
+        m.assign(1, id(2), 30, SlotStatus::Loading);
+        assert_eq!(m.in_flight(), 2);
+        assert_eq!(m.slot_of.get(&id(2)), Some(&1));
+        // Reassigning a slot drops the adapter it held.
+        m.assign(1, id(3), 20, SlotStatus::Ready);
+        assert_eq!((m.slot_of.get(&id(2)), m.slot_of.get(&id(3))), (None, Some(&1)));
+        assert_eq!((m.in_flight(), m.bytes.iter().sum::<usize>()), (1, 50));
+        m.remove(0);
+        assert_eq!((m.slot_of.get(&id(1)), m.status[0], m.bytes[0]), (None, SlotStatus::Empty, 0));
+    }
 }

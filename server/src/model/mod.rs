@@ -15,9 +15,11 @@ mod llama;
 mod lora;
 
 pub use config::{json_ids, Architecture, HfConfig, ModelConfig};
-pub use device::{ComputeDevice, DeviceConfig, Executor, DEFAULT_GPU_ADAPTER_SLOTS};
+pub use device::{
+    ComputeDevice, DeviceConfig, Executor, DEFAULT_GPU_ADAPTER_BYTES, DEFAULT_GPU_ADAPTER_SLOTS,
+};
 pub use gguf::{load_bytes as load_gguf_bytes, Metadata as GgufMetadata};
-pub use gpu::GpuModel;
+pub use gpu::{AdapterReadiness, GpuModel, SlotLimits};
 pub use kv_cache::{KvCache, KvCacheConfig, DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_BYTES};
 pub use linear::{with_f32_slice, with_logits, Embedding, Linear};
 pub use llama::{DenseLayer, DenseWeights, ForwardBatch, Llama};

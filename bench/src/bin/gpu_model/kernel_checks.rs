@@ -183,8 +183,8 @@ fn run_cases<T: DeviceFloat>(gpu: &Gpu, tol: f32) -> Result<Cases> {
 
 /// A pool of 5 slots over one group of two sites (in 300, out 129 and 64): three adapters in
 /// slots 4, 0 and 2 (ranks 4, 16 and 8; the third with DoRA on site 0 and absent from site 1),
-/// rows 0-2 base, then a segment per adapter; then slot 0 is reloaded with another adapter and
-/// the pool must serve the new weights.
+/// rows 0-2 base, then a segment per adapter, loaded through the upload stream; then slot 0 is
+/// reloaded (and waited for) with another adapter and the pool must serve the new weights.
 fn slot_pool_case<T: DeviceFloat>(gpu: &Gpu, rng: &mut SplitMix64, tol: f32) -> Result<f32> {
     let (inp, outs) = (300usize, [129usize, 64]);
     let rows = 14;
@@ -219,8 +219,16 @@ fn slot_pool_case<T: DeviceFloat>(gpu: &Gpu, rng: &mut SplitMix64, tol: f32) -> 
             .collect()]
     }
     let mut pool = SlotPool::<T>::new(gpu, 5, &[(inp, outs.to_vec())])?;
+    // All three copies are queued at once on the upload stream, then polled until done.
     for (k, data) in adapters.iter().enumerate() {
-        pool.load(gpu, slots[k], &host_sites(k, data, ranks[k], scales[k]))?;
+        pool.begin_load(gpu, slots[k], &host_sites(k, data, ranks[k], scales[k]))?;
+    }
+    let started = std::time::Instant::now();
+    while !slots.iter().map(|&s| pool.poll(s)).collect::<Result<Vec<bool>, _>>()?.iter().all(|&ready| ready) {
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            anyhow::bail!("the pool's uploads were not done after 10 s");
+        }
+        std::thread::yield_now();
     }
     let x = values::<T>(rng, rows * inp, 1.0);
     let ys: Vec<Vec<f32>> = outs.iter().map(|&o| values::<T>(rng, rows * o, 1.0)).collect();

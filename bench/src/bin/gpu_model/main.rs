@@ -7,7 +7,9 @@
 //! layers, q/k/v biases for Qwen2) and random PEFT adapters of ranks 4, 8 and 16 on different
 //! projection sets, one with DoRA. Both executors run the same steps: six sequences, two on the
 //! base and four on three adapters, prefilled in two chunks and then decoded greedily for eight
-//! steps, every sequence feeding back the CPU's token. Each step compares every logit row: with
+//! steps, every sequence feeding back the CPU's token. Two adapters are loaded ahead through
+//! `prepare_adapters` (the upload stream, as the engine does), the third by the first step that
+//! uses it. Each step compares every logit row: with
 //! f32 on the GPU the largest difference must stay within 1e-3 of the largest logit and the
 //! greedy tokens must agree (or the CPU's top two must be closer than that); f16 and bf16 rows
 //! are reported, not judged. Results go to stdout and, with `--out`, `DIR/gpu_model.md`.
@@ -19,13 +21,15 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use adapters::LoraAdapter;
 use anyhow::{bail, Context, Result};
 use kernels::attention::SeqRows;
 use lorahost::model::{
-    self, ComputeDevice, DeviceConfig, Dtype, Executor, ForwardBatch, KvCache, KvCacheConfig, Llama,
-    LoraBatch, LoraStorage,
+    self, AdapterReadiness, ComputeDevice, DeviceConfig, Dtype, Executor, ForwardBatch, KvCache,
+    KvCacheConfig, Llama, LoraBatch, LoraStorage, SlotLimits,
 };
 use lorahost::testing::TinyModel;
 
@@ -210,8 +214,12 @@ fn compare(model: &Llama, adapters: &[LoraAdapter], dtype: Dtype) -> Result<Comp
         block_size: BLOCK_SIZE,
     };
     let mut cpu = Executor::cpu(model, kv);
-    let device = DeviceConfig { device: ComputeDevice::Cuda(0), dtype, adapter_slots: 4 };
+    let adapter_limits = SlotLimits { slots: 4, bytes: model::DEFAULT_GPU_ADAPTER_BYTES };
+    let device = DeviceConfig { device: ComputeDevice::Cuda(0), dtype, adapters: adapter_limits };
     let mut gpu = Executor::open(model, device, kv).context("opening the GPU executor")?;
+    // The first two adapters come in the way the engine brings them (queued, copied on the
+    // upload stream, polled until ready); the third is met by a step and loaded there.
+    load_ahead(&mut gpu, &adapters[..2])?;
     let mut result = Comparison { max_diff: 0.0, tokens: 0, tokens_equal: 0, hard_mismatches: 0 };
     // Two prefill chunks, then decode steps.
     for step in 0..2 + DECODE_STEPS {
@@ -290,6 +298,29 @@ fn compare(model: &Llama, adapters: &[LoraAdapter], dtype: Dtype) -> Result<Comp
         }
     }
     Ok(result)
+}
+
+/// Brings `adapters` onto the device through `prepare_adapters` and waits until every one is
+/// ready (10 s at most).
+fn load_ahead(gpu: &mut Executor, adapters: &[LoraAdapter]) -> Result<()> {
+    let wanted: Vec<Arc<LoraAdapter>> = adapters.iter().cloned().map(Arc::new).collect();
+    let started = Instant::now();
+    loop {
+        let readiness = gpu.prepare_adapters(&wanted, &[]);
+        if let Some(AdapterReadiness::Failed(why)) =
+            readiness.iter().find(|r| matches!(r, AdapterReadiness::Failed(_)))
+        {
+            bail!("loading an adapter ahead failed: {why}");
+        }
+        if readiness.iter().all(|r| *r == AdapterReadiness::Ready) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("adapters loaded ahead were not ready after 10 s: {readiness:?}");
+        }
+        gpu.start_queued_loads();
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The argmax and how far the best logit is above the second best.
