@@ -19,6 +19,8 @@ pub struct TinyModel {
     pub seed: u64,
     /// Write a Qwen2 model (q/k/v biases) instead of a Llama one.
     pub qwen2: bool,
+    /// Give the model its own `lm_head` instead of tying it to the embeddings.
+    pub untied_lm_head: bool,
 }
 
 impl Default for TinyModel {
@@ -33,6 +35,7 @@ impl Default for TinyModel {
             max_positions: 2048,
             seed: 1,
             qwen2: false,
+            untied_lm_head: false,
         }
     }
 }
@@ -72,6 +75,9 @@ impl TinyModel {
             t.insert(format!("{p}.post_attention_layernorm.weight"), (rand(&[h], 0.1)? + 1.0)?);
         }
         t.insert("model.norm.weight".into(), (rand(&[h], 0.1)? + 1.0)?);
+        if self.untied_lm_head {
+            t.insert("lm_head.weight".into(), rand(&[self.vocab, h], s_h)?);
+        }
         Ok(t)
     }
 
@@ -90,7 +96,7 @@ impl TinyModel {
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
             "max_position_embeddings": self.max_positions,
-            "tie_word_embeddings": true,
+            "tie_word_embeddings": !self.untied_lm_head,
             "hidden_act": "silu",
             "bos_token_id": 1,
             "eos_token_id": 2,

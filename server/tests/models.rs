@@ -29,6 +29,20 @@ fn qwen2_biases_are_loaded_and_used() {
 }
 
 #[test]
+fn an_untied_lm_head_is_loaded_and_used() {
+    let shape = TinyModel { untied_lm_head: true, ..Default::default() };
+    let (_untied_dir, untied) = tiny_base(shape);
+    assert!(!untied.model.config().tie_word_embeddings);
+    // Same seed, so every other weight is the same: only the head differs.
+    let (_tied_dir, tied) = tiny_base(TinyModel::default());
+    let prompt = [10, 20, 30, 40];
+    let own_head = untied.model.last_logits(&prompt, None).expect("forward");
+    let embedding_head = tied.model.last_logits(&prompt, None).expect("forward");
+    let diff = own_head.iter().zip(&embedding_head).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff > 1e-3, "the untied lm_head had no effect ({diff})");
+}
+
+#[test]
 fn unsupported_configs_are_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     TinyModel::default().write_hf_dir(dir.path(), &fixtures().join("base")).expect("write");

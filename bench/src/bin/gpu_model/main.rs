@@ -3,16 +3,16 @@
 //! `gpu_model [--out DIR]` (build with `--features cuda`; without it, or without a device, it says
 //! so and exits with status 2; status 1 when a parity check fails).
 //!
-//! Parity: random-weight Llama and Qwen2 models (`lorahost::testing::TinyModel`: GQA, three
-//! layers, q/k/v biases for Qwen2) and random PEFT adapters of ranks 4, 8 and 16 on different
-//! projection sets, one with DoRA. Both executors run the same steps: six sequences, two on the
-//! base and four on three adapters, prefilled in two chunks and then decoded greedily for eight
-//! steps, every sequence feeding back the CPU's token. Two adapters are loaded ahead through
-//! `prepare_adapters` (the upload stream, as the engine does), the third by the first step that
-//! uses it. Each step compares every logit row: with
-//! f32 on the GPU the largest difference must stay within 1e-3 of the largest logit and the
-//! greedy tokens must agree (or the CPU's top two must be closer than that); f16 and bf16 rows
-//! are reported, not judged. Results go to stdout and, with `--out`, `DIR/gpu_model.md`.
+//! Parity: random-weight Llama and Qwen2 models (`lorahost::testing::TinyModel`: GQA, three layers;
+//! for Qwen2 q/k/v biases and an lm_head of its own) and random PEFT adapters of ranks 4, 8 and 16
+//! on different projection sets, one with DoRA. Both executors run the same steps: six sequences,
+//! two on the base and four on three adapters, prefilled in two chunks and then decoded greedily
+//! for eight steps, every sequence feeding back the CPU's token. Two adapters are loaded ahead
+//! through `prepare_adapters` (the upload stream, as the engine does), the third by the first step
+//! that uses it. Each step compares every logit row: with f32 on the GPU the largest difference
+//! must stay within 1e-3 of the largest logit and the greedy tokens must agree (or the CPU's top
+//! two must be closer than that); f16 and bf16 rows are reported, not judged. Results go to stdout
+//! and, with `--out`, `DIR/gpu_model.md`.
 //!
 //! Before that, each kernel the model adds (`kernels::cuda::{gather_rows, rms_norm, rope,
 //! silu_mul, linear}` and the device adapter pool `SlotPool`) is checked against plain CPU loops
@@ -91,6 +91,8 @@ fn run() -> Result<bool> {
             max_positions: 1024,
             seed: 7,
             qwen2,
+            // The Qwen2 model has its own lm_head, so both ways to the logits are checked.
+            untied_lm_head: qwen2,
         };
         let dir = tmp.path().join(name);
         tiny.write_hf_dir(&dir, &tmp.path().join("no-tokenizer"))?;
