@@ -92,13 +92,21 @@ fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], gener
 
 /// The lowest index of the largest logit (ties break towards the smaller id).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    // Two passes the compiler vectorizes (a lane-wise max, then the first index holding it)
+    // instead of one loop whose every compare waits on the last: ~4x less time (perf) over a
+    // 49k vocabulary, for every greedy row of every step, on the engine thread. NaNs are never
+    // the max; the first of equal maxima wins.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            *m = if l > *m { l } else { *m };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 fn log_sum_exp(logits: &[f32]) -> f32 {
@@ -155,6 +163,22 @@ mod tests {
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams { temperature, seed: Some(7), ..Default::default() }
+    }
+
+    #[test]
+    fn argmax_finds_the_first_maximum_anywhere_in_long_rows() {
+        for len in [1, 15, 16, 17, 49_152, 49_155] {
+            for at in [0, len / 2, len - 1] {
+                let mut row: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+                row[at] = 2.0;
+                assert_eq!(argmax(&row), at as u32, "len {len}, max at {at}");
+                // A later equal maximum does not win; a NaN is never the maximum.
+                row[len - 1] = if at == len - 1 { 2.0 } else { f32::NAN };
+                assert_eq!(argmax(&row), at as u32, "len {len}, max at {at}, with a NaN or tie");
+            }
+        }
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
