@@ -188,6 +188,57 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// How one matmul call is cut into chunks: (output row-group range × activation row panel).
+#[derive(Clone, Copy)]
+struct Chunks {
+    rows: usize,
+    n_panels: usize,
+    panel: usize,
+    chunk_groups: usize,
+    total: usize,
+    /// Whether the call is big enough to be worth a helper thread.
+    parallel: bool,
+}
+
+impl Chunks {
+    fn of(m: &QuantMatrix, rows: usize) -> Self {
+        // Row panels bound the activation working set (≤ 64 rows ≈ 100 KB of int8 at in = 1536)
+        // so it stays in L2 while the weights of a chunk are swept.
+        let n_panels = rows.div_ceil(PANEL_ROWS);
+        let panel = rows.div_ceil(n_panels.max(1));
+        // One unit = one 16-row group × one 32-block × one activation row = 512 MACs (a few ns).
+        let units_per_group = (m.nb * panel).max(1);
+        let chunk_groups = (CHUNK_UNITS / units_per_group).clamp(1, m.groups.max(1));
+        let total = m.groups.div_ceil(chunk_groups) * n_panels;
+        Self {
+            rows,
+            n_panels,
+            panel,
+            chunk_groups,
+            total,
+            parallel: m.groups * m.nb * rows >= PARALLEL_MIN_UNITS,
+        }
+    }
+
+    /// Runs chunk `t` (< `total`) of `m`'s matmul of `rows` activation rows.
+    ///
+    /// # Safety
+    /// As [`QuantMatrix::run_range`]: `y` is the call's `[rows, out_features]` output and no
+    /// other thread touches this chunk's elements.
+    unsafe fn run(&self, m: &QuantMatrix, path: MatmulPath, acts: &Acts, t: usize, y: OutPtr) {
+        let (c, p) = (t / self.n_panels, t % self.n_panels);
+        let g = c * self.chunk_groups..((c + 1) * self.chunk_groups).min(m.groups);
+        let r = p * self.panel..((p + 1) * self.panel).min(self.rows);
+        m.run_range(path, acts, g, r, y);
+    }
+}
+
+thread_local! {
+    /// Each thread's activation buffer, reused across calls; taken (not borrowed) so that a
+    /// re-entrant call from a stolen rayon job stays safe: it just allocates its own buffer.
+    static ACTS: Cell<Acts> = Cell::new(Acts::default());
+}
+
 impl QuantMatrix {
     /// W[o, i] = dequant(block `i/32` of row `o`)[i % 32], from GGML blocks laid out exactly as a
     /// GGUF file stores them: row-major, `out_features` rows of `in_features / 32` blocks.
@@ -423,14 +474,55 @@ impl QuantMatrix {
         if rows == 0 {
             return Ok(());
         }
-        // Reuse this thread's activation buffer across calls; `take` (not a borrow) keeps a
-        // re-entrant call from a stolen rayon job safe, it just allocates its own buffer.
-        thread_local! {
-            static ACTS: Cell<Acts> = Cell::new(Acts::default());
-        }
         let mut acts = ACTS.with(Cell::take);
         acts.quantize(path, x, rows, self.in_features);
         self.run(path, &acts, rows, y);
+        ACTS.with(|c| c.set(acts));
+        Ok(())
+    }
+
+    /// `y_k = x · W_kᵀ` for every `(W_k, y_k)` of `outputs`, all with the same input `x`
+    /// (`[rows, in]`, every `W_k` with this `in`): exactly [`Self::matmul`] on each, with `x`
+    /// quantized once for all of them and their chunks shared out in one parallel section
+    /// (q/k/v, gate/up: one activation pass and one wait instead of three or two).
+    pub fn matmul_shared_input(
+        x: &[f32],
+        rows: usize,
+        outputs: &mut [(&QuantMatrix, &mut [f32])],
+    ) -> Result<(), KernelError> {
+        let Some(in_features) = outputs.first().map(|(m, _)| m.in_features) else { return Ok(()) };
+        for (m, y) in outputs.iter() {
+            if m.in_features != in_features {
+                return Err(KernelError::Shape(format!(
+                    "matmuls of one input need one in_features: {} and {in_features}",
+                    m.in_features
+                )));
+            }
+            m.check_matmul_shapes(x, rows, y)?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let path = MatmulPath::best();
+        let mut acts = ACTS.with(Cell::take);
+        acts.quantize(path, x, rows, in_features);
+        // (matrix, its output, its cut, its first chunk in the shared numbering)
+        let mut parts = Vec::with_capacity(outputs.len());
+        let (mut total, mut parallel) = (0, false);
+        for (m, y) in outputs.iter_mut() {
+            let chunks = Chunks::of(m, rows);
+            parts.push((*m, OutPtr(y.as_mut_ptr()), chunks, total));
+            total += chunks.total;
+            parallel |= chunks.parallel;
+        }
+        let helpers = if parallel { rayon::current_num_threads().saturating_sub(1) } else { 0 };
+        par::for_each_chunk(total, helpers, &|c| {
+            let k = parts.partition_point(|&(_, _, _, first)| first <= c) - 1;
+            let (m, y, chunks, first) = parts[k];
+            // SAFETY: each chunk covers a disjoint (group, row) rectangle of its own matrix's
+            // output, and `for_each_chunk` returns only after all of them are done.
+            unsafe { chunks.run(m, path, &acts, c - first, y) };
+        });
         ACTS.with(|c| c.set(acts));
         Ok(())
     }
@@ -457,27 +549,12 @@ impl QuantMatrix {
     /// thread plus rayon helpers (see `par`).
     fn run(&self, path: MatmulPath, acts: &Acts, rows: usize, y: &mut [f32]) {
         let out = OutPtr(y.as_mut_ptr());
-        // Row panels bound the activation working set (≤ 64 rows ≈ 100 KB of int8 at in = 1536)
-        // so it stays in L2 while the weights of a chunk are swept.
-        let n_panels = rows.div_ceil(PANEL_ROWS);
-        let panel = rows.div_ceil(n_panels);
-        // One unit = one 16-row group × one 32-block × one activation row = 512 MACs (a few ns).
-        let units_per_group = self.nb * panel;
-        let chunk_groups = (CHUNK_UNITS / units_per_group).clamp(1, self.groups);
-        let n_gchunks = self.groups.div_ceil(chunk_groups);
-        let total = n_gchunks * n_panels;
-        let helpers = if self.groups * self.nb * rows < PARALLEL_MIN_UNITS {
-            0
-        } else {
-            rayon::current_num_threads().saturating_sub(1)
-        };
-        par::for_each_chunk(total, helpers, &|t| {
-            let (c, p) = (t / n_panels, t % n_panels);
-            let g = c * chunk_groups..((c + 1) * chunk_groups).min(self.groups);
-            let r = p * panel..((p + 1) * panel).min(rows);
+        let chunks = Chunks::of(self, rows);
+        let helpers = if chunks.parallel { rayon::current_num_threads().saturating_sub(1) } else { 0 };
+        par::for_each_chunk(chunks.total, helpers, &|t| {
             // SAFETY: chunks cover disjoint (group, row) rectangles of `y`, and `for_each_chunk`
             // returns only after all of them are done.
-            unsafe { self.run_range(path, acts, g, r, out) };
+            unsafe { chunks.run(self, path, acts, t, out) };
         });
     }
 

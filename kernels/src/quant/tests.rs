@@ -341,3 +341,56 @@ fn matmul_inside_rayon_tasks() {
         assert_close(&y, &want, 1e-6, "nested");
     }
 }
+
+#[test]
+fn shared_input_matmuls_equal_separate_matmuls_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(21);
+    // q/k/v and gate/up of the default model, with odd row counts around the 64-row panels.
+    for (inp, outs) in [(576, vec![576, 192, 192]), (576, vec![1536, 1536]), (64, vec![20, 48])] {
+        for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+            let mats: Vec<QuantMatrix> = outs
+                .iter()
+                .map(|&o| {
+                    let bytes = random_ggml(format, o, inp, &mut rng);
+                    QuantMatrix::from_ggml_bytes(format, o, inp, &bytes).expect("valid")
+                })
+                .collect();
+            for rows in [1, 3, 32, 65, 130] {
+                let x = random_x(rows * inp, &mut rng);
+                let want: Vec<Vec<f32>> = mats
+                    .iter()
+                    .map(|m| {
+                        let mut y = vec![0f32; rows * m.out_features()];
+                        m.matmul(&x, rows, &mut y).expect("ok");
+                        y
+                    })
+                    .collect();
+                let mut ys: Vec<Vec<f32>> =
+                    mats.iter().map(|m| vec![f32::NAN; rows * m.out_features()]).collect();
+                let mut outputs: Vec<(&QuantMatrix, &mut [f32])> =
+                    mats.iter().zip(ys.iter_mut()).map(|(m, y)| (m, y.as_mut_slice())).collect();
+                QuantMatrix::matmul_shared_input(&x, rows, &mut outputs).expect("ok");
+                for (k, (y, w)) in ys.iter().zip(&want).enumerate() {
+                    let same = y.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{format:?} in {inp} rows {rows}: output {k} differs");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn shared_input_matmuls_reject_bad_shapes_and_write_nothing() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let mut matrix = |inp: usize| {
+        let bytes = random_ggml(QuantFormat::Q8_0, 16, inp, &mut rng);
+        QuantMatrix::from_ggml_bytes(QuantFormat::Q8_0, 16, inp, &bytes).expect("valid")
+    };
+    let (a, b) = (matrix(64), matrix(32));
+    let x = random_x(2 * 64, &mut rng);
+    let (mut ya, mut yb) = (vec![7f32; 32], vec![7f32; 32]);
+    assert!(QuantMatrix::matmul_shared_input(&x, 2, &mut [(&a, &mut ya), (&b, &mut yb)]).is_err());
+    assert!(QuantMatrix::matmul_shared_input(&x, 2, &mut [(&a, &mut ya), (&a, &mut yb[..31])]).is_err());
+    assert!(ya.iter().chain(&yb).all(|&v| v == 7.0), "nothing written on error");
+    assert!(QuantMatrix::matmul_shared_input(&x, 2, &mut []).is_ok());
+}

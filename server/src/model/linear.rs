@@ -76,6 +76,16 @@ impl Linear {
         }
     }
 
+    /// The weight, when it is one of lorahost's quantized matrices and there is no bias: such
+    /// layers that read the same input can share one activation pass
+    /// (`QuantMatrix::matmul_shared_input`).
+    pub fn quant_weight(&self) -> Option<&QuantMatrix> {
+        match (&self.weight, &self.bias) {
+            (Weight::Quant(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
     /// Whether the weight is held in a quantized block format.
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, Weight::Quant(_) | Weight::Candle(QMatMul::QTensor(_)))

@@ -7,6 +7,7 @@ use super::ModelError;
 use adapters::{BaseShape, LoraAdapter, ModuleShape};
 use candle_core::{Device, Tensor};
 use kernels::lora::{lora_delta, lora_delta_fused, Segment, SiteDelta};
+use kernels::quant::QuantMatrix;
 use std::ops::Range;
 
 /// The targetable projections of a decoder layer, in `BaseShape::modules` order.
@@ -133,6 +134,21 @@ impl LoraLinear {
     }
 }
 
+/// Each projection's base output for the shared input `x`: one call that quantizes `x` once
+/// when every weight is one of lorahost's quantized matrices without a bias (identical bits).
+fn base_outputs(projs: &[&LoraLinear], x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+    let quant: Option<Vec<&QuantMatrix>> = projs.iter().map(|p| p.base.quant_weight()).collect();
+    let Some(weights) = quant.filter(|w| w.len() > 1) else {
+        return projs.iter().map(|p| p.base.forward_vec(x)).collect();
+    };
+    let (rows, _) = x.dims2()?;
+    let mut ys: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; rows * w.out_features()]).collect();
+    let mut outputs: Vec<(&QuantMatrix, &mut [f32])> =
+        weights.iter().copied().zip(ys.iter_mut().map(Vec::as_mut_slice)).collect();
+    with_f32_slice(x, |xs| QuantMatrix::matmul_shared_input(xs, rows, &mut outputs))??;
+    Ok(ys)
+}
+
 /// Projections that read the same input (q/k/v, gate/up) as row-major f32 outputs, in `projs`
 /// order: each base matmul, then one fused LoRA call whose shrinks share each pass over `x`
 /// (`kernels::lora::lora_delta_fused`; bit-identical to one call per projection).
@@ -141,7 +157,7 @@ pub fn forward_shared_input(
     x: &Tensor,
     lora: &LoraBatch,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    let mut ys = projs.iter().map(|p| p.base.forward_vec(x)).collect::<Result<Vec<_>, _>>()?;
+    let mut ys = base_outputs(projs, x)?;
     let segments: Vec<Vec<Segment>> = projs.iter().map(|p| lora.site(p.layer, p.module)).collect();
     if segments.iter().all(Vec::is_empty) {
         return Ok(ys);
