@@ -201,14 +201,15 @@ struct Chunks {
 }
 
 impl Chunks {
+    /// `rows` > 0.
     fn of(m: &QuantMatrix, rows: usize) -> Self {
         // Row panels bound the activation working set (≤ 64 rows ≈ 100 KB of int8 at in = 1536)
         // so it stays in L2 while the weights of a chunk are swept.
         let n_panels = rows.div_ceil(PANEL_ROWS);
-        let panel = rows.div_ceil(n_panels.max(1));
+        let panel = rows.div_ceil(n_panels);
         // One unit = one 16-row group × one 32-block × one activation row = 512 MACs (a few ns).
-        let units_per_group = (m.nb * panel).max(1);
-        let chunk_groups = (CHUNK_UNITS / units_per_group).clamp(1, m.groups.max(1));
+        let units_per_group = m.nb * panel;
+        let chunk_groups = (CHUNK_UNITS / units_per_group).clamp(1, m.groups);
         let total = m.groups.div_ceil(chunk_groups) * n_panels;
         Self {
             rows,
@@ -471,13 +472,7 @@ impl QuantMatrix {
         if !path.is_available() {
             return Err(KernelError::Shape(format!("kernel path {path:?} not available on this CPU")));
         }
-        if rows == 0 {
-            return Ok(());
-        }
-        let mut acts = ACTS.with(Cell::take);
-        acts.quantize(path, x, rows, self.in_features);
-        self.run(path, &acts, rows, y);
-        ACTS.with(|c| c.set(acts));
+        Self::run_shared_input(path, x, rows, &mut [(self, y)]);
         Ok(())
     }
 
@@ -500,10 +495,23 @@ impl QuantMatrix {
             }
             m.check_matmul_shapes(x, rows, y)?;
         }
+        Self::run_shared_input(MatmulPath::best(), x, rows, outputs);
+        Ok(())
+    }
+
+    /// The matmuls of one input, validated (shapes, an available `path`): `x` quantized once,
+    /// then every matrix's (row group × activation row) chunks in one section on the calling
+    /// thread plus rayon helpers (see `par`).
+    fn run_shared_input(
+        path: MatmulPath,
+        x: &[f32],
+        rows: usize,
+        outputs: &mut [(&QuantMatrix, &mut [f32])],
+    ) {
+        let Some(in_features) = outputs.first().map(|(m, _)| m.in_features) else { return };
         if rows == 0 {
-            return Ok(());
+            return;
         }
-        let path = MatmulPath::best();
         let mut acts = ACTS.with(Cell::take);
         acts.quantize(path, x, rows, in_features);
         // (matrix, its output, its cut, its first chunk in the shared numbering)
@@ -524,7 +532,6 @@ impl QuantMatrix {
             unsafe { chunks.run(m, path, &acts, c - first, y) };
         });
         ACTS.with(|c| c.set(acts));
-        Ok(())
     }
 
     fn check_matmul_shapes(&self, x: &[f32], rows: usize, y: &[f32]) -> Result<(), KernelError> {
@@ -543,19 +550,6 @@ impl QuantMatrix {
             )));
         }
         Ok(())
-    }
-
-    /// Splits the (row group × activation row) space into chunks and runs them on the calling
-    /// thread plus rayon helpers (see `par`).
-    fn run(&self, path: MatmulPath, acts: &Acts, rows: usize, y: &mut [f32]) {
-        let out = OutPtr(y.as_mut_ptr());
-        let chunks = Chunks::of(self, rows);
-        let helpers = if chunks.parallel { rayon::current_num_threads().saturating_sub(1) } else { 0 };
-        par::for_each_chunk(chunks.total, helpers, &|t| {
-            // SAFETY: chunks cover disjoint (group, row) rectangles of `y`, and `for_each_chunk`
-            // returns only after all of them are done.
-            unsafe { chunks.run(self, path, acts, t, out) };
-        });
     }
 
     /// Computes y[r, 16g..16g+16] for g in `groups`, r in `rows`.

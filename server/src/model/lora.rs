@@ -138,7 +138,7 @@ impl LoraLinear {
 /// when every weight is one of lorahost's quantized matrices without a bias (identical bits).
 fn base_outputs(projs: &[&LoraLinear], x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
     let quant: Option<Vec<&QuantMatrix>> = projs.iter().map(|p| p.base.quant_weight()).collect();
-    let Some(weights) = quant.filter(|w| w.len() > 1) else {
+    let Some(weights) = quant else {
         return projs.iter().map(|p| p.base.forward_vec(x)).collect();
     };
     let (rows, _) = x.dims2()?;
