@@ -75,6 +75,56 @@ pub fn rename_synced(from: &Path, to: &Path) -> Result<(), DurableError> {
     sync_dir(to.parent().unwrap_or(Path::new(".")))
 }
 
+/// Puts the directory `staged` (complete and synced) at `dir`, so that `dir` is at every moment
+/// absent, or the old directory whole, or the new one whole; once a `dir` exists it never goes
+/// missing: on Linux the two are swapped in one step (`renameat2` with `RENAME_EXCHANGE`) and the
+/// old one, now at `staged`, is removed. Only where the file system cannot swap is the old one
+/// moved aside first, leaving a moment without `dir`. The parent directory is fsynced.
+pub fn replace_dir(staged: &Path, dir: &Path) -> Result<(), DurableError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if std::fs::symlink_metadata(dir).is_err() {
+        return rename_synced(staged, dir);
+    }
+    if !exchange(staged, dir)? {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let aside = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &aside).map_err(io_err("move aside", dir))?;
+        std::fs::rename(staged, dir).map_err(io_err("rename into place", dir))?;
+        std::fs::rename(&aside, staged).map_err(io_err("rename", &aside))?;
+    }
+    sync_dir(parent)?;
+    // The old directory, now at `staged`; a crash before this leaves only a stale scratch entry.
+    std::fs::remove_dir_all(staged).map_err(io_err("remove the replaced", staged))
+}
+
+/// Swaps two existing paths atomically; `false` where the system or file system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<bool, DurableError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| io_err("exchange", p)(io::Error::new(io::ErrorKind::InvalidInput, e)))
+    };
+    let (ca, cb) = (c_path(a)?, c_path(b)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD resolves them as given.
+    let rc = unsafe {
+        libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(io_err("exchange", b)(e)),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> Result<bool, DurableError> {
+    Ok(false)
+}
+
 /// Replaces `path` with `bytes` so that it holds the old or the new contents, never a part:
 /// written to a scratch file beside it (`.<name>.tmp`, a stale one from a crash removed first),
 /// fsynced, renamed into place, the directory fsynced.
@@ -108,5 +158,25 @@ mod tests {
         let err = write_atomically(&dir.join("missing").join("x"), b"x").expect_err("no such directory");
         assert_eq!(err.op, "create");
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn replace_dir_swaps_a_whole_directory_in_and_removes_the_old_one() {
+        let root = tempfile::tempdir().expect("temp dir");
+        let (dir, staged) = (root.path().join("adapter"), root.path().join(".adapter.tmp"));
+        let stage = |contents: &[u8]| {
+            std::fs::create_dir(&staged).expect("staged dir");
+            std::fs::write(staged.join("weights"), contents).expect("staged file");
+        };
+        stage(b"first");
+        replace_dir(&staged, &dir).expect("first publish");
+        stage(b"second");
+        std::fs::write(staged.join("extra"), b"only new").expect("second file");
+        replace_dir(&staged, &dir).expect("replace");
+        assert_eq!(std::fs::read(dir.join("weights")).expect("read"), b"second");
+        assert_eq!(std::fs::read(dir.join("extra")).expect("read"), b"only new");
+        let names: Vec<_> =
+            std::fs::read_dir(root.path()).expect("list").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("adapter")], "the old directory is gone");
     }
 }

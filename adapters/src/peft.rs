@@ -14,7 +14,8 @@ use std::path::Path;
 /// File names of a PEFT adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-const PICKLE_FILE: &str = "adapter_model.bin";
+/// PEFT's pickled weights file: never loaded (unpickling runs code), always refused by name.
+pub const PICKLE_FILE: &str = "adapter_model.bin";
 /// The prefix PEFT puts before a module path when it saves.
 const KEY_PREFIX: &str = "base_model.model.";
 
@@ -248,8 +249,8 @@ impl LoraAdapter {
 
 /// Writes a PEFT adapter directory: `adapter_config.json` (as given) and
 /// `adapter_model.safetensors` with PEFT's key names. The directory appears complete or not at
-/// all: files are written and synced in a sibling temp directory that is then renamed into place
-/// (an existing directory is replaced).
+/// all: files are written and synced in a sibling temp directory that then takes its place (an
+/// existing directory is swapped out in one step, see `durable::replace_dir`).
 pub fn write_adapter_dir(
     dir: &Path,
     config: &serde_json::Value,
@@ -314,16 +315,9 @@ pub fn write_adapter_dir(
         };
         write().map_err(|e| io(name, e))?;
     }
-    if dir.exists() {
-        let old = parent.join(format!(".{}.old-{}", leaf.to_string_lossy(), std::process::id()));
-        std::fs::rename(dir, &old).map_err(|e| io("moving the previous adapter aside", e))?;
-        std::fs::rename(&tmp, dir).map_err(|e| io("publishing the adapter", e))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, dir).map_err(|e| io("publishing the adapter", e))?;
-    }
-    // Make the rename durable.
-    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io("syncing the directory", e))
+    crate::durable::sync_dir(&tmp).map_err(|e| AdapterError::Io(e.to_string()))?;
+    crate::durable::replace_dir(&tmp, dir)
+        .map_err(|e| AdapterError::Io(format!("publishing the adapter: {e}")))
 }
 
 impl crate::cache::CacheValue for LoraAdapter {

@@ -19,6 +19,17 @@ pub enum ChatError {
     Template(String),
     #[error("chat template failed: {0}")]
     Render(String),
+    #[error("unknown role `{0}` (system, user or assistant)")]
+    Role(String),
+}
+
+/// Refuses a conversation with a role outside system, user and assistant: a template renders
+/// whatever it is given, and an unknown role would reach the model as text it never saw.
+pub fn check_roles(messages: &[ChatMessage]) -> Result<(), ChatError> {
+    match messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+        Some(m) => Err(ChatError::Role(m.role.clone())),
+        None => Ok(()),
+    }
 }
 
 /// One chat message, as OpenAI's API and the templates see it.
@@ -90,6 +101,7 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
+        check_roles(messages)?;
         let template =
             self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Template(e.to_string()))?;
         let mut out = BoundedOutput(Vec::new());

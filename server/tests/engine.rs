@@ -128,6 +128,9 @@ fn requests_that_cannot_fit_are_rejected_without_side_effects() {
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let err = core.add(request(vec![5; 60], 10, greedy()), tx.clone()).unwrap_err();
     assert!(matches!(err, EngineError::PromptTooLong { prompt_tokens: 60, .. }), "{err}");
+    // A max_tokens so large that prompt + max_tokens wraps around in usize.
+    let err = core.add(request(vec![5; 3], usize::MAX - 1, greedy()), tx.clone()).unwrap_err();
+    assert!(matches!(err, EngineError::PromptTooLong { prompt_tokens: 3, .. }), "{err}");
     assert!(matches!(
         core.add(request(vec![], 10, greedy()), tx.clone()),
         Err(EngineError::InvalidRequest(_))
@@ -238,6 +241,35 @@ fn a_cold_adapter_waits_in_the_queue_not_in_the_batch() {
     }
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.pinned), (1, 0), "loaded once, unpinned when the sequence ended");
+}
+
+#[test]
+fn an_adapter_that_overflows_fails_its_request_alone() {
+    let shape = TinyModel::default();
+    let (_dir, base) = tiny_base(shape);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("huge");
+    // Finite, so it loads, but alpha / r = 2.5e37 overflows the activations on the way.
+    let all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    shape.write_adapter(&path, 4, 1e38, &all, 5).expect("write adapter");
+    let huge =
+        std::sync::Arc::new(adapters::LoraAdapter::load_dir(&path, &base.model.base_shape()).expect("load"));
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), engine_config(64 << 20, 16, 512));
+    let plain = request(vec![10, 11, 12], 4, greedy());
+    let expected = alone(&base, &plain);
+    let mut ok = submit(&mut core, plain);
+    let mut bad = submit(
+        &mut core,
+        ValidRequest { adapter: Some(huge.into()), ..request(vec![10, 11, 12], 4, greedy()) },
+    );
+    run_to_end(&mut core);
+    assert_eq!(drain_tokens(&mut ok), expected, "the base row of the same steps is unaffected");
+    match std::iter::from_fn(|| bad.try_recv().ok()).last() {
+        Some(TokenEvent::Failed(msg)) => assert!(msg.contains("non-finite logits"), "{msg}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert!(!core.has_work());
 }
 
 #[test]

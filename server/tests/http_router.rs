@@ -45,10 +45,6 @@ impl Backend for FakeBackend {
     }
 
     fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
-        if let Some(m) = messages.iter().find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
-        {
-            return Err(format!("unknown role {}", m.role));
-        }
         let text: String = messages.iter().map(|m| format!("{}:{}\n", m.role, m.content)).collect();
         self.encode(&text)
     }
@@ -384,14 +380,40 @@ async fn bad_requests_get_400_or_422_and_reach_no_engine() {
         (json!({"model": BASE, "prompt": "a", "logprobs": 21}), "logprobs"),
         (json!({"model": BASE, "prompt": "a", "echo": true}), "echo"),
         (json!({"model": BASE, "prompt": "a", "stop": [""]}), "stop"),
+        (json!({"model": BASE, "prompt": "a", "stop": "x".repeat(1025)}), "stop"),
+        // n × prompts wraps around to 0 in 64 bits: still too many.
+        (json!({"model": BASE, "prompt": [[1], [2]], "n": 1u64 << 63}), "n"),
         (json!({"model": BASE, "prompt": ""}), "prompt"),
     ] {
         let message =
             post(&f.app, "/v1/completions", None, body.clone()).await.error(StatusCode::UNPROCESSABLE_ENTITY);
         assert!(message.contains(param), "{body}: {message}");
     }
-    let bad_role = json!({"model": BASE, "messages": [{"role": "wizard", "content": "x"}]});
-    post(&f.app, "/v1/chat/completions", None, bad_role).await.error(StatusCode::UNPROCESSABLE_ENTITY);
+    // Errors name the parameter at fault in `param`, whichever it is.
+    for (field, value) in [
+        ("temperature", json!(1e308)),
+        ("top_p", json!(2)),
+        ("min_p", json!(-1)),
+        ("repetition_penalty", json!(0)),
+        ("presence_penalty", json!(3)),
+        ("frequency_penalty", json!(-3)),
+        ("max_completion_tokens", json!(0)),
+    ] {
+        let body = json!({"model": BASE, "messages": [{"role": "user", "content": "x"}], field: value});
+        let reply = post(&f.app, "/v1/chat/completions", None, body).await;
+        let message = reply.error(StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(reply.json()["error"]["param"], field, "{message}");
+    }
+    for messages in [
+        json!([{"role": "wizard", "content": "x"}]),
+        json!([{"role": "tool", "content": "x"}]),
+        json!([{"role": "user"}]),
+    ] {
+        let body = json!({"model": BASE, "messages": messages});
+        let reply = post(&f.app, "/v1/chat/completions", None, body).await;
+        let message = reply.error(StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(reply.json()["error"]["param"], "messages", "{messages}: {message}");
+    }
     let no_messages = json!({"model": BASE, "messages": []});
     post(&f.app, "/v1/chat/completions", None, no_messages).await.error(StatusCode::UNPROCESSABLE_ENTITY);
     let message = post(&f.app, "/v1/chat/completions", None, chat("no-such-model", 1))
@@ -399,6 +421,9 @@ async fn bad_requests_get_400_or_422_and_reach_no_engine() {
         .error(StatusCode::NOT_FOUND);
     assert!(message.contains("no-such-model"));
     assert!(f.backend.submitted.lock().unwrap().is_empty());
+    // OpenAI's `developer` role is the system role.
+    let developer = json!({"model": BASE, "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}]});
+    assert_eq!(post(&f.app, "/v1/chat/completions", None, developer).await.status, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -477,15 +502,20 @@ async fn bad_uploads_are_4xx_and_store_nothing() {
     }
     upload(&f.app, "bad", None, b"corrupt bytes").await.error(StatusCode::UNPROCESSABLE_ENTITY);
     let rank0 = json!({"r": 0}).to_string();
-    let message = upload_parts(
-        &f.app,
-        "bad",
-        None,
-        &[("adapter_config.json", rank0.as_bytes()), ("adapter_model.safetensors", b"w")],
-    )
-    .await
-    .error(StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(message.contains("`r`"), "{message}");
+    let invalid: [(&str, &str, &[u8], &str); 2] = [
+        ("bad", "adapter_model.safetensors", rank0.as_bytes(), "`r`"),
+        (
+            "pickle",
+            "adapter_model.bin",
+            config.as_bytes(),
+            "adapter_model.bin: pickled weights are never loaded",
+        ),
+    ];
+    for (name, weights_part, config, want) in invalid {
+        let parts: &[(&str, &[u8])] = &[("adapter_config.json", config), (weights_part, b"w")];
+        let message = upload_parts(&f.app, name, None, parts).await.error(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(message.contains(want), "{name}: {message}");
+    }
     upload(&f.app, "big", None, &[0u8; 1001]).await.error(StatusCode::PAYLOAD_TOO_LARGE);
     upload_parts(&f.app, "half", None, &[("adapter_config.json", config.as_bytes())])
         .await
@@ -558,9 +588,20 @@ async fn keys_tenants_and_admins() {
         post(&f.app, "/v1/chat/completions", Some(ROOT), chat("bob/shared-name", 1)).await.status,
         StatusCode::OK
     );
+    // The admin reaches an adapter by the id it is listed under, as a path; other callers get
+    // 404 for it, as for any name not theirs.
+    let described = get(&f.app, "/v1/adapters/bob/shared-name", Some(ROOT)).await.json();
+    assert_eq!(
+        (described["tenant"].as_str(), described["adapter_id"].as_str()),
+        (Some("bob"), bob.json()["adapter_id"].as_str())
+    );
+    get(&f.app, "/v1/adapters/bob/shared-name", Some(ALICE)).await.error(StatusCode::NOT_FOUND);
+    delete(&f.app, "/v1/adapters/bob/shared-name", Some(ALICE)).await.error(StatusCode::NOT_FOUND);
     // Deleting is per tenant too.
     assert_eq!(delete(&f.app, "/v1/adapters/shared-name", Some(ALICE)).await.status, StatusCode::OK);
     assert_eq!(get(&f.app, "/v1/adapters/shared-name", Some(BOB)).await.status, StatusCode::OK);
+    assert_eq!(delete(&f.app, "/v1/adapters/bob/shared-name", Some(ROOT)).await.status, StatusCode::OK);
+    get(&f.app, "/v1/adapters/shared-name", Some(BOB)).await.error(StatusCode::NOT_FOUND);
     // Metrics name every tenant: admins only.
     get(&f.app, "/metrics", None).await.error(StatusCode::UNAUTHORIZED);
     get(&f.app, "/metrics", Some(ALICE)).await.error(StatusCode::FORBIDDEN);
@@ -697,6 +738,31 @@ async fn tenant_quotas_answer_429_naming_the_quota_and_change_nothing() {
     assert!(message.contains("adapters held"), "{message}");
     assert_eq!(get(&f.app, "/v1/adapters/second", Some(ALICE)).await.status, StatusCode::NOT_FOUND);
     assert_eq!(upload(&f.app, "first", Some(ALICE), b"weights-3").await.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_uploads_cannot_pass_the_adapter_quota_together() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 2\n");
+    let f = fixture_with(Auth::Keys(ApiKeys::parse(&keys).expect("keys with quotas")), Limits::default());
+    let uploads: Vec<_> = (0..12)
+        .map(|i| {
+            let app = f.app.clone();
+            tokio::spawn(async move {
+                upload(&app, &format!("lora-{i}"), Some(ALICE), format!("weights-{i}").as_bytes())
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for u in uploads {
+        statuses.push(u.await.expect("upload task"));
+    }
+    let stored = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((stored, refused), (2, 10), "{statuses:?}");
+    let listed = get(&f.app, "/v1/adapters", Some(ALICE)).await.json();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(2), "{listed}");
 }
 
 #[test]

@@ -5,8 +5,9 @@
 //!
 //! Checked: file upload and validation errors naming the line, job creation and parameter
 //! checks, the job's life to `succeeded` and its model in the next request, events and
-//! pagination, cancellation (queued and running; nothing published), tenant isolation, metrics,
-//! and a shutdown that marks a running job interrupted, which a reopened store keeps.
+//! pagination, cancellation (queued and running; nothing published), tenant isolation, quotas,
+//! metrics, and a shutdown that marks a running job interrupted, which a reopened store keeps,
+//! while a queued job runs after the restart.
 
 mod common;
 
@@ -123,17 +124,26 @@ fn start(dir: tempfile::TempDir) -> Fixture {
 }
 
 fn start_with(dir: tempfile::TempDir, limits: Limits) -> Fixture {
+    start_keyed(dir, limits, KEYS)
+}
+
+fn start_keyed(dir: tempfile::TempDir, limits: Limits, keys: &str) -> Fixture {
     let store = FsStore::open(dir.path().join("adapters")).expect("store");
     let backend: Arc<dyn Backend> = Arc::new(FakeBackend);
     let trainer = Arc::new(GatedTrainer::default());
-    let publisher = AdapterPublisher { backend: backend.clone(), store: store.clone(), cache: None };
+    let auth = Auth::Keys(ApiKeys::parse(keys).expect("keys"));
+    let publisher = AdapterPublisher {
+        backend: backend.clone(),
+        store: store.clone(),
+        cache: None,
+        quotas: auth.quotas(),
+    };
     let jobs = Jobs::open(
         JobsConfig { dir: dir.path().join("jobs"), base_id: BASE.into() },
         trainer.clone(),
         Arc::new(publisher),
     )
     .expect("jobs");
-    let auth = Auth::Keys(ApiKeys::parse(KEYS).expect("keys"));
     let parts = AppParts { backend, store: store.clone(), cache: None, auth, limits };
     let state = AppState::with_jobs(parts, jobs.clone());
     Fixture { app: router(state), jobs, trainer, store, dir }
@@ -300,6 +310,7 @@ async fn job_requests_are_checked_before_anything_is_queued() {
         (json!({"lorahost": {"targets": ["q_proj", "nope"]}}), "targets"),
         (json!({"lorahost": {"layers": "1-5"}}), "layers"),
         (json!({"lorahost": {"steps": 0}}), "steps"),
+        (json!({"lorahost": {"steps": 1_000_000_000_000u64}}), "steps"),
         (json!({"suffix": "has space"}), "suffix"),
         (json!({"method": {"type": "dpo"}}), "method"),
     ] {
@@ -454,7 +465,7 @@ async fn cancelled_jobs_publish_nothing_and_the_queue_moves_on() {
 }
 
 #[tokio::test]
-async fn a_job_stopped_by_shutdown_is_failed_and_stays_so_after_a_restart() {
+async fn a_job_stopped_by_shutdown_is_failed_after_a_restart_and_a_queued_one_runs() {
     let f = fixture();
     let file = good_file(&f.app, ALICE).await;
     let job = create_job(&f.app, ALICE, &file, json!({})).await;
@@ -468,14 +479,52 @@ async fn a_job_stopped_by_shutdown_is_failed_and_stays_so_after_a_restart() {
     drop((app, jobs, store));
 
     let f = start(dir);
-    for id in [&id, &waiting] {
-        let job = get(&f.app, &format!("/v1/fine_tuning/jobs/{id}"), ALICE).await.ok();
-        assert_eq!(job["status"], "failed", "{job}");
-        assert_eq!(job["error"]["code"], "interrupted", "{job}");
-        assert!(job["fine_tuned_model"].is_null());
-    }
+    let job = get(&f.app, &format!("/v1/fine_tuning/jobs/{id}"), ALICE).await.ok();
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "interrupted", "{job}");
+    assert!(job["fine_tuned_model"].is_null());
     assert!(f.store.list(None).is_empty());
     assert_eq!(get(&f.app, &format!("/v1/files/{file}"), ALICE).await.ok()["id"], file.as_str());
+    // The job that was only queued lost nothing: it runs after the restart.
+    wait_for(&f.app, ALICE, &waiting, status_is("running")).await;
+    f.trainer.open_gate();
+    let job = wait_for(&f.app, ALICE, &waiting, status_is("succeeded")).await;
+    assert!(job["fine_tuned_model"].is_string(), "{job}");
+    assert_eq!(f.store.list(Some("alice")).len(), 1);
+}
+
+#[tokio::test]
+async fn fine_tuned_adapters_count_against_the_adapter_quota() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 1\n");
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    let job = |suffix: &str| json!({"model": BASE, "training_file": file, "suffix": suffix});
+    let id = |job: Value| job["id"].as_str().unwrap().to_string();
+    let first = id(post(&f.app, "/v1/fine_tuning/jobs", ALICE, job("one")).await.ok());
+    wait_for(&f.app, ALICE, &first, status_is("running")).await;
+    // While it trains, the tenant fills its quota another way; a second job is refused...
+    let manual = adapters::store::AdapterKey::new("alice", "manual").unwrap();
+    f.store.put(&manual, br#"{"r": 4}"#, b"weights").unwrap();
+    let message =
+        post(&f.app, "/v1/fine_tuning/jobs", ALICE, job("two")).await.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("adapters held") && message.contains("fine-tuning"), "{message}");
+    // ...and the running one is checked again as it stores its adapter.
+    f.trainer.open_gate();
+    let failed = wait_for(&f.app, ALICE, &first, status_is("failed")).await;
+    assert_eq!(failed["error"]["code"], "publish_failed", "{failed}");
+    assert!(failed["error"]["message"].as_str().unwrap_or("").contains("quota"), "{failed}");
+    let names =
+        || -> Vec<String> { f.store.list(Some("alice")).iter().map(|a| a.key.name().to_string()).collect() };
+    assert_eq!(names(), ["manual"]);
+
+    // With room for one, a job runs and publishes; then a further job is refused at once.
+    assert!(f.store.delete(&manual).unwrap());
+    let third = id(post(&f.app, "/v1/fine_tuning/jobs", ALICE, job("three")).await.ok());
+    wait_for(&f.app, ALICE, &third, status_is("succeeded")).await;
+    post(&f.app, "/v1/fine_tuning/jobs", ALICE, job("four")).await.error(StatusCode::TOO_MANY_REQUESTS);
+    let held = names();
+    assert!(held.len() == 1 && held[0].starts_with("ft-three-"), "{held:?}");
+    assert_eq!(f.trainer.configs.lock().unwrap().len(), 2, "the refused jobs never ran");
 }
 
 /// A job record as a previous process left it.

@@ -183,6 +183,26 @@ fn bad_lines_are_named_and_nothing_is_written() {
     }
 }
 
+/// A run whose batches cannot fit in memory stops before training, naming the estimate, instead
+/// of failing an allocation mid-step (which would abort a server that trains in-process).
+#[test]
+fn a_batch_beyond_the_machines_memory_is_refused_before_training() {
+    let dir = tiny_model_dir();
+    let data = dir.path().join("long.jsonl");
+    let out = dir.path().join("adapter");
+    // ~150k tokens in one sequence: its attention scores alone need about a terabyte.
+    std::fs::write(&data, serde_json::json!({"text": "zorbia ".repeat(150_000)}).to_string()).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+        .args(["train", "--model", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--steps", "1", "--max-seq-len", "200000"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "accepted: {err}");
+    assert!(err.contains("GiB") && err.contains("batch size"), "{err}");
+    assert!(!out.exists(), "an adapter was written");
+}
+
 /// `lorahost train` on a tiny model: the loss falls, the adapter is a PEFT directory that
 /// lorahost loads, it changes the model's output, and the same seed gives the same adapter.
 #[test]

@@ -283,11 +283,32 @@ impl FsStore {
         config: &[u8],
         weights: &[u8],
     ) -> Result<(StoredAdapter, Option<StoredAdapter>), StoreError> {
+        self.put_if(key, config, weights, |_| Ok::<(), StoreError>(()))
+    }
+
+    /// [`Self::put`], if `admit` accepts it given the adapters the key's tenant holds at that
+    /// moment: the check runs under the writer lock, so no other write can come between it and
+    /// this one (a quota checked before the call could be passed by several writers at once).
+    /// When `admit` refuses, nothing is stored.
+    pub fn put_if<E: From<StoreError>>(
+        &self,
+        key: &AdapterKey,
+        config: &[u8],
+        weights: &[u8],
+        admit: impl FnOnce(&[StoredAdapter]) -> Result<(), E>,
+    ) -> Result<(StoredAdapter, Option<StoredAdapter>), E> {
         let inner = &self.inner;
         let id = AdapterId::of_files(config, weights);
         let object = inner.objects.join(id.to_hex());
         let mut staged = if exists(&object)? { None } else { Some(inner.stage_object(config, weights)?) };
         let writer = inner.writer();
+        if let Err(refused) = admit(&self.list(Some(key.tenant()))) {
+            drop(writer);
+            if let Some(staged) = staged {
+                let _ = remove_any(&staged);
+            }
+            return Err(refused);
+        }
         if staged.is_none() && !exists(&object)? {
             // Collected between the check above and taking the lock.
             staged = Some(inner.stage_object(config, weights)?);

@@ -106,6 +106,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         backend: parts.backend.clone(),
         store: parts.store.clone(),
         cache: parts.cache.clone(),
+        quotas: parts.auth.quotas(),
     });
     let jobs = Jobs::open(
         JobsConfig { dir: jobs_dir.clone(), base_id: backend.base.name.clone() },

@@ -453,6 +453,16 @@ impl EngineCore {
 
     fn emit_next(&mut self, id: SeqId, logits: &mut [f32]) -> Result<(), EngineError> {
         let Some(seq) = self.seqs.get_mut(&id) else { return Ok(()) };
+        if !super::sampler::all_finite(logits) {
+            // An adapter may hold any finite numbers, and a product of them can still overflow:
+            // no token drawn from such logits means anything, so this request fails, alone,
+            // rather than answering noise. The other rows of the step are unaffected.
+            let why = "the model produced non-finite logits for this request (its adapter's weights \
+                       or scale overflow)";
+            let _ = seq.events.send(TokenEvent::Failed(why.into()));
+            self.remove(id);
+            return Ok(());
+        }
         let sampled =
             seq.sampler.sample(logits, &seq.tokens[..seq.prompt_len], &seq.tokens[seq.prompt_len..]);
         seq.tokens.push(sampled.id);
@@ -556,7 +566,8 @@ pub fn check_request(req: &ValidRequest, max_tokens_per_seq: usize, vocab: usize
             "prompt token id {bad} is outside the vocabulary ({vocab})"
         )));
     }
-    let needed = req.prompt_ids.len() + req.stop.max_tokens;
+    // Saturating: a `max_tokens` near usize::MAX must fail here, not wrap around and pass.
+    let needed = req.prompt_ids.len().saturating_add(req.stop.max_tokens);
     if needed > max_tokens_per_seq {
         return Err(EngineError::PromptTooLong {
             prompt_tokens: req.prompt_ids.len(),

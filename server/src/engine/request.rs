@@ -148,11 +148,17 @@ pub enum TokenEvent {
 impl SamplingParams {
     /// Rejects values the sampler cannot honour, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        let finite = |name: &str, v: f32| {
+        self.check().map_err(|(_, message)| message)
+    }
+
+    /// [`Self::validate`], naming the parameter at fault (as the API's errors do).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let finite = |name: &'static str, v: f32| {
             if v.is_finite() {
                 Ok(())
             } else {
-                Err(format!("{name} must be a finite number"))
+                // Values beyond f32's range (1e308) arrive here as infinities.
+                Err((name, format!("{name} must be a finite number within ±3.4e38")))
             }
         };
         finite("temperature", self.temperature)?;
@@ -162,22 +168,29 @@ impl SamplingParams {
         finite("presence_penalty", self.presence_penalty)?;
         finite("frequency_penalty", self.frequency_penalty)?;
         if self.temperature < 0.0 {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(("temperature", format!("temperature must be >= 0, got {}", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return Err(("top_p", format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return Err(("min_p", format!("min_p must be in [0, 1], got {}", self.min_p)));
         }
         if self.repetition_penalty <= 0.0 {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return Err((
+                "repetition_penalty",
+                format!("repetition_penalty must be > 0, got {}", self.repetition_penalty),
+            ));
         }
-        if !(-2.0..=2.0).contains(&self.presence_penalty) || !(-2.0..=2.0).contains(&self.frequency_penalty) {
-            return Err("presence_penalty and frequency_penalty must be in [-2, 2]".into());
+        for (name, v) in
+            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err((name, format!("{name} must be in [-2, 2], got {v}")));
+            }
         }
         if self.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-            return Err(format!("logprobs must be at most {MAX_TOP_LOGPROBS}"));
+            return Err(("logprobs", format!("logprobs must be at most {MAX_TOP_LOGPROBS}")));
         }
         Ok(())
     }

@@ -109,6 +109,21 @@ pub fn argmax(logits: &[f32]) -> u32 {
     logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
+/// Whether every value is finite (neither NaN nor ±∞); lane-wise, so it vectorizes: it runs on
+/// every row of every step.
+pub fn all_finite(values: &[f32]) -> bool {
+    const LANES: usize = 16;
+    let mut bad = [0u32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (b, v) in bad.iter_mut().zip(chunk) {
+            *b |= u32::from(!v.is_finite());
+        }
+    }
+    bad.iter().all(|&b| b == 0) && tail.iter().all(|v| v.is_finite())
+}
+
 fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
@@ -179,6 +194,20 @@ mod tests {
         }
         assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
         assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn any_nan_or_infinity_anywhere_is_found() {
+        let mut row = vec![0.5f32; 49_157];
+        assert!(all_finite(&row));
+        for at in [0, 17, 30_001, 49_156] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                row[at] = bad;
+                assert!(!all_finite(&row), "{bad} at {at}");
+                row[at] = f32::MAX;
+                assert!(all_finite(&row));
+            }
+        }
     }
 
     #[test]

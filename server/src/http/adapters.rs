@@ -10,10 +10,11 @@ use super::auth::Caller;
 use super::backend::Backend;
 use super::error::ApiError;
 use super::metrics::Traffic;
+use super::quota::{QuotaError, Quotas};
 use super::AppState;
 use adapters::cache::{HostCache, Residency};
-use adapters::store::{AdapterKey, FsStore, StoredAdapter, CONFIG_FILE, WEIGHTS_FILE};
-use adapters::{AdapterSpec, LoraAdapter, TargetModules};
+use adapters::store::{AdapterKey, FsStore, StoreError, StoredAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use adapters::{AdapterSpec, LoraAdapter, TargetModules, PICKLE_FILE};
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
 use axum::http::StatusCode;
@@ -60,9 +61,23 @@ pub async fn get_adapter(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = state.adapter_key(&caller, &name).ok_or_else(|| not_found(&name))?;
-    let stored = state.store().get(&key).ok_or_else(|| not_found(&name))?;
-    Ok(Json(describe(&state, &caller, &stored, &state.metrics().traffic_by_adapter())))
+    describe_one(&state, &caller, &name)
+}
+
+/// `GET /v1/adapters/{tenant}/{name}`: an admin naming another tenant's adapter by the id it is
+/// listed under (`tenant/name`); anyone else gets 404, as for any name not theirs.
+pub async fn get_tenant_adapter(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((tenant, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    describe_one(&state, &caller, &format!("{tenant}/{name}"))
+}
+
+fn describe_one(state: &AppState, caller: &Caller, name: &str) -> Result<Json<Value>, ApiError> {
+    let key = state.adapter_key(caller, name).ok_or_else(|| not_found(name))?;
+    let stored = state.store().get(&key).ok_or_else(|| not_found(name))?;
+    Ok(Json(describe(state, caller, &stored, &state.metrics().traffic_by_adapter())))
 }
 
 pub async fn delete_adapter(
@@ -70,7 +85,20 @@ pub async fn delete_adapter(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = state.adapter_key(&caller, &name).ok_or_else(|| not_found(&name))?;
+    delete_one(&state, &caller, name).await
+}
+
+/// `DELETE /v1/adapters/{tenant}/{name}`: see [`get_tenant_adapter`].
+pub async fn delete_tenant_adapter(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((tenant, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    delete_one(&state, &caller, format!("{tenant}/{name}")).await
+}
+
+async fn delete_one(state: &AppState, caller: &Caller, name: String) -> Result<Json<Value>, ApiError> {
+    let key = state.adapter_key(caller, &name).ok_or_else(|| not_found(&name))?;
     let old = state.store().get(&key).ok_or_else(|| not_found(&name))?;
     let store = state.store().clone();
     let deleted_key = key.clone();
@@ -127,6 +155,11 @@ async fn upload(
             .find(|n| *n == CONFIG_FILE || *n == WEIGHTS_FILE)
             .map(str::to_string);
         let Some(part) = part else {
+            if [field.name(), field.file_name()].into_iter().flatten().any(|n| n.ends_with(".bin")) {
+                return Err(ApiError::InvalidAdapter(format!(
+                    "{PICKLE_FILE}: pickled weights are never loaded; send {WEIGHTS_FILE} (convert with safetensors)"
+                )));
+            }
             let got = field.name().unwrap_or("").to_string();
             return Err(ApiError::Malformed(format!(
                 "unexpected part `{got}`: send `{CONFIG_FILE}` and `{WEIGHTS_FILE}`"
@@ -153,6 +186,7 @@ async fn upload(
     let (Some(config), Some(weights)) = (config, weights) else {
         return Err(ApiError::Malformed(format!("send both `{CONFIG_FILE}` and `{WEIGHTS_FILE}` parts")));
     };
+    // A first look before the costly validation; the publisher checks again as it stores.
     let bytes = (config.len() + weights.len()) as u64;
     state.quotas().check_upload(key.tenant(), key.name(), bytes, &state.store().list(Some(key.tenant())))?;
     let publisher = state.publisher();
@@ -182,6 +216,20 @@ pub struct AdapterPublisher {
     pub backend: Arc<dyn Backend>,
     pub store: FsStore,
     pub cache: Option<HostCache<LoraAdapter>>,
+    /// Checked as the adapter is stored, whichever path it came by.
+    pub quotas: Arc<Quotas>,
+}
+
+/// Why a publication stored nothing, past validation.
+enum Refusal {
+    Quota(QuotaError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        Refusal::Store(e)
+    }
 }
 
 impl AdapterPublisher {
@@ -193,11 +241,17 @@ impl AdapterPublisher {
         weights: &[u8],
     ) -> Result<(StoredAdapter, Option<StoredAdapter>), ApiError> {
         self.backend.validate_adapter(config, weights).map_err(ApiError::InvalidAdapter)?;
-        let (stored, replaced) =
-            self.store.put(key, config, weights).map_err(|e| match e.is_out_of_space() {
-                true => ApiError::out_of_space("nothing was stored", &e.to_string()),
-                false => ApiError::Internal(e.to_string()),
-            })?;
+        let bytes = (config.len() + weights.len()) as u64;
+        let admit = |held: &[StoredAdapter]| {
+            self.quotas.check_upload(key.tenant(), key.name(), bytes, held).map_err(Refusal::Quota)
+        };
+        let (stored, replaced) = self.store.put_if(key, config, weights, admit).map_err(|e| match e {
+            Refusal::Quota(e) => ApiError::from(e),
+            Refusal::Store(e) if e.is_out_of_space() => {
+                ApiError::out_of_space("nothing was stored", &e.to_string())
+            }
+            Refusal::Store(e) => ApiError::Internal(e.to_string()),
+        })?;
         if let (Some(old), Some(cache)) = (&replaced, &self.cache) {
             if old.id != stored.id && !self.store.is_referenced(old.id) {
                 cache.invalidate(old.id);

@@ -185,6 +185,14 @@ impl Auth {
     pub fn is_open(&self) -> bool {
         matches!(self, Auth::Open)
     }
+
+    /// The tenants' quotas: the keys file's, or none on an open server.
+    pub fn quotas(&self) -> Arc<Quotas> {
+        match self {
+            Auth::Keys(keys) => keys.quotas(),
+            Auth::Open => Arc::default(),
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {

@@ -27,6 +27,8 @@ const MAX_RANK: usize = 256;
 const MAX_BATCH_SIZE: usize = 256;
 const MAX_EPOCHS: f64 = 1000.0;
 const MAX_SEQ_LEN: usize = 1 << 16;
+/// Jobs run one at a time: a bound on how long one may hold the queue.
+const MAX_STEPS: usize = 1_000_000;
 const MAX_FILENAME_CHARS: usize = 256;
 /// Items per page of a list, by default and at most.
 const DEFAULT_PAGE: usize = 20;
@@ -159,6 +161,8 @@ pub async fn create_job(
     let jobs = jobs(&state)?.clone();
     let new = wire.validate()?;
     let tenant = caller.tenant.clone();
+    let pending = jobs.jobs(Some(&tenant)).iter().filter(|j| !j.status.is_terminal()).count();
+    state.quotas().check_new_job(&tenant, state.store().list(Some(&tenant)).len(), pending)?;
     let job = tokio::task::spawn_blocking(move || jobs.create_job(&tenant, new))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -419,8 +423,8 @@ impl WireJob {
             None | Some(Value::Null) => None,
             Some(v) => Some(parse_layers(&v)?),
         };
-        if settings.steps == Some(0) {
-            return Err(ApiError::invalid("steps", "`steps` must be at least 1"));
+        if let Some(steps) = settings.steps {
+            in_range("steps", steps as f64, 1.0, MAX_STEPS as f64)?;
         }
         let max_seq_len = settings.max_seq_len.unwrap_or(DEFAULT_MAX_SEQ_LEN);
         in_range("max_seq_len", max_seq_len as f64, 2.0, MAX_SEQ_LEN as f64)?;

@@ -146,10 +146,7 @@ impl AppState {
                 backend: parts.backend,
                 store: parts.store,
                 cache: parts.cache,
-                quotas: match &parts.auth {
-                    Auth::Keys(keys) => keys.quotas(),
-                    Auth::Open => Arc::default(),
-                },
+                quotas: parts.auth.quotas(),
                 auth: parts.auth,
                 limits: parts.limits,
                 metrics: Metrics::default(),
@@ -198,6 +195,7 @@ impl AppState {
             backend: self.inner.backend.clone(),
             store: self.inner.store.clone(),
             cache: self.inner.cache.clone(),
+            quotas: self.inner.quotas.clone(),
         }
     }
 
@@ -288,6 +286,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(adapters::delete_adapter)
                 .put(adapters::put_adapter)
                 .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route(
+            "/v1/adapters/{tenant}/{name}",
+            get(adapters::get_tenant_adapter).delete(adapters::delete_tenant_adapter),
         )
         .route(
             "/v1/files",

@@ -7,7 +7,7 @@
 
 use super::backend::Backend;
 use super::error::ApiError;
-use crate::chat::ChatMessage;
+use crate::chat::{check_roles, ChatMessage};
 use crate::engine::{SamplingParams, StopCriteria, ValidRequest, MAX_TOP_LOGPROBS};
 use serde::Deserialize;
 use serde_json::Value;
@@ -16,6 +16,9 @@ use serde_json::Value;
 pub const MAX_CHOICES: usize = 16;
 /// Most stop strings per request.
 pub const MAX_STOP: usize = 16;
+/// Longest stop string: each is searched for in the pending text after every token, on the
+/// engine thread, so its length is a cost every tenant's step pays.
+pub const MAX_STOP_BYTES: usize = 1024;
 /// `max_tokens` of a completion that does not say (OpenAI's default for completions).
 pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
 
@@ -164,9 +167,12 @@ impl ChatRequest {
         let messages: Vec<ChatMessage> = self
             .messages
             .into_iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let content = match m.content {
-                    None => String::new(),
+                    None => {
+                        return Err(ApiError::invalid("messages", format!("messages[{i}] has no content")))
+                    }
                     Some(ContentField::Text(t)) => t,
                     Some(ContentField::Parts(parts)) => {
                         let mut text = String::new();
@@ -186,9 +192,12 @@ impl ChatRequest {
                         text
                     }
                 };
-                Ok(ChatMessage { role: m.role, content })
+                // OpenAI's newer name for the system role.
+                let role = if m.role == "developer" { "system".to_string() } else { m.role };
+                Ok(ChatMessage { role, content })
             })
             .collect::<Result<_, ApiError>>()?;
+        check_roles(&messages).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let prompt = backend.chat_prompt(&messages).map_err(|e| ApiError::invalid("messages", e))?;
         let (top, format) = match (self.logprobs, self.top_logprobs) {
             (false, Some(n)) if n > 0 => {
@@ -225,7 +234,7 @@ impl CommonFields {
         if self.best_of.is_some_and(|b| b != n) {
             return Err(ApiError::invalid("best_of", "best_of other than n is not supported"));
         }
-        if n * prompts.len() > MAX_CHOICES {
+        if n.checked_mul(prompts.len()).is_none_or(|choices| choices > MAX_CHOICES) {
             return Err(ApiError::invalid(
                 "n",
                 format!("at most {MAX_CHOICES} choices (n × prompts) per request"),
@@ -248,6 +257,12 @@ impl CommonFields {
         if stop.iter().any(String::is_empty) {
             return Err(ApiError::invalid("stop", "stop strings must not be empty"));
         }
+        if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("stop strings must be at most {MAX_STOP_BYTES} bytes"),
+            ));
+        }
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_p: self.top_p.unwrap_or(1.0),
@@ -259,10 +274,12 @@ impl CommonFields {
             seed: self.seed,
             top_logprobs,
         };
-        sampling.validate().map_err(|m| ApiError::InvalidParameter { param: None, message: m })?;
+        sampling.check().map_err(|(param, message)| ApiError::invalid(param, message))?;
         let requested = self.max_completion_tokens.or(self.max_tokens).or(default_max_tokens);
         if requested == Some(0) {
-            return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+            let param =
+                if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" };
+            return Err(ApiError::invalid(param, format!("{param} must be at least 1")));
         }
         let limit = backend.max_sequence_tokens();
         let n_prompts = prompts.len();

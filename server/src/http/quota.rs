@@ -139,6 +139,17 @@ impl Quotas {
         Ok(())
     }
 
+    /// Whether `tenant` may start a fine-tuning job, which publishes one adapter under a new
+    /// name when it succeeds, holding `held` adapters and with `pending` jobs not yet finished.
+    pub fn check_new_job(&self, tenant: &str, held: usize, pending: usize) -> Result<(), QuotaError> {
+        match self.quota(tenant).max_adapters {
+            Some(most) if held + pending + 1 > most => {
+                Err(QuotaError::exceeded("adapters held, counting unfinished fine-tuning jobs", most))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Sequences `tenant` holds now.
     pub fn sequences(&self, tenant: &str) -> usize {
         let usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);

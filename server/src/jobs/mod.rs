@@ -146,8 +146,10 @@ impl Jobs {
     /// Opens the jobs directory, settles jobs a previous process left unfinished, and starts the
     /// runner thread.
     ///
-    /// A job that was queued or running is marked `failed` (interrupted), unless it had already
-    /// stored its adapter (the store's publication is atomic), in which case it `succeeded`.
+    /// A job that was queued goes back in the queue, in the order the jobs were created: its
+    /// inputs are durable and nothing of it ran. A job that was running is marked `failed`
+    /// (interrupted), unless it had already stored its adapter (the store's publication is
+    /// atomic), in which case it `succeeded`.
     pub fn open(
         config: JobsConfig,
         trainer: Arc<dyn Trainer>,
@@ -156,9 +158,19 @@ impl Jobs {
         let mut disk = DiskStore::open(&config.dir)?;
         let unfinished: Vec<String> =
             disk.jobs.values().filter(|j| !j.status.is_terminal()).map(|j| j.id.clone()).collect();
+        let mut requeued: Vec<(u64, String)> = Vec::new();
         for id in unfinished {
             let Some(mut job) = disk.jobs.get(&id).cloned() else { continue };
-            if job.status == JobStatus::Running && publisher.is_published(&job.tenant, &job.model_name) {
+            if job.status != JobStatus::Running {
+                if job.status != JobStatus::Queued {
+                    job.status = JobStatus::Queued;
+                    disk.put_job(job.clone())?;
+                }
+                tracing::info!(job = %job.id, "a job queued before the restart is queued again");
+                requeued.push((job.created_at, job.id));
+                continue;
+            }
+            if publisher.is_published(&job.tenant, &job.model_name) {
                 job.fine_tuned_model = Some(job.model_name.clone());
                 job.status = JobStatus::Succeeded;
                 push_event(&mut job, "info", "The job has successfully completed", serde_json::Value::Null);
@@ -179,11 +191,13 @@ impl Jobs {
             tracing::warn!(job = %job.id, status = job.status.label(), "settled a job left unfinished");
             disk.put_job(job)?;
         }
+        requeued.sort();
+        let queue = requeued.into_iter().map(|(_, id)| id).collect();
         let shared = Arc::new(Shared {
             config,
             trainer,
             publisher,
-            state: Mutex::new(State { disk, queue: VecDeque::new(), running: None, stopping: false }),
+            state: Mutex::new(State { disk, queue, running: None, stopping: false }),
             wake: Condvar::new(),
             runner: Mutex::new(None),
         });

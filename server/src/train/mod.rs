@@ -6,6 +6,7 @@
 mod checkpoint;
 pub mod data;
 mod linear;
+pub mod memory;
 pub mod model;
 mod ops;
 pub mod optim;
@@ -275,6 +276,9 @@ pub fn train(
     });
 
     let max_len = examples.iter().chain(&eval).map(|e| e.ids.len()).max().unwrap_or(1);
+    // The largest micro-batch could hold the longest sequences, padded to the longest of all.
+    let seqs = config.batch_size.min(examples.len().max(eval.len())).max(1);
+    memory::check_fits(base.model.config(), seqs, max_len, memory::available_bytes())?;
     let model = TrainModel::new(&base.model, init_params(&base.model.base_shape(), config)?, max_len)?;
     let mut opt = AdamW::new(config.optimizer, &model.vars())?;
 
@@ -287,7 +291,8 @@ pub fn train(
         steps: total_steps,
         examples: examples.len(),
         truncated,
-        losses: Vec::with_capacity(total_steps),
+        // Not sized by `total_steps`: that is the caller's number, and may be absurd.
+        losses: Vec::new(),
         eval_losses: Vec::new(),
         trained_tokens: 0,
         processed_tokens: 0,
