@@ -198,6 +198,13 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// Ids → the text a user reads: special tokens (`<|im_end|>`, `<|im_start|>`...) left out,
+    /// as transformers' `skip_special_tokens=True` and other servers' outputs do. They still
+    /// count as tokens and show in logprobs.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner.decode(ids, true).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
@@ -248,6 +255,7 @@ fn byte_level_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper, TokenizerE
 
 /// Turns a growing list of generated ids into text pieces without splitting a multi-byte
 /// character: text is emitted only once the decoded tail no longer ends in a partial character.
+/// Special tokens give no text ([`TextTokenizer::decode_text`]).
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
     /// Start of the window re-decoded each step (a few tokens back, so merges at the boundary
@@ -271,8 +279,8 @@ impl IncrementalDecoder {
     /// Adds one id; returns the new text it completes, if any.
     pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = tokenizer.decode_text(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode_text(&self.ids[self.prefix_offset..])?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
@@ -285,8 +293,8 @@ impl IncrementalDecoder {
 
     /// Whatever is still held back (an incomplete character at the end of generation).
     pub fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<String, TokenizerError> {
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = tokenizer.decode_text(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode_text(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok(full.get(prefix.len()..).unwrap_or_default().to_string())

@@ -62,6 +62,22 @@ fn tokenizer_json_matches_transformers() {
     check_tokenizer_cases(&tok, "ids");
 }
 
+/// Generated text leaves special tokens out (they still count as tokens), as transformers'
+/// `skip_special_tokens=True` does; `decode` keeps them.
+#[test]
+fn generated_text_leaves_special_tokens_out() {
+    let tok = TextTokenizer::from_file(&fixtures().join("base").join("tokenizer.json"), vec![2], Some(1))
+        .expect("tokenizer.json");
+    let text = "Hi there.<|im_end|>\n<|im_start|>user\nAnd you?";
+    let ids = tok.encode(text).expect("encode");
+    assert_eq!(tok.decode(&ids).expect("decode"), text);
+    let mut decoder = lorahost::tokenizer::IncrementalDecoder::new();
+    let mut pieces: String = ids.iter().map(|&id| decoder.push(&tok, id).expect("push")).collect();
+    pieces.push_str(&decoder.flush(&tok).expect("flush"));
+    assert_eq!(pieces, "Hi there.\nuser\nAnd you?");
+    assert_eq!(pieces, tok.decode_text(&ids).expect("decode_text"));
+}
+
 #[test]
 fn last_position_logits_within_tolerance() {
     let base = base_f32();
