@@ -527,6 +527,21 @@ async fn fine_tuned_adapters_count_against_the_adapter_quota() {
     assert_eq!(f.trainer.configs.lock().unwrap().len(), 2, "the refused jobs never ran");
 }
 
+#[tokio::test]
+async fn training_files_count_against_the_file_quota() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_file_bytes = {}\n", GOOD.len() + 10);
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let first = good_file(&f.app, ALICE).await;
+    let message = upload_file(&f.app, ALICE, "fine-tune", GOOD).await.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("file bytes held"), "{message}");
+    let listed = get(&f.app, "/v1/files", ALICE).await.ok();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "nothing stored: {listed}");
+    // Another tenant has no such quota; and room freed is room again.
+    good_file(&f.app, BOB).await;
+    send(&f.app, "DELETE", &format!("/v1/files/{first}"), ALICE, Body::empty(), None).await.ok();
+    good_file(&f.app, ALICE).await;
+}
+
 /// A job record as a previous process left it.
 fn left_running(id: &str, model_name: &str) -> JobRecord {
     JobRecord {

@@ -150,6 +150,7 @@ impl From<JobsError> for ApiError {
             JobsError::OutOfSpace(detail) => {
                 ApiError::out_of_space("the jobs directory could not be written", &detail)
             }
+            JobsError::Quota(message) => ApiError::QuotaExceeded(message),
         }
     }
 }

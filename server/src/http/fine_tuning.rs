@@ -8,7 +8,7 @@ use super::adapters::multipart_error;
 use super::auth::Caller;
 use super::error::{ApiError, JsonBody};
 use super::AppState;
-use crate::jobs::{JobRecord, JobSettings, Jobs, NewJob, MAX_SUFFIX_LEN};
+use crate::jobs::{FileRecord, JobRecord, JobSettings, Jobs, NewJob, MAX_SUFFIX_LEN};
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -87,9 +87,16 @@ pub async fn upload_file(
         return Err(ApiError::Malformed("send the parts `file` and `purpose`".into()));
     };
     let tenant = caller.tenant.clone();
-    let record = tokio::task::spawn_blocking(move || jobs.add_file(&tenant, &filename, &purpose, &bytes))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let quotas = state.quotas().clone();
+    let record = tokio::task::spawn_blocking(move || {
+        let admit = |held: &[FileRecord]| {
+            let held_bytes = held.iter().map(|f| f.bytes).sum();
+            quotas.check_file(&tenant, bytes.len() as u64, held_bytes).map_err(|e| e.to_string())
+        };
+        jobs.add_file(&tenant, &filename, &purpose, &bytes, admit)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     tracing::info!(tenant = %caller.tenant, file = %record.id, bytes = record.bytes, "training file stored");
     Ok(Json(record.to_api()))
 }

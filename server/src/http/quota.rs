@@ -1,6 +1,6 @@
 //! Per-tenant quotas, set in the keys file (`[[tenants]]` tables): adapters held and their bytes,
-//! generation requests per minute and sequences at once. Every refusal is a 429 that names the
-//! quota; nothing is changed by a refused request.
+//! fine-tuning file bytes, generation requests per minute and sequences at once. Every refusal
+//! is a 429 that names the quota; nothing is changed by a refused request.
 //!
 //! The request rate is a token bucket per tenant holding up to a minute's worth of requests and
 //! refilling continuously; sequences are counted from admission until the response ends (or the
@@ -21,6 +21,8 @@ pub struct Quota {
     pub max_adapters: Option<usize>,
     /// Total bytes (config plus weights) of those adapters.
     pub max_adapter_bytes: Option<u64>,
+    /// Total bytes of the files the tenant holds (training files and the results jobs add).
+    pub max_file_bytes: Option<u64>,
     /// Completion and chat requests per minute.
     pub requests_per_minute: Option<u32>,
     /// Sequences (choices) running or queued at once.
@@ -137,6 +139,16 @@ impl Quotas {
             }
         }
         Ok(())
+    }
+
+    /// Whether `tenant` may store a file of `bytes` bytes, holding files of `held` bytes in all.
+    pub fn check_file(&self, tenant: &str, bytes: u64, held: u64) -> Result<(), QuotaError> {
+        match self.quota(tenant).max_file_bytes {
+            Some(most) if held.saturating_add(bytes) > most => {
+                Err(QuotaError::exceeded("file bytes held", most))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether `tenant` may start a fine-tuning job, which publishes one adapter under a new

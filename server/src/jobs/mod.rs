@@ -50,6 +50,9 @@ pub enum JobsError {
     /// The disk holding the jobs directory is full; nothing was stored.
     #[error("jobs directory: {0}")]
     OutOfSpace(String),
+    /// A tenant's limit (its quota) refused it; nothing was stored.
+    #[error("{0}")]
+    Quota(String),
 }
 
 impl From<adapters::durable::DurableError> for JobsError {
@@ -216,12 +219,16 @@ impl Jobs {
 
     /// Stores an uploaded file after checking it is training data the base can use (every line
     /// parses and tokenizes; errors name the line). Blocking: call off the async threads.
+    ///
+    /// `admit` sees the tenant's files as they are at the moment of storing (under the lock that
+    /// stores, so concurrent uploads cannot pass a quota together) and may refuse.
     pub fn add_file(
         &self,
         tenant: &str,
         filename: &str,
         purpose: &str,
         bytes: &[u8],
+        admit: impl FnOnce(&[FileRecord]) -> Result<(), String>,
     ) -> Result<FileRecord, JobsError> {
         if purpose != PURPOSE_FINE_TUNE {
             return Err(JobsError::Invalid {
@@ -239,7 +246,7 @@ impl Jobs {
             let _ = std::fs::remove_file(&scratch);
             return Err(e);
         }
-        self.commit_file(tenant, filename, purpose, &scratch, bytes.len() as u64)
+        self.commit_file(tenant, filename, purpose, &scratch, bytes.len() as u64, admit)
     }
 
     /// Writes a scratch file without holding the state lock (uploads can be large).
@@ -256,6 +263,7 @@ impl Jobs {
         purpose: &str,
         scratch: &std::path::Path,
         bytes: u64,
+        admit: impl FnOnce(&[FileRecord]) -> Result<(), String>,
     ) -> Result<FileRecord, JobsError> {
         let record = FileRecord {
             id: new_id("file-"),
@@ -266,6 +274,13 @@ impl Jobs {
             created_at: unix_seconds(),
         };
         let mut state = self.state();
+        let held: Vec<FileRecord> =
+            state.disk.files.values().filter(|f| f.tenant == tenant).cloned().collect();
+        if let Err(refused) = admit(&held) {
+            drop(state);
+            let _ = std::fs::remove_file(scratch);
+            return Err(JobsError::Quota(refused));
+        }
         // A scratch file the rename did not take is removed now, not at the next start. (Data
         // renamed into place but without a record stays until then: the record's write may have
         // reached the disk before its error.)
@@ -429,7 +444,7 @@ impl Jobs {
     }
 
     /// Stops the runner: a running job is stopped at its next step and marked failed
-    /// (interrupted), queued jobs stay for the restart to settle. Waits for the runner thread.
+    /// (interrupted), queued jobs stay queued for the restart. Waits for the runner thread.
     pub fn shutdown(&self) {
         self.state().stopping = true;
         self.shared.wake.notify_all();
@@ -448,6 +463,7 @@ impl Jobs {
             PURPOSE_RESULTS,
             &scratch,
             bytes.len() as u64,
+            |_| Ok(()),
         )
     }
 }
