@@ -248,15 +248,49 @@ impl LoraAdapter {
 }
 
 /// Writes a PEFT adapter directory: `adapter_config.json` (as given) and
-/// `adapter_model.safetensors` with PEFT's key names. The directory appears complete or not at
-/// all: files are written and synced in a sibling temp directory that then takes its place (an
-/// existing directory is swapped out in one step, see `durable::replace_dir`).
+/// `adapter_model.safetensors` with PEFT's key names. See [`write_adapter_dir_with`].
 pub fn write_adapter_dir(
     dir: &Path,
     config: &serde_json::Value,
     sites: &[LoraSite],
     base: &BaseShape,
 ) -> Result<(), AdapterError> {
+    write_adapter_dir_with(dir, config, sites, base, |_| Ok(()))
+}
+
+/// Whether `dir` may be replaced by an adapter: absent, an empty directory, or an adapter
+/// directory (it holds `adapter_config.json`). Anything else is the user's and is refused, never
+/// overwritten.
+pub fn check_replaceable(dir: &Path) -> Result<(), AdapterError> {
+    let refuse = |what: &str| {
+        Err(AdapterError::Io(format!(
+            "{} exists and is {what}: refusing to replace it (give a new directory, or an adapter's)",
+            dir.display()
+        )))
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => Ok(()),
+        Ok(m) if !m.is_dir() => refuse("not a directory"),
+        Ok(_) if dir.join(CONFIG_FILE).is_file() => Ok(()),
+        Ok(_) if std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none()) => Ok(()),
+        Ok(_) => refuse(&format!("a directory without {CONFIG_FILE}")),
+    }
+}
+
+/// [`write_adapter_dir`], with `extra` adding files of its own to the new directory before it
+/// is published (a training log, say). The directory appears complete, extras included, or not
+/// at all: everything is written and synced in a sibling scratch directory that then takes its
+/// place; an existing adapter directory is swapped out in one step (`durable::replace_dir`), and
+/// anything that is not an adapter directory is refused ([`check_replaceable`]). Scratch
+/// directories a killed writer left beside `dir` are removed first.
+pub fn write_adapter_dir_with(
+    dir: &Path,
+    config: &serde_json::Value,
+    sites: &[LoraSite],
+    base: &BaseShape,
+    extra: impl FnOnce(&Path) -> Result<(), AdapterError>,
+) -> Result<(), AdapterError> {
+    check_replaceable(dir)?;
     let io = |what: &str, e: std::io::Error| AdapterError::Io(format!("{what}: {e}"));
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(2 * sites.len());
     for s in sites {
@@ -303,8 +337,15 @@ pub fn write_adapter_dir(
     std::fs::create_dir_all(parent).map_err(|e| io("creating the parent directory", e))?;
     let leaf =
         dir.file_name().ok_or_else(|| AdapterError::Io(format!("{} has no file name", dir.display())))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", leaf.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let scratch_prefix = format!(".{}.tmp-", leaf.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(parent) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&scratch_prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let tmp = parent.join(format!("{scratch_prefix}{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| io("creating a temp directory", e))?;
     for (name, bytes) in [(CONFIG_FILE, &config), (WEIGHTS_FILE, &weights)] {
         let write = || -> std::io::Result<()> {
@@ -315,6 +356,7 @@ pub fn write_adapter_dir(
         };
         write().map_err(|e| io(name, e))?;
     }
+    extra(&tmp)?;
     crate::durable::sync_dir(&tmp).map_err(|e| AdapterError::Io(e.to_string()))?;
     crate::durable::replace_dir(&tmp, dir)
         .map_err(|e| AdapterError::Io(format!("publishing the adapter: {e}")))
@@ -589,6 +631,40 @@ mod tests {
         let leftovers: Vec<_> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers.len(), 1, "no temp directories left: {leftovers:?}");
+    }
+
+    #[test]
+    fn only_adapter_directories_are_replaced_and_stale_scratch_goes() {
+        let a =
+            load(r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(2, &[0, 1]))
+                .unwrap();
+        let config = serde_json::json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]});
+        let root = tempfile::tempdir().unwrap();
+        let mine = root.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::write(mine.join("notes.txt"), b"precious").unwrap();
+        let file = root.path().join("afile");
+        std::fs::write(&file, b"also precious").unwrap();
+        for dir in [&mine, &file] {
+            let err = write_adapter_dir(dir, &config, a.sites(), &tiny_base()).unwrap_err().to_string();
+            assert!(err.contains("refusing to replace"), "{err}");
+        }
+        assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&file).unwrap(), b"also precious");
+        // An empty directory is fine, and so is an adapter; a killed writer's scratch is removed.
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        std::fs::create_dir(root.path().join(".empty.tmp-999999")).unwrap();
+        write_adapter_dir_with(&empty, &config, a.sites(), &tiny_base(), |staged| {
+            std::fs::write(staged.join("log.json"), b"{}").map_err(|e| AdapterError::Io(e.to_string()))
+        })
+        .unwrap();
+        write_adapter_dir(&empty, &config, a.sites(), &tiny_base()).unwrap();
+        assert!(!empty.join("log.json").exists(), "a replacement holds only what it was given");
+        let mut names: Vec<_> =
+            std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["afile", "empty", "mine"]);
     }
 
     #[test]

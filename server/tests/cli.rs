@@ -106,7 +106,12 @@ fn bad_request_lines_fail_alone() {
         r#"{"id": "adapter", "prompt": "x", "adapter": 42}"#,
         r#"{"id": "typo", "prompt": "x", "max_token": 3}"#,
         r#"{"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "ignore_eos": true, "temperature": 0.7, "seed": 4}"#,
+        r#"{"id": "no-adapter", "prompt": "x", "adapter": "ADAPTER_DIR"}"#,
     ];
+    // A directory that is not an adapter: the error says why, not only which.
+    let not_adapter = dir.path().join("not-an-adapter");
+    std::fs::create_dir(&not_adapter).expect("dir");
+    let lines = lines.map(|l| l.replace("ADAPTER_DIR", path(&not_adapter)));
     std::fs::write(&requests, lines.join("\n")).expect("write requests");
     let out = lorahost(&["generate", "--model", path(model.path()), "--requests", path(&requests)]);
     assert!(!out.status.success(), "failed lines make the exit non-zero");
@@ -114,12 +119,15 @@ fn bad_request_lines_fail_alone() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    assert_eq!(results.len(), 5, "one result per line, in input order");
+    assert_eq!(results.len(), 6, "one result per line, in input order");
     assert_eq!(results[0]["id"], "good");
     assert_eq!(results[0]["token_ids"].as_array().map(Vec::len), Some(3));
     assert!(results[1]["error"].as_str().is_some_and(|e| e.contains("line 2")), "{}", results[1]);
     assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("adapter")), "{}", results[2]);
     assert!(results[3]["error"].as_str().is_some_and(|e| e.contains("max_token")), "{}", results[3]);
+    assert_eq!(results[3]["id"], "typo", "a malformed line keeps its id");
+    let why = results[5]["error"].as_str().unwrap_or("");
+    assert!(why.contains("not-an-adapter") && why.contains("adapter_config.json"), "{}", results[5]);
     assert_eq!(results[4]["id"], "chat");
     assert_eq!(results[4]["completion_tokens"], 2);
     assert!(stderr(&out).contains("line 2"));

@@ -167,6 +167,11 @@ fn bad_lines_are_named_and_nothing_is_written() {
             "unknown role",
         ),
         (r#"{"prompt": "a", "completion": ""}"#.into(), "empty completion"),
+        (r#"{"prompt": "a", "completion": "b", "text": "c"}"#.into(), "unexpected field `text`"),
+        (r#"{"prompt": "a"}"#.into(), "`completion` is missing"),
+        (r#"{"text": 5}"#.into(), "`text` must be a string"),
+        (r#"{"text": "a", "extra": 1}"#.into(), "unexpected field `extra`"),
+        (r#"{"input": "a"}"#.into(), "not a training record"),
         (String::new(), "no training examples"),
     ];
     for (text, want) in cases {
@@ -181,6 +186,43 @@ fn bad_lines_are_named_and_nothing_is_written() {
         assert!(err.contains(want), "{want}: {err}");
         assert!(!out.exists(), "{want}: an adapter was written");
     }
+}
+
+/// Flags that make no sense, and an `--out` that is someone else's, stop the run before it
+/// trains; nothing is written and nothing of the user's is touched.
+#[test]
+fn bad_flags_and_foreign_outputs_are_refused_before_training() {
+    let dir = tiny_model_dir();
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, format!("{CHAT_LINE}\n")).unwrap();
+    let mine = dir.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), b"precious").unwrap();
+    let a_file = dir.path().join("a-file");
+    std::fs::write(&a_file, b"also precious").unwrap();
+    let out = dir.path().join("adapter");
+    let out_s = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--out", mine.to_str().unwrap()], "refusing to replace"),
+        (&["--out", a_file.to_str().unwrap()], "refusing to replace"),
+        (&["--out", out_s, "--rank", "100000"], "exceeds the dimensions"),
+        (&["--out", out_s, "--weight-decay=-1"], "--weight-decay"),
+        (&["--out", out_s, "--max-grad-norm=-1"], "--max-grad-norm"),
+        (&["--out", out_s, "--eval-split", "0.5", "--eval-data", data.to_str().unwrap()], "not both"),
+    ];
+    for (flags, want) in cases {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .args(["train", "--model", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
+            .args(["--steps", "1"])
+            .args(flags)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{flags:?}: {err}");
+    }
+    assert_eq!(std::fs::read(mine.join("notes.txt")).unwrap(), b"precious");
+    assert_eq!(std::fs::read(&a_file).unwrap(), b"also precious");
+    assert!(!out.exists(), "nothing was written");
 }
 
 /// A run whose batches cannot fit in memory stops before training, naming the estimate, instead
@@ -407,6 +449,11 @@ fn resume_continues_an_interrupted_run_exactly() {
     for (a, b) in report.losses.iter().zip(&whole_report.losses) {
         assert!((a - b).abs() <= 1e-12 * b.abs(), "losses {:?} vs {:?}", report.losses, whole_report.losses);
     }
+    assert_eq!(
+        (report.trained_tokens, report.processed_tokens),
+        (whole_report.trained_tokens, whole_report.processed_tokens),
+        "the resumed run's report covers the whole run"
+    );
     assert!(!ckpt.exists(), "the checkpoint outlived the finished run");
     let png = std::fs::read(whole.out.join("loss_curve.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");

@@ -334,16 +334,19 @@ fn prepare(
     let parsed: RequestLine = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => {
+            // The line's `id`, when it has one, so the error can be matched to its request.
+            let id = serde_json::from_str::<Value>(line).ok().and_then(|v| v.get("id").cloned());
             return Prepared::Rejected {
-                id: Value::Null,
+                id: id.unwrap_or(Value::Null),
                 error: format!("line {line_no}: malformed request: {e}"),
-            }
+            };
         }
     };
     let id = parsed.id.clone();
     match validate_line(parsed, args, base, adapters) {
         Ok((req, logprobs)) => Prepared::Ready { id, req, logprobs },
-        Err(e) => Prepared::Rejected { id, error: format!("line {line_no}: {e}") },
+        // `{:#}`: the whole chain of causes (why the adapter did not load, not only which).
+        Err(e) => Prepared::Rejected { id, error: format!("line {line_no}: {e:#}") },
     }
 }
 

@@ -19,7 +19,8 @@ pub struct TrainArgs {
     /// "completion"} (loss on the completion) or {"text"} (loss on everything).
     #[arg(long)]
     pub data: PathBuf,
-    /// Where the PEFT adapter directory is written (replaced if it exists).
+    /// Where the PEFT adapter directory is written: a new or empty directory, or an adapter
+    /// directory, which is replaced atomically (anything else is refused).
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 16)]

@@ -357,6 +357,8 @@ fn auto_number(param: &'static str, v: Option<&Value>) -> Result<Option<f64>, Ap
 fn in_range(param: &'static str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError> {
     if v.is_finite() && v >= lo && v <= hi {
         Ok(v)
+    } else if lo == f64::MIN_POSITIVE {
+        Err(ApiError::invalid(param, format!("`{param}` must be positive and at most {hi}, not {v}")))
     } else {
         Err(ApiError::invalid(param, format!("`{param}` must be between {lo} and {hi}, not {v}")))
     }

@@ -16,6 +16,14 @@ pub struct State {
     pub step: usize,
     pub losses: Vec<f64>,
     pub eval_losses: Vec<(usize, f64)>,
+    /// The report's token counts and training time so far, so a resumed run's log covers the
+    /// whole run (absent, as zero, in checkpoints written before they were kept).
+    #[serde(default)]
+    pub trained_tokens: usize,
+    #[serde(default)]
+    pub processed_tokens: usize,
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// `<out>.checkpoint`, beside the adapter directory.

@@ -10,7 +10,6 @@
 
 use crate::base::Base;
 use crate::chat::{ChatMessage, ChatTemplate};
-use serde::Deserialize;
 use std::path::Path;
 
 /// One training sequence.
@@ -45,12 +44,49 @@ pub enum DataError {
     Empty { path: String },
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Record {
     Chat { messages: Vec<ChatMessage> },
     Completion { prompt: String, completion: String },
     Text { text: String },
+}
+
+const FORMATS: &str = r#"{"messages": [...]}, {"prompt": "...", "completion": "..."} or {"text": "..."}"#;
+
+/// One line's record, told apart by its keys: exactly one of the three formats and nothing
+/// else (a line mixing them would be ambiguous), each field of its JSON type; every error
+/// names the field.
+fn parse_record(line: &str) -> Result<Record, String> {
+    use serde_json::Value;
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let Value::Object(map) = value else {
+        return Err(format!("not a JSON object; expected {FORMATS}"));
+    };
+    let (format, fields): (&str, &[&str]) = if map.contains_key("messages") {
+        ("chat", &["messages"])
+    } else if map.contains_key("prompt") || map.contains_key("completion") {
+        ("prompt/completion", &["prompt", "completion"])
+    } else if map.contains_key("text") {
+        ("text", &["text"])
+    } else {
+        return Err(format!("not a training record; expected {FORMATS}"));
+    };
+    if let Some(extra) = map.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(format!(
+            "unexpected field `{extra}` in a {format} record (one format per line: {FORMATS})"
+        ));
+    }
+    let string = |key: &str| match map.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("`{key}` must be a string, not {other}")),
+        None => Err(format!("`{key}` is missing")),
+    };
+    match format {
+        "chat" => serde_json::from_value(map["messages"].clone())
+            .map(|messages| Record::Chat { messages })
+            .map_err(|e| format!("`messages`: {e}")),
+        "text" => Ok(Record::Text { text: string("text")? }),
+        _ => Ok(Record::Completion { prompt: string("prompt")?, completion: string("completion")? }),
+    }
 }
 
 /// Reads and tokenizes `path`; sequences longer than `max_seq_len` keep their first
@@ -66,11 +102,7 @@ pub fn load(path: &Path, base: &Base, max_seq_len: usize) -> Result<Dataset, Dat
             continue;
         }
         let bad = |reason: String| DataError::Line { path: shown.clone(), line: i + 1, reason };
-        let record: Record = serde_json::from_str(line).map_err(|e| {
-            bad(format!(
-                "not a training record ({e}); expected {{\"messages\": [...]}}, {{\"prompt\", \"completion\"}} or {{\"text\"}}"
-            ))
-        })?;
+        let record = parse_record(line).map_err(bad)?;
         let mut ex = tokenize(&record, base).map_err(bad)?;
         if ex.ids.len() > max_seq_len {
             ex.ids.truncate(max_seq_len);

@@ -142,6 +142,17 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.eval_split) {
             return bad("--eval-split must be in [0, 1)".into());
         }
+        if self.eval_split > 0.0 && self.eval_data.is_some() {
+            return bad("give --eval-data or --eval-split, not both".into());
+        }
+        if !(self.optimizer.weight_decay.is_finite() && self.optimizer.weight_decay >= 0.0) {
+            return bad("--weight-decay must be at least 0".into());
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
+            return bad("--max-grad-norm must be positive".into());
+        }
+        // Before any work: a run that cannot write its output should not train first.
+        adapters::check_replaceable(&self.out)?;
         if self.steps == Some(0)
             || (self.steps.is_none() && self.epochs.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
         {
@@ -257,6 +268,20 @@ pub fn train(
     progress: &mut dyn Progress,
 ) -> Result<TrainReport, TrainError> {
     config.validate(base.model.config().num_layers)?;
+    let shape = base.model.base_shape();
+    // As the adapter loader would refuse it afterwards; an absurd rank would also not fit.
+    if let Some(m) = config
+        .targets
+        .modules()
+        .into_iter()
+        .map(|m| &shape.modules[m])
+        .find(|m| config.rank > m.in_features.min(m.out_features))
+    {
+        return Err(TrainError::Config(format!(
+            "--rank {} exceeds the dimensions of {} ({} x {})",
+            config.rank, m.path, m.out_features, m.in_features
+        )));
+    }
     let dataset = data::load(&config.data, base, config.max_seq_len)?;
     let (mut examples, truncated) = (dataset.examples, dataset.truncated);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -303,11 +328,15 @@ pub fn train(
     let ckpt = checkpoint::path_for(&config.out);
     let fingerprint = checkpoint::fingerprint(config, total_steps, &config.data)?;
     let mut first_step = 0;
+    // Training time of the run before a resume.
+    let mut earlier_seconds = 0.0;
     if config.resume {
         let state = checkpoint::load(&ckpt, &fingerprint, &model, &mut opt)?;
         first_step = state.step;
         report.losses = state.losses;
         report.eval_losses = state.eval_losses;
+        (report.trained_tokens, report.processed_tokens) = (state.trained_tokens, state.processed_tokens);
+        earlier_seconds = state.seconds;
         // Replay the data order of the steps already done, so the run continues as if unbroken.
         for _ in 0..first_step * per_step {
             order.next(&mut rng);
@@ -329,7 +358,8 @@ pub fn train(
         report.trained_tokens += targets;
         report.processed_tokens += picks.iter().map(|&i| examples[i].ids.len()).sum::<usize>();
         report.losses.push(loss_sum);
-        let tps = report.processed_tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let tps =
+            report.processed_tokens as f64 / (earlier_seconds + start.elapsed().as_secs_f64()).max(1e-9);
         progress.step(step + 1, loss_sum, lr, tps);
         let last = step + 1 == total_steps;
         if !eval.is_empty() && ((config.eval_every > 0 && (step + 1) % config.eval_every == 0) || last) {
@@ -342,27 +372,33 @@ pub fn train(
                 step: step + 1,
                 losses: report.losses.clone(),
                 eval_losses: report.eval_losses.clone(),
+                trained_tokens: report.trained_tokens,
+                processed_tokens: report.processed_tokens,
+                seconds: earlier_seconds + start.elapsed().as_secs_f64(),
             };
             checkpoint::save(&ckpt, &fingerprint, &state, &model, &opt)?;
         }
     }
-    report.seconds = start.elapsed().as_secs_f64();
+    report.seconds = earlier_seconds + start.elapsed().as_secs_f64();
     report.tokens_per_second = report.processed_tokens as f64 / report.seconds.max(1e-9);
     report.peak_rss_bytes = peak_rss_bytes();
-    write_adapter(&base.model.base_shape(), config, model.params())?;
-    checkpoint::remove(&ckpt);
     let log = serde_json::json!({"config": config.peft_config(), "report": report});
     let log = serde_json::to_vec_pretty(&log).map_err(|e| TrainError::Write(e.to_string()))?;
-    write_atomically(&config.out.join(LOG_FILE), &log)?;
-    // The chart is a convenience: failing to draw it does not fail a finished run.
-    let curve = config.out.join(format!(".tmp-{CURVE_FILE}"));
-    let drawn = plot::write_loss_curve(&curve, &report.losses, &report.eval_losses).and_then(|()| {
-        std::fs::rename(&curve, config.out.join(CURVE_FILE)).map_err(|e| TrainError::Write(e.to_string()))
-    });
-    if let Err(e) = drawn {
-        tracing::warn!(error = %e, "the loss curve was not drawn");
-        let _ = std::fs::remove_file(&curve);
-    }
+    // The log and the chart go into the adapter's directory before it is published, so after a
+    // crash it is either the previous one or the whole new one.
+    let extras = |staged: &std::path::Path| {
+        std::fs::write(staged.join(LOG_FILE), &log)
+            .map_err(|e| adapters::AdapterError::Io(format!("{LOG_FILE}: {e}")))?;
+        // The chart is a convenience: failing to draw it does not fail a finished run.
+        if let Err(e) = plot::write_loss_curve(&staged.join(CURVE_FILE), &report.losses, &report.eval_losses)
+        {
+            tracing::warn!(error = %e, "the loss curve was not drawn");
+            let _ = std::fs::remove_file(staged.join(CURVE_FILE));
+        }
+        Ok(())
+    };
+    write_adapter_with(&base.model.base_shape(), config, model.params(), extras)?;
+    checkpoint::remove(&ckpt);
     Ok(report)
 }
 
@@ -429,6 +465,16 @@ pub fn write_adapter(
     config: &TrainConfig,
     params: &[LoraParam],
 ) -> Result<(), TrainError> {
+    write_adapter_with(shape, config, params, |_| Ok(()))
+}
+
+/// [`write_adapter`], with `extras` adding files to the directory before it is published.
+fn write_adapter_with(
+    shape: &BaseShape,
+    config: &TrainConfig,
+    params: &[LoraParam],
+    extras: impl FnOnce(&std::path::Path) -> Result<(), adapters::AdapterError>,
+) -> Result<(), TrainError> {
     let sites = params
         .iter()
         .map(|p| {
@@ -444,7 +490,7 @@ pub fn write_adapter(
             })
         })
         .collect::<Result<Vec<_>, TrainError>>()?;
-    adapters::write_adapter_dir(&config.out, &config.peft_config(), &sites, shape)?;
+    adapters::write_adapter_dir_with(&config.out, &config.peft_config(), &sites, shape, extras)?;
     Ok(())
 }
 
