@@ -55,7 +55,8 @@ fn server() -> &'static Server {
         let _ = std::fs::remove_dir_all(&dir);
         let store = FsStore::open(dir.join("adapters")).expect("the scratch store opens");
         let backend: Arc<dyn Backend> = Arc::new(FuzzBackend::default());
-        let publisher = AdapterPublisher { backend: backend.clone(), store: store.clone(), cache: None };
+        let publisher =
+            AdapterPublisher { backend: backend.clone(), store: store.clone(), cache: None, quotas: Arc::default() };
         let jobs = Jobs::open(
             JobsConfig { dir: dir.join("jobs"), base_id: "base".into() },
             Arc::new(NoTraining),
