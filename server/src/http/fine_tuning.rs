@@ -357,10 +357,17 @@ fn auto_number(param: &'static str, v: Option<&Value>) -> Result<Option<f64>, Ap
 fn in_range(param: &'static str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError> {
     if v.is_finite() && v >= lo && v <= hi {
         Ok(v)
-    } else if lo == f64::MIN_POSITIVE {
-        Err(ApiError::invalid(param, format!("`{param}` must be positive and at most {hi}, not {v}")))
     } else {
         Err(ApiError::invalid(param, format!("`{param}` must be between {lo} and {hi}, not {v}")))
+    }
+}
+
+/// `v` in `(0, hi]`.
+fn positive(param: &'static str, v: f64, hi: f64) -> Result<f64, ApiError> {
+    if v.is_finite() && v >= f64::MIN_POSITIVE && v <= hi {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(param, format!("`{param}` must be positive and at most {hi}, not {v}")))
     }
 }
 
@@ -390,7 +397,7 @@ impl WireJob {
             }
         }
         let n_epochs = match auto_number("n_epochs", settings.n_epochs.as_ref())? {
-            Some(v) => in_range("n_epochs", v, f64::MIN_POSITIVE, MAX_EPOCHS)?,
+            Some(v) => positive("n_epochs", v, MAX_EPOCHS)?,
             None => DEFAULT_EPOCHS,
         };
         let batch_size = match auto_number("batch_size", settings.batch_size.as_ref())? {
@@ -404,12 +411,12 @@ impl WireJob {
             None => DEFAULT_BATCH_SIZE,
         };
         let lr = match auto_number("learning_rate_multiplier", settings.learning_rate_multiplier.as_ref())? {
-            Some(v) => in_range("learning_rate_multiplier", v, f64::MIN_POSITIVE, 1000.0)?,
+            Some(v) => positive("learning_rate_multiplier", v, 1000.0)?,
             None => 1.0,
         };
         let rank = settings.rank.unwrap_or(DEFAULT_RANK);
         in_range("rank", rank as f64, 1.0, MAX_RANK as f64)?;
-        let alpha = in_range("alpha", settings.alpha.unwrap_or(2.0 * rank as f64), f64::MIN_POSITIVE, 1e6)?;
+        let alpha = positive("alpha", settings.alpha.unwrap_or(2.0 * rank as f64), 1e6)?;
         let targets = match settings.targets {
             None => "all-linear".to_string(),
             Some(Value::String(s)) => s,

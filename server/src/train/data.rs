@@ -168,7 +168,6 @@ fn assistant_spans(
     if !messages.iter().any(|m| m.role == "assistant") {
         return Err("no assistant message to learn from".into());
     }
-    crate::chat::check_roles(messages).map_err(|e| e.to_string())?;
     let render = |msgs: &[ChatMessage], gen: bool| template.render_with(msgs, gen).map_err(|e| e.to_string());
     let full = render(messages, false)?;
     let mut spans = Vec::new();

@@ -304,7 +304,7 @@ pub fn train(
     // The largest micro-batch could hold the longest sequences, padded to the longest of all.
     let seqs = config.batch_size.min(examples.len().max(eval.len())).max(1);
     memory::check_fits(base.model.config(), seqs, max_len, memory::available_bytes())?;
-    let model = TrainModel::new(&base.model, init_params(&base.model.base_shape(), config)?, max_len)?;
+    let model = TrainModel::new(&base.model, init_params(&shape, config)?, max_len)?;
     let mut opt = AdamW::new(config.optimizer, &model.vars())?;
 
     let start = Instant::now();
@@ -397,7 +397,7 @@ pub fn train(
         }
         Ok(())
     };
-    write_adapter_with(&base.model.base_shape(), config, model.params(), extras)?;
+    write_adapter_with(&shape, config, model.params(), extras)?;
     checkpoint::remove(&ckpt);
     Ok(report)
 }
