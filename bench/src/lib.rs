@@ -3,6 +3,7 @@
 //! process or script, never absolute pass/fail thresholds.
 
 pub mod quant;
+pub mod scaled;
 
 use adapters::LoraAdapter;
 use lorahost::base::Base;

@@ -738,6 +738,26 @@ async fn tenant_quotas_answer_429_naming_the_quota_and_change_nothing() {
     assert!(message.contains("adapters held"), "{message}");
     assert_eq!(get(&f.app, "/v1/adapters/second", Some(ALICE)).await.status, StatusCode::NOT_FOUND);
     assert_eq!(upload(&f.app, "first", Some(ALICE), b"weights-3").await.status, StatusCode::OK);
+
+    // What alice uses of her quota, and bob's, who has the "*" table and holds nothing.
+    let reply = get(&f.app, "/v1/quota", Some(ALICE)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json());
+    let alice = reply.json();
+    assert_eq!(alice["tenant"], "alice");
+    assert_eq!(alice["limits"]["max_adapters"], 1);
+    assert_eq!(alice["limits"]["max_concurrent_sequences"], 2);
+    assert_eq!(alice["limits"]["requests_per_minute"], Value::Null, "no limit is null");
+    assert_eq!(alice["usage"]["adapters"], 1);
+    let stored = get(&f.app, "/v1/adapters/first", Some(ALICE)).await.json();
+    assert_eq!(alice["usage"]["adapter_bytes"], stored["bytes"]);
+    assert_eq!(alice["usage"]["concurrent_sequences"], 0);
+    let bob = get(&f.app, "/v1/quota", Some(BOB)).await.json();
+    assert_eq!(
+        (bob["tenant"].clone(), bob["limits"]["requests_per_minute"].clone()),
+        ("bob".into(), 2.into())
+    );
+    assert_eq!(bob["usage"]["adapters"], 0);
+    assert_eq!(get(&f.app, "/v1/quota", None).await.status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,6 +16,8 @@ use std::process::Command;
 const ALICE: &str = "alice-jobs-key-0123456789";
 const BOB: &str = "bob-jobs-key-0123456789ab";
 const ADMIN: &str = "admin-jobs-key-0123456789";
+/// A tenant whose quota holds no adapter of the tiny model's size.
+const CAROL: &str = "carol-jobs-key-0123456789";
 
 fn facts() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/train/facts/train.jsonl")
@@ -36,7 +38,8 @@ impl Setup {
             dir.path().join("keys.toml"),
             format!(
                 "[[keys]]\nkey = \"{ALICE}\"\ntenant = \"alice\"\n\n[[keys]]\nkey = \"{BOB}\"\ntenant = \"bob\"\n\n\
-                 [[keys]]\nkey = \"{ADMIN}\"\ntenant = \"ops\"\nadmin = true\n"
+                 [[keys]]\nkey = \"{ADMIN}\"\ntenant = \"ops\"\nadmin = true\n\n\
+                 [[keys]]\nkey = \"{CAROL}\"\ntenant = \"carol\"\n\n[tenants.carol]\nmax_adapter_bytes = 1000\n"
             ),
         )
         .expect("keys file");
@@ -141,6 +144,10 @@ fn train_push_makes_the_adapter_servable_when_train_exits() {
     );
     let bad_name = train(&setup, &["--push", &server.url, "--name", "../x", "--api-key", ALICE]);
     assert!(!bad_name.status.success());
+    let no_room = train(&setup, &["--push", &server.url, "--name", "pushed", "--api-key", CAROL]);
+    assert!(!no_room.status.success());
+    let message = String::from_utf8_lossy(&no_room.stderr);
+    assert!(message.contains("may hold 1000"), "{message}");
     assert!(!setup.path("out").exists(), "nothing was trained");
 
     let out = train(&setup, &["--push", &server.url, "--name", "pushed", "--api-key", ALICE]);

@@ -339,6 +339,10 @@ fn a_short_run_teaches_made_up_facts() {
     };
     let report = lorahost::train::train(base, &config, &mut lorahost::train::Quiet).expect("training");
     assert!(report.losses.last().unwrap() < &0.1, "losses {:?}", report.losses);
+    // What `train --push` asks the quota for: the weights file less its header.
+    let file = std::fs::metadata(config.out.join("adapter_model.safetensors")).expect("weights").len();
+    let weights = config.adapter_weight_bytes(&base.model.base_shape());
+    assert!(weights <= file && file - weights < 128 << 10, "{weights} of {file} bytes");
     let adapter = std::sync::Arc::new(
         lorahost::adapter_host::load_dir_validated(&base.model, &config.out).expect("adapter loads"),
     );

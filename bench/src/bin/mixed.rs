@@ -1,14 +1,16 @@
 //! The LoRA overhead end to end: 32 concurrent requests, each with its own rank-16 adapter on all
 //! seven projections, against the same 32 requests on the base alone, in one process. Adapters
 //! are held as the server holds them on this base (int8 next to a quantized base); `--compare-f32`
-//! also runs them in f32.
+//! also runs them in f32. `--size` runs the same on a random-weight model of a larger SmolLM2's
+//! shape (`lorahost_bench::scaled`), to show how the overhead falls as the base grows.
 //!
-//! `cargo run --release -p lorahost-bench --bin mixed -- [--reps 3] [--dtype auto] [--compare-f32]`
+//! `cargo run --release -p lorahost-bench --bin mixed -- [--reps 3] [--dtype auto] [--compare-f32]
+//! [--size default|360m|1.7b]`
 
 use clap::Parser;
-use lorahost::base::Base;
 use lorahost::engine::EngineConfig;
-use lorahost::model::{Dtype, LoraStorage};
+use lorahost::model::{Dtype, KvCache, KvCacheConfig, LoraStorage};
+use lorahost_bench::scaled::{load_base, ModelSize};
 use lorahost_bench::{random_adapters, run_batch_with_adapters, summarize};
 
 #[derive(Parser)]
@@ -28,12 +30,15 @@ struct Args {
     /// Also run the adapters in f32 (the storage of an f32 base).
     #[arg(long)]
     compare_f32: bool,
+    /// The base: the default model, or a random-weight model of a larger SmolLM2's shape.
+    #[arg(long, value_enum, default_value_t = ModelSize::Default)]
+    size: ModelSize,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let path = lorahost::fetch::default_model()?;
-    let base = Base::load(&path, args.dtype)?;
+    let base = load_base(args.size, &path, args.dtype)?;
     let storage = base.model.lora_storage();
     let adapters = random_adapters(&base, args.requests, args.rank, storage)?;
     let f32_adapters = if args.compare_f32 && storage != LoraStorage::F32 {
@@ -41,7 +46,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
-    let config = EngineConfig { max_running: args.requests, ..Default::default() };
+    // Room for every sequence whole, so no run is slowed by preemption (larger bases need more
+    // than the default budget).
+    let kv = KvCacheConfig::default();
+    let blocks = args.requests * (args.prompt + args.generate).div_ceil(kv.block_size);
+    let needed = blocks * KvCache::block_bytes(base.model.config(), kv.block_size);
+    let kv_cache = KvCacheConfig { budget_bytes: kv.budget_bytes.max(needed), ..kv };
+    let config = EngineConfig { max_running: args.requests, kv_cache, ..Default::default() };
     let run = |adapters: &[_]| {
         run_batch_with_adapters(&base, config, args.requests, args.prompt, args.generate, adapters)
             .wall
@@ -57,8 +68,8 @@ fn main() -> anyhow::Result<()> {
     }
     let ratio = |walls: &[f64]| summarize(walls.iter().zip(&base_wall).map(|(m, b)| m / b).collect());
     println!(
-        "{} requests x ({} prompt + {} generated), {} distinct rank-{} all-linear adapters, dtype {:?}, adapters {:?}",
-        args.requests, args.prompt, args.generate, args.requests, args.rank, args.dtype, storage
+        "{} requests x ({} prompt + {} generated), {} distinct rank-{} all-linear adapters, dtype {:?}, adapters {:?}, base {}",
+        args.requests, args.prompt, args.generate, args.requests, args.rank, args.dtype, storage, base.name
     );
     println!("base wall s:  {}", summarize(base_wall.clone()));
     println!("mixed wall s: {}", summarize(mixed_wall.clone()));

@@ -107,11 +107,55 @@ impl PushTarget {
             .with_context(|| format!("--push {}", self.server))
     }
 
+    /// Checks, before training starts, that the tenant's quota has room for an adapter of at
+    /// least `weight_bytes` under `name` (replacing an adapter of that name frees its bytes).
+    pub fn check_room(&self, weight_bytes: u64) -> anyhow::Result<()> {
+        let client = Client::new(&self.server, self.api_key.clone())?;
+        let (quota, listing) = block_on(async {
+            let quota = client.send(Method::GET, "/v1/quota", None).await?;
+            Ok((quota, client.send(Method::GET, "/v1/adapters", None).await?))
+        })
+        .with_context(|| format!("--push {}", self.server))?;
+        room_for(&quota, &listing, &self.name, weight_bytes)
+            .with_context(|| format!("--push {}: the adapter would not be accepted", self.server))
+    }
+
     /// Uploads `dir`; when this returns the adapter is servable under `name`.
     pub fn push(&self, dir: &Path) -> anyhow::Result<Value> {
         let client = Client::new(&self.server, self.api_key.clone())?;
         block_on(upload(&client, &self.name, dir)).with_context(|| format!("--push {}", self.server))
     }
+}
+
+/// Whether `GET /v1/quota`'s `quota` and `GET /v1/adapters`' `listing` leave room for `bytes`
+/// more under `name`, as the server's upload check counts it.
+fn room_for(quota: &Value, listing: &Value, name: &str, bytes: u64) -> anyhow::Result<()> {
+    let tenant = quota["tenant"].as_str().context("the quota reply names no tenant")?;
+    let (limits, usage) = (&quota["limits"], &quota["usage"]);
+    let replaced = listing["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["tenant"] == tenant && a["name"] == name)
+        .map(|a| a["bytes"].as_u64().unwrap_or(0));
+    let held = usage["adapters"].as_u64().unwrap_or(0);
+    if let Some(most) = limits["max_adapters"].as_u64() {
+        if replaced.is_none() && held + 1 > most {
+            bail!(
+                "tenant {tenant} holds {held} adapters and may hold {most}: delete one or push under the name of one it holds"
+            );
+        }
+    }
+    if let Some(most) = limits["max_adapter_bytes"].as_u64() {
+        let total =
+            usage["adapter_bytes"].as_u64().unwrap_or(0).saturating_sub(replaced.unwrap_or(0)) + bytes;
+        if total > most {
+            bail!(
+                "the adapter's weights alone are {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters and may hold {most}"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
@@ -205,4 +249,48 @@ fn encode_segment(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::room_for;
+    use serde_json::json;
+
+    fn quota(
+        max_adapters: Option<u64>,
+        max_bytes: Option<u64>,
+        held: u64,
+        held_bytes: u64,
+    ) -> serde_json::Value {
+        json!({
+            "tenant": "alice",
+            "limits": {"max_adapters": max_adapters, "max_adapter_bytes": max_bytes},
+            "usage": {"adapters": held, "adapter_bytes": held_bytes},
+        })
+    }
+
+    fn listing() -> serde_json::Value {
+        json!({"data": [
+            {"tenant": "alice", "name": "old", "bytes": 600},
+            {"tenant": "bob", "name": "new", "bytes": 900},
+        ]})
+    }
+
+    #[test]
+    fn a_push_must_fit_the_quota_as_the_server_counts_it() {
+        let none = quota(None, None, 1, 600);
+        assert!(room_for(&none, &listing(), "new", 1 << 40).is_ok(), "no limits, no refusal");
+
+        let one = quota(Some(1), None, 1, 600);
+        let e = room_for(&one, &listing(), "new", 10).expect_err("a second name");
+        assert!(format!("{e}").contains("may hold 1"), "{e}");
+        assert!(room_for(&one, &listing(), "old", 10).is_ok(), "replacing the one held");
+
+        let bytes = quota(None, Some(1000), 1, 600);
+        assert!(room_for(&bytes, &listing(), "new", 400).is_ok(), "600 + 400 fits 1000");
+        let e = room_for(&bytes, &listing(), "new", 401).expect_err("1001 > 1000");
+        assert!(format!("{e}").contains("1001") && format!("{e}").contains("1000"), "{e}");
+        assert!(room_for(&bytes, &listing(), "old", 1000).is_ok(), "replacing frees the old 600 bytes");
+        assert!(room_for(&json!({}), &listing(), "new", 1).is_err(), "a reply without a tenant");
+    }
 }

@@ -154,6 +154,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         base_name: base.name.clone(),
     };
+    if let Some(target) = &push {
+        target.check_room(config.adapter_weight_bytes(&base.model.base_shape()))?;
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

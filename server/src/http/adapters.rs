@@ -110,6 +110,7 @@ async fn delete_one(state: &AppState, caller: &Caller, name: String) -> Result<J
         return Err(not_found(&name));
     }
     state.forget_if_unreferenced(old.id);
+    state.metrics().forget_adapter(key.tenant(), key.name());
     tracing::info!(tenant = %key.tenant(), name = %key.name(), "adapter deleted");
     Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
 }

@@ -1,8 +1,8 @@
 //! The server's counters and histograms, and `/metrics` in the Prometheus text format (written
 //! by hand: a handful of families does not need a client library).
 //!
-//! Request-level series are labelled by tenant and model (base or adapter name); engine and
-//! adapter-cache gauges are read from their owners when scraped.
+//! Request-level series are labelled by tenant and model (base or adapter name; an adapter's go
+//! when it is deleted); engine and adapter-cache gauges are read from their owners when scraped.
 
 use crate::engine::EngineStats;
 use crate::jobs::{JobCounts, JobStatus};
@@ -107,6 +107,12 @@ impl Default for Metrics {
     }
 }
 
+/// The (tenant, name) of the adapter a request series names: a `model` label `tenant/name` (an
+/// admin naming another tenant's adapter) is that tenant's adapter, a plain one the caller's own.
+fn adapter_of<'a>(tenant: &'a str, model: &'a str) -> (&'a str, &'a str) {
+    model.split_once('/').unwrap_or((tenant, model))
+}
+
 /// What one finished (or abandoned) generation request reports.
 #[derive(Debug, Clone)]
 pub struct RequestReport {
@@ -158,12 +164,10 @@ impl Metrics {
     /// label `tenant/name` (an admin naming another tenant's adapter) counts for that tenant's
     /// adapter, a plain one for the caller's own. The base's series are there too, under its id.
     pub fn traffic_by_adapter(&self) -> HashMap<(String, String), Traffic> {
-        fn adapter_of(tenant: &str, model: &str) -> (String, String) {
-            match model.split_once('/') {
-                Some((t, n)) => (t.to_string(), n.to_string()),
-                None => (tenant.to_string(), model.to_string()),
-            }
-        }
+        let adapter_of = |tenant, model| {
+            let (t, n) = adapter_of(tenant, model);
+            (t.to_string(), n.to_string())
+        };
         let m = self.lock();
         let mut out: HashMap<(String, String), Traffic> = HashMap::new();
         for ((tenant, model, _), v) in &m.requests {
@@ -176,6 +180,17 @@ impl Metrics {
             out.entry(adapter_of(tenant, model)).or_default().generated_tokens += v;
         }
         out
+    }
+
+    /// Drops the request series of a deleted adapter (`tenant`'s `name`, whoever named it), so
+    /// the series stay bounded by the adapters stored rather than by every name ever served. A
+    /// new adapter under the name starts from zero, as a counter reset.
+    pub fn forget_adapter(&self, tenant: &str, name: &str) {
+        let named = |t: &str, model: &str| adapter_of(t, model) == (tenant, name);
+        let mut m = self.lock();
+        m.requests.retain(|(t, model, _), _| !named(t, model));
+        m.prompt_tokens.retain(|(t, model), _| !named(t, model));
+        m.generated_tokens.retain(|(t, model), _| !named(t, model));
     }
 
     /// The Prometheus text exposition of everything, with the engine's and the adapter cache's
@@ -431,5 +446,13 @@ mod tests {
         assert_eq!(alice, Traffic { requests: 3, prompt_tokens: 6, generated_tokens: 9 });
         assert_eq!(t[&("bob".to_string(), "lora".to_string())].requests, 1);
         assert!(!t.contains_key(&("ops".to_string(), "alice/lora".to_string())));
+
+        // Deleting alice's adapter drops its series, however it was named, and no one else's.
+        m.forget_adapter("alice", "lora");
+        let t = m.traffic_by_adapter();
+        assert!(!t.contains_key(&("alice".to_string(), "lora".to_string())), "{t:?}");
+        assert_eq!(t[&("bob".to_string(), "lora".to_string())].generated_tokens, 7);
+        let text = m.render(&EngineStats::default(), None, 0);
+        assert!(!text.contains("alice"), "{text}");
     }
 }

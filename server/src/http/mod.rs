@@ -303,6 +303,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
         .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::list_events))
         .route("/v1/fine_tuning/jobs/{id}/cancel", post(fine_tuning::cancel_job))
+        .route("/v1/quota", get(quota::tenant_quota))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -356,6 +357,7 @@ fn route_label(path: &str) -> &'static str {
         "/v1/chat/completions" => "/v1/chat/completions",
         "/v1/models" => "/v1/models",
         "/v1/adapters" => "/v1/adapters",
+        "/v1/quota" => "/v1/quota",
         "/health" => "/health",
         "/ready" => "/ready",
         "/metrics" => "/metrics",

@@ -1,20 +1,26 @@
 //! Per-tenant quotas, set in the keys file (`[[tenants]]` tables): adapters held and their bytes,
 //! fine-tuning file bytes, generation requests per minute and sequences at once. Every refusal
-//! is a 429 that names the quota; nothing is changed by a refused request.
+//! is a 429 that names the quota; nothing is changed by a refused request. `GET /v1/quota` shows
+//! a tenant its limits and what it uses of them.
 //!
 //! The request rate is a token bucket per tenant holding up to a minute's worth of requests and
 //! refilling continuously; sequences are counted from admission until the response ends (or the
 //! client goes away), by a [`SequenceLease`].
 
-use serde::Deserialize;
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use adapters::store::StoredAdapter;
 
+use super::{AppState, Caller};
+
 /// One tenant's limits; an absent field is no limit.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     /// Adapters the tenant may hold (uploaded or fine-tuned).
@@ -167,6 +173,29 @@ impl Quotas {
         let usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
         usage.get(tenant).map_or(0, |u| u.sequences)
     }
+}
+
+/// `GET /v1/quota`: the caller's tenant, its limits (`null`: none) and what it uses of them now.
+/// Lets a client check that an upload will fit before it spends time making the adapter.
+pub async fn tenant_quota(State(state): State<AppState>, caller: Caller) -> Json<Value> {
+    let tenant = caller.tenant.as_str();
+    let held = state.store().list(Some(tenant));
+    let (file_bytes, pending_jobs) = state.jobs().map_or((0, 0), |jobs| {
+        let files = jobs.files(Some(tenant)).iter().map(|f| f.bytes).sum::<u64>();
+        (files, jobs.jobs(Some(tenant)).iter().filter(|j| !j.status.is_terminal()).count())
+    });
+    Json(json!({
+        "object": "quota",
+        "tenant": tenant,
+        "limits": state.quotas().quota(tenant),
+        "usage": {
+            "adapters": held.len(),
+            "adapter_bytes": held.iter().map(|a| a.bytes).sum::<u64>(),
+            "file_bytes": file_bytes,
+            "pending_fine_tuning_jobs": pending_jobs,
+            "concurrent_sequences": state.quotas().sequences(tenant),
+        },
+    }))
 }
 
 /// Sequences admitted by [`Quotas::admit`]; they count against the tenant until this is dropped.

@@ -179,6 +179,20 @@ impl TrainConfig {
         }
     }
 
+    /// The bytes of the f32 weights this run writes (its `adapter_model.safetensors` less the
+    /// header): what a push must find room for in the tenant's quota.
+    pub fn adapter_weight_bytes(&self, shape: &BaseShape) -> u64 {
+        let n = shape.num_layers;
+        let layers = self.layers.as_ref().map_or(n, |r| r.end.min(n).saturating_sub(r.start));
+        let per_layer: usize = self
+            .targets
+            .modules()
+            .into_iter()
+            .map(|m| shape.modules[m].in_features + shape.modules[m].out_features)
+            .sum();
+        (layers * per_layer * self.rank * std::mem::size_of::<f32>()) as u64
+    }
+
     /// `adapter_config.json` as PEFT writes it for this run.
     pub fn peft_config(&self) -> serde_json::Value {
         let targets: Vec<&str> = self.targets.modules().into_iter().map(model::module_short_name).collect();
