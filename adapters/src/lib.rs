@@ -14,8 +14,8 @@ pub mod store;
 pub use config::{AdapterSpec, PeftConfig, TargetModules};
 pub use id::AdapterId;
 pub use peft::{
-    check_replaceable, write_adapter_dir, write_adapter_dir_with, BaseShape, LoraAdapter, LoraSite,
-    ModuleShape, SiteMatrices, CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE,
+    check_replaceable, weights_file_len, write_adapter_dir, write_adapter_dir_with, BaseShape, LoraAdapter,
+    LoraSite, ModuleShape, SiteMatrices, CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE,
 };
 
 /// Why an adapter was rejected. Every message names the offending field or key.

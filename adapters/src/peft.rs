@@ -7,6 +7,7 @@ use super::config::{AdapterSpec, TargetModules};
 use super::{AdapterError, AdapterId};
 use kernels::lora::{Int8LoraMatrices, LoraMatrices, LoraSiteWeights};
 use regex::Regex;
+use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -277,6 +278,61 @@ pub fn check_replaceable(dir: &Path) -> Result<(), AdapterError> {
     }
 }
 
+/// The tensors PEFT saves for one site, keys and shapes, in the order `A`, `B`, then DoRA's
+/// magnitude vector if `dora`.
+fn site_tensors(
+    base: &BaseShape,
+    layer: usize,
+    module: usize,
+    rank: usize,
+    dora: bool,
+) -> Vec<(String, Vec<usize>)> {
+    let m = &base.modules[module];
+    let name = base.module_name(layer, module);
+    let mut tensors = vec![
+        (format!("{KEY_PREFIX}{name}.lora_A.weight"), vec![rank, m.in_features]),
+        (format!("{KEY_PREFIX}{name}.lora_B.weight"), vec![m.out_features, rank]),
+    ];
+    if dora {
+        tensors.push((format!("{KEY_PREFIX}{name}.lora_magnitude_vector"), vec![m.out_features]));
+    }
+    tensors
+}
+
+/// The exact length of the `adapter_model.safetensors` [`write_adapter_dir`] writes for f32
+/// LoRA (not DoRA) sites at these `(layer, module, rank)`, known before any weight exists: what
+/// a quota must find room for before a run spends time training.
+pub fn weights_file_len(
+    base: &BaseShape,
+    sites: impl IntoIterator<Item = (usize, usize, usize)>,
+) -> Result<u64, AdapterError> {
+    let mut tensors = Vec::new();
+    for (layer, module, rank) in sites {
+        if module >= base.modules.len() {
+            return Err(AdapterError::Format(format!("no module {module}")));
+        }
+        tensors.extend(site_tensors(base, layer, module, rank, false));
+    }
+    // The order safetensors stores them in: by dtype (all f32 here), then by key.
+    tensors.sort_by(|l, r| l.0.cmp(&r.0));
+    let overflow = || AdapterError::Format("the adapter's size overflows".into());
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(tensors.len());
+    for (key, shape) in tensors {
+        let len = shape
+            .iter()
+            .try_fold(std::mem::size_of::<f32>(), |n, &d| n.checked_mul(d))
+            .ok_or_else(overflow)?;
+        let end = offset.checked_add(len).ok_or_else(overflow)?;
+        infos.push((key, TensorInfo { dtype: Dtype::F32, shape, data_offsets: (offset, end) }));
+        offset = end;
+    }
+    let metadata = Metadata::new(None, infos).map_err(|e| AdapterError::Format(e.to_string()))?;
+    let header = serde_json::to_string(&metadata).map_err(|e| AdapterError::Format(e.to_string()))?;
+    // An 8-byte length, then the header padded to a multiple of 8, then the data.
+    Ok((8 + header.len().next_multiple_of(8) + offset) as u64)
+}
+
 /// [`write_adapter_dir`], with `extra` adding files of its own to the new directory before it
 /// is published (a training log, say). The directory appears complete, extras included, or not
 /// at all: everything is written and synced in a sibling scratch directory that then takes its
@@ -310,17 +366,10 @@ pub fn write_adapter_dir_with(
                 base.module_name(s.layer, s.module)
             )));
         }
-        let name = base.module_name(s.layer, s.module);
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        tensors.push((format!("{KEY_PREFIX}{name}.lora_A.weight"), vec![s.rank, m.in_features], bytes(a)));
-        tensors.push((format!("{KEY_PREFIX}{name}.lora_B.weight"), vec![m.out_features, s.rank], bytes(b)));
-        if let Some(mag) = &s.magnitude {
-            tensors.push((
-                format!("{KEY_PREFIX}{name}.lora_magnitude_vector"),
-                vec![m.out_features],
-                bytes(mag),
-            ));
-        }
+        let values = [Some(a), Some(b), s.magnitude.as_deref()].into_iter().flatten();
+        let names = site_tensors(base, s.layer, s.module, s.rank, s.magnitude.is_some());
+        tensors.extend(names.into_iter().zip(values).map(|((key, shape), v)| (key, shape, bytes(v))));
     }
     let views = tensors
         .iter()
@@ -631,6 +680,30 @@ mod tests {
         let leftovers: Vec<_> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers.len(), 1, "no temp directories left: {leftovers:?}");
+    }
+
+    #[test]
+    fn the_weights_file_length_is_known_before_the_weights() {
+        let mut mixed_ranks = qv_tensors(2, &[1]);
+        mixed_ranks.retain(|(k, _, _)| !k.contains("v_proj"));
+        mixed_ranks.push((key(1, "self_attn.v_proj", "A"), vec![3, 8], vec![0.1; 24]));
+        mixed_ranks.push((key(1, "self_attn.v_proj", "B"), vec![4, 3], vec![0.1; 12]));
+        for (cfg, tensors) in [
+            (r#"{"r":2,"lora_alpha":4,"target_modules":["q_proj","v_proj"]}"#, qv_tensors(2, &[0, 1])),
+            (
+                r#"{"r":2,"target_modules":["q_proj","v_proj"],"layers_to_transform":[1],"rank_pattern":{"v_proj":3}}"#,
+                mixed_ranks,
+            ),
+        ] {
+            let a = load(cfg, tensors).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            write_adapter_dir(dir.path(), &serde_json::json!({}), a.sites(), &tiny_base()).unwrap();
+            let written = std::fs::metadata(dir.path().join(WEIGHTS_FILE)).unwrap().len();
+            let sites = a.sites().iter().map(|s| (s.layer, s.module, s.rank));
+            assert_eq!(weights_file_len(&tiny_base(), sites).unwrap(), written, "{cfg}");
+        }
+        assert!(weights_file_len(&tiny_base(), [(0, 3, 2)]).is_err(), "no such module");
+        assert!(weights_file_len(&tiny_base(), [(0, 0, usize::MAX)]).is_err(), "overflow");
     }
 
     #[test]

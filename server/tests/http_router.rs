@@ -751,6 +751,7 @@ async fn tenant_quotas_answer_429_naming_the_quota_and_change_nothing() {
     let stored = get(&f.app, "/v1/adapters/first", Some(ALICE)).await.json();
     assert_eq!(alice["usage"]["adapter_bytes"], stored["bytes"]);
     assert_eq!(alice["usage"]["concurrent_sequences"], 0);
+    assert_eq!(alice["upload_limits"]["adapter_bytes"], Limits::default().max_adapter_bytes);
     let bob = get(&f.app, "/v1/quota", Some(BOB)).await.json();
     assert_eq!(
         (bob["tenant"].clone(), bob["limits"]["requests_per_minute"].clone()),

@@ -527,6 +527,33 @@ async fn fine_tuned_adapters_count_against_the_adapter_quota() {
     assert_eq!(f.trainer.configs.lock().unwrap().len(), 2, "the refused jobs never ran");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_job_creations_cannot_pass_the_adapter_quota_together() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 2\n");
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    let creations: Vec<_> = (0..12)
+        .map(|i| {
+            let app = f.app.clone();
+            let body = json!({"model": BASE, "training_file": file, "suffix": format!("n{i}")});
+            tokio::spawn(async move { post(&app, "/v1/fine_tuning/jobs", ALICE, body).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for c in creations {
+        statuses.push(c.await.expect("creation task"));
+    }
+    let queued = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((queued, refused), (2, 10), "{statuses:?}");
+    let listed = get(&f.app, "/v1/fine_tuning/jobs", ALICE).await.ok();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(2), "nothing else queued: {listed}");
+    let usage = get(&f.app, "/v1/quota", ALICE).await.ok()["usage"].clone();
+    assert_eq!(usage["pending_fine_tuning_jobs"], 2, "{usage}");
+    assert_eq!(usage["file_bytes"], GOOD.len(), "{usage}");
+    f.trainer.open_gate();
+}
+
 #[tokio::test]
 async fn training_files_count_against_the_file_quota() {
     let keys = format!("{KEYS}\n[tenants.alice]\nmax_file_bytes = {}\n", GOOD.len() + 10);

@@ -339,10 +339,13 @@ fn a_short_run_teaches_made_up_facts() {
     };
     let report = lorahost::train::train(base, &config, &mut lorahost::train::Quiet).expect("training");
     assert!(report.losses.last().unwrap() < &0.1, "losses {:?}", report.losses);
-    // What `train --push` asks the quota for: the weights file less its header.
-    let file = std::fs::metadata(config.out.join("adapter_model.safetensors")).expect("weights").len();
-    let weights = config.adapter_weight_bytes(&base.model.base_shape());
-    assert!(weights <= file && file - weights < 128 << 10, "{weights} of {file} bytes");
+    // What `train --push` asks the quota for before training: exactly what it will upload.
+    let written: u64 = ["adapter_config.json", "adapter_model.safetensors"]
+        .iter()
+        .map(|f| std::fs::metadata(config.out.join(f)).expect("adapter file").len())
+        .sum();
+    let expected = config.adapter_upload_bytes(&base.model.base_shape()).expect("valid flags");
+    assert_eq!(expected, written);
     let adapter = std::sync::Arc::new(
         lorahost::adapter_host::load_dir_validated(&base.model, &config.out).expect("adapter loads"),
     );

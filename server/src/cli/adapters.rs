@@ -107,16 +107,16 @@ impl PushTarget {
             .with_context(|| format!("--push {}", self.server))
     }
 
-    /// Checks, before training starts, that the tenant's quota has room for an adapter of at
-    /// least `weight_bytes` under `name` (replacing an adapter of that name frees its bytes).
-    pub fn check_room(&self, weight_bytes: u64) -> anyhow::Result<()> {
+    /// Checks, before training starts, that the tenant's quota has room for an adapter of
+    /// `bytes` bytes under `name` (replacing an adapter of that name frees its bytes).
+    pub fn check_room(&self, bytes: u64) -> anyhow::Result<()> {
         let client = Client::new(&self.server, self.api_key.clone())?;
         let (quota, listing) = block_on(async {
             let quota = client.send(Method::GET, "/v1/quota", None).await?;
             Ok((quota, client.send(Method::GET, "/v1/adapters", None).await?))
         })
         .with_context(|| format!("--push {}", self.server))?;
-        room_for(&quota, &listing, &self.name, weight_bytes)
+        room_for(&quota, &listing, &self.name, bytes)
             .with_context(|| format!("--push {}: the adapter would not be accepted", self.server))
     }
 
@@ -138,6 +138,11 @@ fn room_for(quota: &Value, listing: &Value, name: &str, bytes: u64) -> anyhow::R
         .flatten()
         .find(|a| a["tenant"] == tenant && a["name"] == name)
         .map(|a| a["bytes"].as_u64().unwrap_or(0));
+    if let Some(most) = quota["upload_limits"]["adapter_bytes"].as_u64() {
+        if bytes > most {
+            bail!("the adapter is {bytes} bytes; the server takes adapter uploads of at most {most} bytes");
+        }
+    }
     let held = usage["adapters"].as_u64().unwrap_or(0);
     if let Some(most) = limits["max_adapters"].as_u64() {
         if replaced.is_none() && held + 1 > most {
@@ -151,7 +156,7 @@ fn room_for(quota: &Value, listing: &Value, name: &str, bytes: u64) -> anyhow::R
             usage["adapter_bytes"].as_u64().unwrap_or(0).saturating_sub(replaced.unwrap_or(0)) + bytes;
         if total > most {
             bail!(
-                "the adapter's weights alone are {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters and may hold {most}"
+                "the adapter is {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters and may hold {most}"
             );
         }
     }
@@ -292,5 +297,11 @@ mod tests {
         assert!(format!("{e}").contains("1001") && format!("{e}").contains("1000"), "{e}");
         assert!(room_for(&bytes, &listing(), "old", 1000).is_ok(), "replacing frees the old 600 bytes");
         assert!(room_for(&json!({}), &listing(), "new", 1).is_err(), "a reply without a tenant");
+
+        let mut capped = quota(None, None, 0, 0);
+        capped["upload_limits"] = json!({"adapter_bytes": 500});
+        assert!(room_for(&capped, &listing(), "new", 500).is_ok(), "an upload of the largest size");
+        let e = room_for(&capped, &listing(), "new", 501).expect_err("over the server's upload limit");
+        assert!(format!("{e}").contains("at most 500"), "{e}");
     }
 }

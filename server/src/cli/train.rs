@@ -155,7 +155,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         base_name: base.name.clone(),
     };
     if let Some(target) = &push {
-        target.check_room(config.adapter_weight_bytes(&base.model.base_shape()))?;
+        target.check_room(config.adapter_upload_bytes(&base.model.base_shape())?)?;
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

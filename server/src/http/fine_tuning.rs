@@ -168,11 +168,15 @@ pub async fn create_job(
     let jobs = jobs(&state)?.clone();
     let new = wire.validate()?;
     let tenant = caller.tenant.clone();
-    let pending = jobs.jobs(Some(&tenant)).iter().filter(|j| !j.status.is_terminal()).count();
-    state.quotas().check_new_job(&tenant, state.store().list(Some(&tenant)).len(), pending)?;
-    let job = tokio::task::spawn_blocking(move || jobs.create_job(&tenant, new))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let job = tokio::task::spawn_blocking(move || {
+        let admit = |unfinished: usize| {
+            let held = state.store().list(Some(&tenant)).len();
+            state.quotas().check_new_job(&tenant, held, unfinished).map_err(|e| e.to_string())
+        };
+        jobs.create_job(&tenant, new, admit)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     tracing::info!(tenant = %caller.tenant, job = %job.id, "fine-tuning job queued");
     Ok(Json(job_json(&caller, &job)))
 }

@@ -175,8 +175,9 @@ impl Quotas {
     }
 }
 
-/// `GET /v1/quota`: the caller's tenant, its limits (`null`: none) and what it uses of them now.
-/// Lets a client check that an upload will fit before it spends time making the adapter.
+/// `GET /v1/quota`: the caller's tenant, its limits (`null`: none), what it uses of them now,
+/// and the server's largest single uploads. Lets a client check that an upload will fit before
+/// it spends time making the adapter.
 pub async fn tenant_quota(State(state): State<AppState>, caller: Caller) -> Json<Value> {
     let tenant = caller.tenant.as_str();
     let held = state.store().list(Some(tenant));
@@ -194,6 +195,10 @@ pub async fn tenant_quota(State(state): State<AppState>, caller: Caller) -> Json
             "file_bytes": file_bytes,
             "pending_fine_tuning_jobs": pending_jobs,
             "concurrent_sequences": state.quotas().sequences(tenant),
+        },
+        "upload_limits": {
+            "adapter_bytes": state.limits().max_adapter_bytes,
+            "file_bytes": state.limits().max_file_bytes,
         },
     }))
 }

@@ -331,7 +331,15 @@ impl Jobs {
     }
 
     /// Queues a job for `tenant`. The files must be the tenant's own fine-tune files.
-    pub fn create_job(&self, tenant: &str, new: NewJob) -> Result<JobRecord, JobsError> {
+    ///
+    /// `admit` sees how many of the tenant's jobs are unfinished at the moment of queueing (under
+    /// the lock that queues, so concurrent creations cannot pass a quota together) and may refuse.
+    pub fn create_job(
+        &self,
+        tenant: &str,
+        new: NewJob,
+        admit: impl FnOnce(usize) -> Result<(), String>,
+    ) -> Result<JobRecord, JobsError> {
         if new.model != self.shared.config.base_id {
             return Err(JobsError::NotFound { what: "model", id: new.model });
         }
@@ -383,6 +391,9 @@ impl Jobs {
         if state.stopping {
             return Err(JobsError::Conflict("the server is shutting down".into()));
         }
+        let unfinished =
+            state.disk.jobs.values().filter(|j| j.tenant == tenant && !j.status.is_terminal()).count();
+        admit(unfinished).map_err(JobsError::Quota)?;
         state.disk.put_job(job.clone())?;
         state.queue.push_back(id);
         drop(state);

@@ -125,7 +125,9 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    fn validate(&self, num_layers: usize) -> Result<(), TrainError> {
+    /// Refuses flags that cannot make a run on a base of this shape, before any work.
+    fn validate(&self, shape: &BaseShape) -> Result<(), TrainError> {
+        let num_layers = shape.num_layers;
         let bad = |m: String| Err(TrainError::Config(m));
         if self.rank == 0 {
             return bad("--rank must be at least 1".into());
@@ -167,6 +169,19 @@ impl TrainConfig {
                 ));
             }
         }
+        // As the adapter loader would refuse it afterwards; an absurd rank would also not fit.
+        let too_small = self
+            .targets
+            .modules()
+            .into_iter()
+            .map(|m| &shape.modules[m])
+            .find(|m| self.rank > m.in_features.min(m.out_features));
+        if let Some(m) = too_small {
+            return bad(format!(
+                "--rank {} exceeds the dimensions of {} ({} x {})",
+                self.rank, m.path, m.out_features, m.in_features
+            ));
+        }
         Ok(())
     }
 
@@ -179,18 +194,18 @@ impl TrainConfig {
         }
     }
 
-    /// The bytes of the f32 weights this run writes (its `adapter_model.safetensors` less the
-    /// header): what a push must find room for in the tenant's quota.
-    pub fn adapter_weight_bytes(&self, shape: &BaseShape) -> u64 {
-        let n = shape.num_layers;
-        let layers = self.layers.as_ref().map_or(n, |r| r.end.min(n).saturating_sub(r.start));
-        let per_layer: usize = self
-            .targets
-            .modules()
-            .into_iter()
-            .map(|m| shape.modules[m].in_features + shape.modules[m].out_features)
-            .sum();
-        (layers * per_layer * self.rank * std::mem::size_of::<f32>()) as u64
+    /// The bytes of the adapter this run writes (`adapter_config.json` and
+    /// `adapter_model.safetensors`, as the server counts an upload): what a push must find room
+    /// for in the tenant's quota. Refuses bad flags first, as [`train`] would.
+    pub fn adapter_upload_bytes(&self, shape: &BaseShape) -> Result<u64, TrainError> {
+        self.validate(shape)?;
+        let layers = self.layers.clone().unwrap_or(0..shape.num_layers);
+        let modules = self.targets.modules();
+        let sites = layers.flat_map(|l| modules.iter().map(move |&m| (l, m, self.rank)));
+        let weights = adapters::weights_file_len(shape, sites)?;
+        let config =
+            serde_json::to_vec_pretty(&self.peft_config()).map_err(|e| TrainError::Write(e.to_string()))?;
+        Ok(weights + config.len() as u64)
     }
 
     /// `adapter_config.json` as PEFT writes it for this run.
@@ -281,21 +296,8 @@ pub fn train(
     config: &TrainConfig,
     progress: &mut dyn Progress,
 ) -> Result<TrainReport, TrainError> {
-    config.validate(base.model.config().num_layers)?;
     let shape = base.model.base_shape();
-    // As the adapter loader would refuse it afterwards; an absurd rank would also not fit.
-    if let Some(m) = config
-        .targets
-        .modules()
-        .into_iter()
-        .map(|m| &shape.modules[m])
-        .find(|m| config.rank > m.in_features.min(m.out_features))
-    {
-        return Err(TrainError::Config(format!(
-            "--rank {} exceeds the dimensions of {} ({} x {})",
-            config.rank, m.path, m.out_features, m.in_features
-        )));
-    }
+    config.validate(&shape)?;
     let dataset = data::load(&config.data, base, config.max_seq_len)?;
     let (mut examples, truncated) = (dataset.examples, dataset.truncated);
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
