@@ -69,10 +69,16 @@ pub fn sync_dir(dir: &Path) -> Result<(), DurableError> {
     Ok(())
 }
 
+/// The directory holding `path`: `.` for a bare name (whose `parent()` is the empty path,
+/// which cannot be opened to fsync).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// Renames `from` onto `to` (atomic on POSIX file systems) and fsyncs the directory of `to`.
 pub fn rename_synced(from: &Path, to: &Path) -> Result<(), DurableError> {
     std::fs::rename(from, to).map_err(io_err("rename into place", to))?;
-    sync_dir(to.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent_dir(to))
 }
 
 /// Puts the directory `staged` (complete and synced) at `dir`, so that `dir` is at every moment
@@ -81,7 +87,7 @@ pub fn rename_synced(from: &Path, to: &Path) -> Result<(), DurableError> {
 /// old one, now at `staged`, is removed. Only where the file system cannot swap is the old one
 /// moved aside first, leaving a moment without `dir`. The parent directory is fsynced.
 pub fn replace_dir(staged: &Path, dir: &Path) -> Result<(), DurableError> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = parent_dir(dir);
     if std::fs::symlink_metadata(dir).is_err() {
         return rename_synced(staged, dir);
     }
@@ -155,6 +161,8 @@ mod tests {
         let names: Vec<_> =
             std::fs::read_dir(&dir).expect("list").map(|e| e.expect("entry").file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("log.json")], "no scratch left behind");
+        assert_eq!(parent_dir(Path::new("log.json")), Path::new("."));
+        assert_eq!(parent_dir(&path), dir);
         let err = write_atomically(&dir.join("missing").join("x"), b"x").expect_err("no such directory");
         assert_eq!(err.op, "create");
         std::fs::remove_dir_all(&dir).expect("clean up");

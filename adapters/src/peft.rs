@@ -382,7 +382,7 @@ pub fn write_adapter_dir_with(
     let weights = safetensors::serialize(views, None).map_err(|e| AdapterError::Format(e.to_string()))?;
     let config = serde_json::to_vec_pretty(config).map_err(|e| AdapterError::Format(e.to_string()))?;
 
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = super::durable::parent_dir(dir);
     std::fs::create_dir_all(parent).map_err(|e| io("creating the parent directory", e))?;
     let leaf =
         dir.file_name().ok_or_else(|| AdapterError::Io(format!("{} has no file name", dir.display())))?;

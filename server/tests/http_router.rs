@@ -733,9 +733,11 @@ async fn tenant_quotas_answer_429_naming_the_quota_and_change_nothing() {
 
     // Adapters held: alice may keep one; replacing it is fine, a second name is refused and not stored.
     assert_eq!(upload(&f.app, "first", Some(ALICE), b"weights-1").await.status, StatusCode::CREATED);
-    let message =
-        upload(&f.app, "second", Some(ALICE), b"weights-2").await.error(StatusCode::TOO_MANY_REQUESTS);
+    let refused = upload(&f.app, "second", Some(ALICE), b"weights-2").await;
+    let message = refused.error(StatusCode::TOO_MANY_REQUESTS);
     assert!(message.contains("adapters held"), "{message}");
+    assert_eq!(refused.json()["error"]["code"], "quota_exceeded");
+    assert!(!refused.headers.contains_key(header::RETRY_AFTER), "waiting frees no adapter");
     assert_eq!(get(&f.app, "/v1/adapters/second", Some(ALICE)).await.status, StatusCode::NOT_FOUND);
     assert_eq!(upload(&f.app, "first", Some(ALICE), b"weights-3").await.status, StatusCode::OK);
 

@@ -60,8 +60,8 @@ impl GatedTrainer {
 }
 
 impl Trainer for GatedTrainer {
-    fn num_layers(&self) -> usize {
-        2
+    fn base_shape(&self) -> adapters::BaseShape {
+        tiny().model.base_shape()
     }
 
     fn check_data(&self, path: &Path, max_seq_len: usize) -> Result<DataSummary, String> {
@@ -445,9 +445,10 @@ async fn cancelled_jobs_publish_nothing_and_the_queue_moves_on() {
     assert_eq!(c["status"], "cancelled");
     let c = post(&f.app, &format!("/v1/fine_tuning/jobs/{running}/cancel"), ALICE, json!({})).await.ok();
     assert_eq!(c["status"], "cancelled");
-    post(&f.app, &format!("/v1/fine_tuning/jobs/{running}/cancel"), ALICE, json!({}))
+    let message = post(&f.app, &format!("/v1/fine_tuning/jobs/{running}/cancel"), ALICE, json!({}))
         .await
         .error(StatusCode::CONFLICT);
+    assert!(message.contains("has finished (cancelled)"), "{message}");
 
     // The third job runs next; the trainer stopped the cancelled one at its next step.
     wait_for(&f.app, ALICE, third, status_is("running")).await;
@@ -552,6 +553,49 @@ async fn concurrent_job_creations_cannot_pass_the_adapter_quota_together() {
     assert_eq!(usage["pending_fine_tuning_jobs"], 2, "{usage}");
     assert_eq!(usage["file_bytes"], GOOD.len(), "{usage}");
     f.trainer.open_gate();
+}
+
+#[tokio::test]
+async fn a_job_whose_adapter_would_not_fit_the_byte_quota_is_refused_at_once() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapter_bytes = 1000\n");
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    let body = json!({"model": BASE, "training_file": file, "hyperparameters": {"rank": 1}});
+    let message =
+        post(&f.app, "/v1/fine_tuning/jobs", ALICE, body).await.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("adapter bytes held") && message.contains("beside 0 held"), "{message}");
+    let listed = get(&f.app, "/v1/fine_tuning/jobs", ALICE).await.ok();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(0), "nothing queued: {listed}");
+    assert!(f.trainer.configs.lock().unwrap().is_empty(), "nothing trained");
+    // Bob has no byte quota.
+    let bob_file = good_file(&f.app, BOB).await;
+    create_job(&f.app, BOB, &bob_file, json!({})).await;
+    f.trainer.open_gate();
+}
+
+#[tokio::test]
+async fn an_unfinished_job_holds_its_place_against_uploads() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 1\n");
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    let job = create_job(&f.app, ALICE, &file, json!({})).await;
+    const B: &str = "adapter-boundary";
+    let upload = |name: &'static str| {
+        let body = format!(
+            "--{B}\r\nContent-Disposition: form-data; name=\"adapter_config.json\"\r\n\r\n{{\"r\": 4}}\r\n\
+             --{B}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"\r\n\r\nweights\r\n--{B}--\r\n"
+        );
+        let ct = format!("multipart/form-data; boundary={B}");
+        let app = f.app.clone();
+        async move { send(&app, "PUT", &format!("/v1/adapters/{name}"), ALICE, Body::from(body), Some(&ct)).await }
+    };
+    let message = upload("manual").await.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("unfinished fine-tuning jobs"), "{message}");
+    assert!(f.store.list(Some("alice")).is_empty(), "nothing stored");
+    // Once the job no longer holds the place, the upload fits.
+    let id = job["id"].as_str().expect("job id");
+    post(&f.app, &format!("/v1/fine_tuning/jobs/{id}/cancel"), ALICE, json!({})).await.ok();
+    assert_eq!(upload("manual").await.status, StatusCode::CREATED);
 }
 
 #[tokio::test]

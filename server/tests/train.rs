@@ -256,10 +256,11 @@ fn train_command_writes_a_servable_adapter() {
         format!("{CHAT_LINE}\n{{\"prompt\": \"Zorbia's capital is\", \"completion\": \" Glimmerstadt\"}}\n"),
     )
     .unwrap();
-    let run = |out: &std::path::Path| {
+    let run = |out: &str| {
         let o = std::process::Command::new(env!("CARGO_BIN_EXE_lorahost"))
+            .current_dir(dir.path())
             .args(["train", "--model", dir.path().to_str().unwrap(), "--data", data.to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap(), "--steps", "12", "--rank", "4", "--alpha", "8"])
+            .args(["--out", out, "--steps", "12", "--rank", "4", "--alpha", "8"])
             .args([
                 "--lr",
                 "1e-2",
@@ -275,8 +276,9 @@ fn train_command_writes_a_servable_adapter() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     let (first, second) = (dir.path().join("a1"), dir.path().join("a2"));
-    run(&first);
-    run(&second);
+    run(first.to_str().unwrap());
+    // A bare name is a directory in the working directory, whose parent path is empty.
+    run("a2");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(first.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["peft_type"], "LORA");

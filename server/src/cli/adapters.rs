@@ -43,7 +43,7 @@ pub fn run(args: AdaptersArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: AdaptersArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.server, args.api_key.clone())?;
+    let client = Client::new(&args.server, args.api_key.clone()).context("--server")?;
     match &args.command {
         AdaptersCommand::List => {
             let body = client.send(Method::GET, "/v1/adapters", None).await?;
@@ -102,7 +102,7 @@ impl PushTarget {
     pub fn check(&self) -> anyhow::Result<()> {
         ::adapters::store::AdapterKey::new(::adapters::store::DEFAULT_TENANT, self.name.as_str())
             .with_context(|| format!("--name {:?}", self.name))?;
-        let client = Client::new(&self.server, self.api_key.clone())?;
+        let client = Client::new(&self.server, self.api_key.clone()).context("--push")?;
         block_on(async { client.send(Method::GET, "/v1/adapters", None).await.map(drop) })
             .with_context(|| format!("--push {}", self.server))
     }
@@ -110,7 +110,7 @@ impl PushTarget {
     /// Checks, before training starts, that the tenant's quota has room for an adapter of
     /// `bytes` bytes under `name` (replacing an adapter of that name frees its bytes).
     pub fn check_room(&self, bytes: u64) -> anyhow::Result<()> {
-        let client = Client::new(&self.server, self.api_key.clone())?;
+        let client = Client::new(&self.server, self.api_key.clone()).context("--push")?;
         let (quota, listing) = block_on(async {
             let quota = client.send(Method::GET, "/v1/quota", None).await?;
             Ok((quota, client.send(Method::GET, "/v1/adapters", None).await?))
@@ -122,7 +122,7 @@ impl PushTarget {
 
     /// Uploads `dir`; when this returns the adapter is servable under `name`.
     pub fn push(&self, dir: &Path) -> anyhow::Result<Value> {
-        let client = Client::new(&self.server, self.api_key.clone())?;
+        let client = Client::new(&self.server, self.api_key.clone()).context("--push")?;
         block_on(upload(&client, &self.name, dir)).with_context(|| format!("--push {}", self.server))
     }
 }
@@ -144,10 +144,17 @@ fn room_for(quota: &Value, listing: &Value, name: &str, bytes: u64) -> anyhow::R
         }
     }
     let held = usage["adapters"].as_u64().unwrap_or(0);
+    // Unfinished fine-tuning jobs hold the places of the adapters they will publish.
+    let pending = usage["pending_fine_tuning_jobs"].as_u64().unwrap_or(0);
     if let Some(most) = limits["max_adapters"].as_u64() {
-        if replaced.is_none() && held + 1 > most {
+        if replaced.is_none() && held + pending + 1 > most {
+            let jobs = if pending > 0 {
+                format!(" and {pending} unfinished fine-tuning jobs")
+            } else {
+                String::new()
+            };
             bail!(
-                "tenant {tenant} holds {held} adapters and may hold {most}: delete one or push under the name of one it holds"
+                "tenant {tenant} holds {held} adapters{jobs} and may hold {most}: delete one or push under the name of one it holds"
             );
         }
     }
@@ -175,13 +182,14 @@ struct Client {
 
 impl Client {
     fn new(server: &str, api_key: Option<String>) -> anyhow::Result<Self> {
-        let uri: Uri = server.parse().with_context(|| format!("--server {server:?} is not a URL"))?;
+        // The caller's context names the flag (`--server` or `--push`).
+        let uri: Uri = server.parse().with_context(|| format!("{server:?} is not a URL"))?;
         match uri.scheme_str() {
             Some("http") => {}
-            Some(other) => bail!("--server: only http:// is supported here, not {other}://"),
-            None => bail!("--server must start with http://"),
+            Some(other) => bail!("{server:?}: only http:// is supported here, not {other}://"),
+            None => bail!("{server:?} must start with http://"),
         }
-        let authority = uri.authority().context("--server has no host")?.to_string();
+        let authority = uri.authority().with_context(|| format!("{server:?} has no host"))?.to_string();
         let authority = if uri.port().is_some() { authority } else { format!("{authority}:80") };
         Ok(Self { authority, prefix: uri.path().trim_end_matches('/').to_string(), api_key })
     }
@@ -290,6 +298,12 @@ mod tests {
         let e = room_for(&one, &listing(), "new", 10).expect_err("a second name");
         assert!(format!("{e}").contains("may hold 1"), "{e}");
         assert!(room_for(&one, &listing(), "old", 10).is_ok(), "replacing the one held");
+        let mut reserved = quota(Some(2), None, 1, 600);
+        assert!(room_for(&reserved, &listing(), "new", 10).is_ok(), "one place left");
+        reserved["usage"]["pending_fine_tuning_jobs"] = json!(1);
+        let e = room_for(&reserved, &listing(), "new", 10).expect_err("the last place is a job's");
+        assert!(format!("{e}").contains("1 unfinished fine-tuning jobs"), "{e}");
+        assert!(room_for(&reserved, &listing(), "old", 10).is_ok(), "replacing needs no place");
 
         let bytes = quota(None, Some(1000), 1, 600);
         assert!(room_for(&bytes, &listing(), "new", 400).is_ok(), "600 + 400 fits 1000");

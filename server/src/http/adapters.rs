@@ -189,7 +189,14 @@ async fn upload(
     };
     // A first look before the costly validation; the publisher checks again as it stores.
     let bytes = (config.len() + weights.len()) as u64;
-    state.quotas().check_upload(key.tenant(), key.name(), bytes, &state.store().list(Some(key.tenant())))?;
+    let held = state.store().list(Some(key.tenant()));
+    state.quotas().check_upload(key.tenant(), key.name(), bytes, &held)?;
+    // Unfinished fine-tuning jobs hold the places of the adapters they will publish. Only here:
+    // a job created while this upload is stored may pass too, and then fails as it publishes.
+    if !held.iter().any(|a| a.key.name() == key.name()) {
+        let unfinished = state.jobs().map_or(0, |jobs| jobs.unfinished(key.tenant()));
+        state.quotas().check_new_place(key.tenant(), held.len(), unfinished)?;
+    }
     let publisher = state.publisher();
     let stored_key = key.clone();
     let (stored, replaced) =

@@ -40,9 +40,14 @@ pub enum ApiError {
     InvalidAdapter(String),
     #[error("{0}")]
     Overloaded(String),
-    /// A tenant quota from the keys file.
+    /// A tenant quota from the keys file that frees up with time (request rate, sequences at
+    /// once): 429 with `Retry-After`.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A tenant quota on what it holds (adapters, their bytes, files): 429 without
+    /// `Retry-After`, since waiting frees nothing; deleting does.
+    #[error("{0}")]
+    QuotaHeld(String),
     #[error("{0}")]
     NotReady(String),
     #[error("the request did not finish within {0} seconds")]
@@ -96,7 +101,7 @@ impl ApiError {
             ApiError::Overloaded(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("server_overloaded"))
             }
-            ApiError::QuotaExceeded(_) => {
+            ApiError::QuotaExceeded(_) | ApiError::QuotaHeld(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("quota_exceeded"))
             }
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("not_ready")),
@@ -126,8 +131,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry = !matches!(self, ApiError::QuotaHeld(_))
+            && matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
         let mut response = (status, axum::Json(self.body())).into_response();
-        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        if retry {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
         }
         response
@@ -150,7 +157,8 @@ impl From<JobsError> for ApiError {
             JobsError::OutOfSpace(detail) => {
                 ApiError::out_of_space("the jobs directory could not be written", &detail)
             }
-            JobsError::Quota(message) => ApiError::QuotaExceeded(message),
+            // Files held and the places of adapters.
+            JobsError::Quota(message) => ApiError::QuotaHeld(message),
         }
     }
 }
@@ -171,7 +179,11 @@ impl From<EngineError> for ApiError {
 
 impl From<super::quota::QuotaError> for ApiError {
     fn from(e: super::quota::QuotaError) -> Self {
-        ApiError::QuotaExceeded(e.to_string())
+        if e.frees_with_time() {
+            ApiError::QuotaExceeded(e.to_string())
+        } else {
+            ApiError::QuotaHeld(e.to_string())
+        }
     }
 }
 

@@ -169,9 +169,15 @@ pub async fn create_job(
     let new = wire.validate()?;
     let tenant = caller.tenant.clone();
     let job = tokio::task::spawn_blocking(move || {
-        let admit = |unfinished: usize| {
-            let held = state.store().list(Some(&tenant)).len();
-            state.quotas().check_new_job(&tenant, held, unfinished).map_err(|e| e.to_string())
+        let admit = |unfinished: usize, adapter_bytes: u64| {
+            let held = state.store().list(Some(&tenant));
+            let quotas = state.quotas();
+            quotas.check_new_place(&tenant, held.len(), unfinished).map_err(|e| e.to_string())?;
+            // The job's adapter gets a new name: its bytes must fit beside all the tenant holds.
+            let held_bytes = held.iter().map(|a| a.bytes).sum::<u64>();
+            quotas.check_adapter_bytes(&tenant, held_bytes.saturating_add(adapter_bytes)).map_err(|e| {
+                format!("{e}: the job's adapter would be {adapter_bytes} bytes, beside {held_bytes} held")
+            })
         };
         jobs.create_job(&tenant, new, admit)
     })

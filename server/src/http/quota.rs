@@ -46,7 +46,17 @@ impl QuotaError {
     fn exceeded(limit: &'static str, quota: impl ToString) -> Self {
         QuotaError::Exceeded { limit, quota: quota.to_string() }
     }
+
+    /// Whether waiting alone lets the request through (a rate, or sequences that end), as
+    /// against quotas on what the tenant holds, which only deleting frees.
+    pub fn frees_with_time(&self) -> bool {
+        let QuotaError::Exceeded { limit, .. } = self;
+        [RATE_LIMIT, SEQUENCE_LIMIT].contains(limit)
+    }
 }
+
+const RATE_LIMIT: &str = "requests per minute";
+const SEQUENCE_LIMIT: &str = "sequences at once";
 
 /// What a tenant is using right now.
 struct Usage {
@@ -106,12 +116,12 @@ impl Quotas {
             u.bucket = (u.bucket + elapsed * per_second).min(capacity);
             u.refilled = now;
             if u.bucket < 1.0 {
-                return Err(QuotaError::exceeded("requests per minute", per_minute));
+                return Err(QuotaError::exceeded(RATE_LIMIT, per_minute));
             }
         }
         if let Some(most) = quota.max_concurrent_sequences {
             if u.sequences + sequences > most {
-                return Err(QuotaError::exceeded("sequences at once", most));
+                return Err(QuotaError::exceeded(SEQUENCE_LIMIT, most));
             }
         }
         if quota.requests_per_minute.is_some() {
@@ -138,13 +148,16 @@ impl Quotas {
                 return Err(QuotaError::exceeded("adapters held", most));
             }
         }
-        if let Some(most) = quota.max_adapter_bytes {
-            let total = held.iter().map(|a| a.bytes).sum::<u64>() - replaced.map_or(0, |a| a.bytes) + bytes;
-            if total > most {
-                return Err(QuotaError::exceeded("adapter bytes held", most));
-            }
+        let total = held.iter().map(|a| a.bytes).sum::<u64>() - replaced.map_or(0, |a| a.bytes);
+        self.check_adapter_bytes(tenant, total.saturating_add(bytes))
+    }
+
+    /// Whether `tenant` may hold `total` bytes of adapters.
+    pub fn check_adapter_bytes(&self, tenant: &str, total: u64) -> Result<(), QuotaError> {
+        match self.quota(tenant).max_adapter_bytes {
+            Some(most) if total > most => Err(QuotaError::exceeded("adapter bytes held", most)),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Whether `tenant` may store a file of `bytes` bytes, holding files of `held` bytes in all.
@@ -157,9 +170,10 @@ impl Quotas {
         }
     }
 
-    /// Whether `tenant` may start a fine-tuning job, which publishes one adapter under a new
-    /// name when it succeeds, holding `held` adapters and with `pending` jobs not yet finished.
-    pub fn check_new_job(&self, tenant: &str, held: usize, pending: usize) -> Result<(), QuotaError> {
+    /// Whether `tenant` may take the place of one more adapter (a new fine-tuning job, which
+    /// publishes one under a new name when it succeeds, or an upload under a new name), holding
+    /// `held` adapters and with `pending` jobs not yet finished, each holding a place.
+    pub fn check_new_place(&self, tenant: &str, held: usize, pending: usize) -> Result<(), QuotaError> {
         match self.quota(tenant).max_adapters {
             Some(most) if held + pending + 1 > most => {
                 Err(QuotaError::exceeded("adapters held, counting unfinished fine-tuning jobs", most))
@@ -183,7 +197,7 @@ pub async fn tenant_quota(State(state): State<AppState>, caller: Caller) -> Json
     let held = state.store().list(Some(tenant));
     let (file_bytes, pending_jobs) = state.jobs().map_or((0, 0), |jobs| {
         let files = jobs.files(Some(tenant)).iter().map(|f| f.bytes).sum::<u64>();
-        (files, jobs.jobs(Some(tenant)).iter().filter(|j| !j.status.is_terminal()).count())
+        (files, jobs.unfinished(tenant))
     });
     Json(json!({
         "object": "quota",

@@ -333,12 +333,13 @@ impl Jobs {
     /// Queues a job for `tenant`. The files must be the tenant's own fine-tune files.
     ///
     /// `admit` sees how many of the tenant's jobs are unfinished at the moment of queueing (under
-    /// the lock that queues, so concurrent creations cannot pass a quota together) and may refuse.
+    /// the lock that queues, so concurrent creations cannot pass a quota together) and the bytes
+    /// of the adapter the job will publish, and may refuse.
     pub fn create_job(
         &self,
         tenant: &str,
         new: NewJob,
-        admit: impl FnOnce(usize) -> Result<(), String>,
+        admit: impl FnOnce(usize, u64) -> Result<(), String>,
     ) -> Result<JobRecord, JobsError> {
         if new.model != self.shared.config.base_id {
             return Err(JobsError::NotFound { what: "model", id: new.model });
@@ -359,7 +360,8 @@ impl Jobs {
                 });
             }
         }
-        check_settings(&new.settings, self.shared.trainer.num_layers())?;
+        let shape = self.shared.trainer.base_shape();
+        check_settings(&new.settings, shape.num_layers)?;
         let id = new_id("ftjob-");
         let short = &id[id.len() - 8..];
         let model_name = match &new.suffix {
@@ -387,18 +389,26 @@ impl Jobs {
             events: Vec::new(),
         };
         push_event(&mut job, "info", &format!("Created fine-tuning job: {id}"), serde_json::Value::Null);
+        let invalid = |message: String| JobsError::Invalid { param: "hyperparameters", message };
+        let adapter_bytes = runner::train_config(&self.shared, &job)
+            .map_err(|f| invalid(f.message))?
+            .adapter_upload_bytes(&shape)
+            .map_err(|e| invalid(e.to_string()))?;
         let mut state = self.state();
         if state.stopping {
             return Err(JobsError::Conflict("the server is shutting down".into()));
         }
-        let unfinished =
-            state.disk.jobs.values().filter(|j| j.tenant == tenant && !j.status.is_terminal()).count();
-        admit(unfinished).map_err(JobsError::Quota)?;
+        admit(state.disk.unfinished(tenant), adapter_bytes).map_err(JobsError::Quota)?;
         state.disk.put_job(job.clone())?;
         state.queue.push_back(id);
         drop(state);
         self.shared.wake.notify_all();
         Ok(job)
+    }
+
+    /// How many of `tenant`'s jobs are queued or running: each will publish an adapter.
+    pub fn unfinished(&self, tenant: &str) -> usize {
+        self.state().disk.unfinished(tenant)
     }
 
     /// The caller's jobs, newest first.
@@ -427,7 +437,7 @@ impl Jobs {
             return Err(JobsError::NotFound { what: "fine-tuning job", id: id.to_string() });
         };
         if job.status.is_terminal() {
-            return Err(JobsError::Conflict(format!("the job `{id}` has already {}", job.status.label())));
+            return Err(JobsError::Conflict(format!("the job `{id}` has finished ({})", job.status.label())));
         }
         if let Some(running) = state.running.as_mut().filter(|r| r.id == id) {
             if running.publishing {

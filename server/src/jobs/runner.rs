@@ -65,7 +65,7 @@ fn failure(code: &str, message: impl Into<String>) -> JobFailure {
 }
 
 /// The trainer's configuration for a job.
-fn train_config(shared: &Shared, job: &JobRecord) -> Result<TrainConfig, JobFailure> {
+pub(super) fn train_config(shared: &Shared, job: &JobRecord) -> Result<TrainConfig, JobFailure> {
     let state = shared.state();
     let s = &job.settings;
     let targets =

@@ -37,6 +37,11 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
+    /// How many of `tenant`'s jobs are queued or running.
+    pub fn unfinished(&self, tenant: &str) -> usize {
+        self.jobs.values().filter(|j| j.tenant == tenant && !j.status.is_terminal()).count()
+    }
+
     /// Opens (creating) `root`, takes its lock, empties `tmp/` and `work/`, and reads every
     /// record. A record that cannot be read is an error naming it: jobs are not silently lost.
     pub fn open(root: &Path) -> Result<Self, JobsError> {

@@ -4,6 +4,7 @@
 
 use crate::base::Base;
 use crate::train::{Progress, TrainConfig, TrainError, TrainReport};
+use adapters::BaseShape;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,8 +16,9 @@ pub struct DataSummary {
 }
 
 pub trait Trainer: Send + Sync + 'static {
-    /// Decoder layers of the base (for `layers` in a job request).
-    fn num_layers(&self) -> usize;
+    /// The base's decoder layers and adaptable projections (for `layers` in a job request and
+    /// the size of the adapter a job will publish).
+    fn base_shape(&self) -> BaseShape;
     /// Parses and tokenizes a training file as training would; the error names the line.
     fn check_data(&self, path: &Path, max_seq_len: usize) -> Result<DataSummary, String>;
     /// Trains and writes the adapter to `config.out`; stops with `TrainError::Cancelled` when
@@ -48,8 +50,8 @@ impl BaseTrainer {
 }
 
 impl Trainer for BaseTrainer {
-    fn num_layers(&self) -> usize {
-        self.base.as_ref().as_ref().model.config().num_layers
+    fn base_shape(&self) -> BaseShape {
+        self.base.as_ref().as_ref().model.base_shape()
     }
 
     fn check_data(&self, path: &Path, max_seq_len: usize) -> Result<DataSummary, String> {
