@@ -6,6 +6,7 @@
 #![no_main]
 
 use adapters::store::FsStore;
+use adapters::BaseShape;
 use axum::body::Body;
 use axum::http::{header, Request};
 use axum::Router;
@@ -27,8 +28,8 @@ const MAX_FILE_BYTES: usize = 16 << 10;
 struct NoTraining;
 
 impl Trainer for NoTraining {
-    fn num_layers(&self) -> usize {
-        2
+    fn base_shape(&self) -> BaseShape {
+        lorahost_fuzz::small_base()
     }
 
     /// Any bytes are data here: what this target checks is the upload, not the format.
