@@ -307,6 +307,8 @@ async fn job_requests_are_checked_before_anything_is_queued() {
         (json!({"hyperparameters": {"batch_size": 2.5}}), "batch_size"),
         (json!({"hyperparameters": {"learning_rate_multiplier": -1}}), "learning_rate_multiplier"),
         (json!({"hyperparameters": {"rank": 0}}), "rank"),
+        // Within the API's bound, but wider than the tiny base's k/v projections (32).
+        (json!({"hyperparameters": {"rank": 200}}), "rank"),
         (json!({"lorahost": {"targets": ["q_proj", "nope"]}}), "targets"),
         (json!({"lorahost": {"layers": "1-5"}}), "layers"),
         (json!({"lorahost": {"steps": 0}}), "steps"),
@@ -574,6 +576,34 @@ async fn a_job_whose_adapter_would_not_fit_the_byte_quota_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn unfinished_jobs_reserve_their_adapters_bytes() {
+    let rank_one = json!({"hyperparameters": {"rank": 1}});
+    // How large a rank-1 job's adapter is on this base, from a tenant without limits.
+    let size = {
+        let f = fixture();
+        let file = good_file(&f.app, BOB).await;
+        create_job(&f.app, BOB, &file, rank_one.clone()).await;
+        let usage = get(&f.app, "/v1/quota", BOB).await.ok()["usage"].clone();
+        f.trainer.open_gate();
+        usage["pending_adapter_bytes"].as_u64().expect("reserved bytes")
+    };
+    assert!(size > 1000, "{size}");
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapter_bytes = {}\n", size + size / 2);
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    create_job(&f.app, ALICE, &file, rank_one.clone()).await;
+    // A second job fits the quota alone but not beside the first one's reservation.
+    let mut body = json!({"model": BASE, "training_file": file});
+    body.as_object_mut().unwrap().extend(rank_one.as_object().cloned().unwrap());
+    let message =
+        post(&f.app, "/v1/fine_tuning/jobs", ALICE, body).await.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("counting unfinished fine-tuning jobs"), "{message}");
+    assert!(message.contains(&format!("{size} reserved")), "{message}");
+    assert!(f.trainer.configs.lock().unwrap().len() <= 1, "the refused job never ran");
+    f.trainer.open_gate();
+}
+
+#[tokio::test]
 async fn an_unfinished_job_holds_its_place_against_uploads() {
     let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 1\n");
     let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
@@ -636,6 +666,7 @@ fn left_running(id: &str, model_name: &str) -> JobRecord {
             seed: 0,
         },
         model_name: model_name.into(),
+        adapter_bytes: 0,
         fine_tuned_model: None,
         created_at: 1,
         finished_at: None,

@@ -159,11 +159,18 @@ fn room_for(quota: &Value, listing: &Value, name: &str, bytes: u64) -> anyhow::R
         }
     }
     if let Some(most) = limits["max_adapter_bytes"].as_u64() {
-        let total =
-            usage["adapter_bytes"].as_u64().unwrap_or(0).saturating_sub(replaced.unwrap_or(0)) + bytes;
+        let pending_bytes = usage["pending_adapter_bytes"].as_u64().unwrap_or(0);
+        let total = usage["adapter_bytes"].as_u64().unwrap_or(0).saturating_sub(replaced.unwrap_or(0))
+            + bytes
+            + pending_bytes;
         if total > most {
+            let jobs = if pending_bytes > 0 {
+                format!(", counting {pending_bytes} reserved by unfinished fine-tuning jobs,")
+            } else {
+                String::new()
+            };
             bail!(
-                "the adapter is {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters and may hold {most}"
+                "the adapter is {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters{jobs} and may hold {most}"
             );
         }
     }
@@ -310,6 +317,11 @@ mod tests {
         let e = room_for(&bytes, &listing(), "new", 401).expect_err("1001 > 1000");
         assert!(format!("{e}").contains("1001") && format!("{e}").contains("1000"), "{e}");
         assert!(room_for(&bytes, &listing(), "old", 1000).is_ok(), "replacing frees the old 600 bytes");
+        let mut with_job = bytes.clone();
+        with_job["usage"]["pending_adapter_bytes"] = json!(100);
+        assert!(room_for(&with_job, &listing(), "new", 300).is_ok(), "600 + 100 + 300 fits 1000");
+        let e = room_for(&with_job, &listing(), "new", 301).expect_err("600 + 100 + 301");
+        assert!(format!("{e}").contains("100 reserved by unfinished fine-tuning jobs"), "{e}");
         assert!(room_for(&json!({}), &listing(), "new", 1).is_err(), "a reply without a tenant");
 
         let mut capped = quota(None, None, 0, 0);

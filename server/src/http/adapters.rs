@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::metrics::Traffic;
 use super::quota::{QuotaError, Quotas};
 use super::AppState;
+use crate::jobs::Reserved;
 use adapters::cache::{HostCache, Residency};
 use adapters::store::{AdapterKey, FsStore, StoreError, StoredAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use adapters::{AdapterSpec, LoraAdapter, TargetModules, PICKLE_FILE};
@@ -189,14 +190,12 @@ async fn upload(
     };
     // A first look before the costly validation; the publisher checks again as it stores.
     let bytes = (config.len() + weights.len()) as u64;
+    // Unfinished fine-tuning jobs hold places and bytes for the adapters they will publish.
+    // Only here: a job created while this upload is stored may pass too, and then fails as it
+    // publishes.
+    let reserved = state.jobs().map_or(Reserved::default(), |jobs| jobs.reserved(key.tenant()));
     let held = state.store().list(Some(key.tenant()));
-    state.quotas().check_upload(key.tenant(), key.name(), bytes, &held)?;
-    // Unfinished fine-tuning jobs hold the places of the adapters they will publish. Only here:
-    // a job created while this upload is stored may pass too, and then fails as it publishes.
-    if !held.iter().any(|a| a.key.name() == key.name()) {
-        let unfinished = state.jobs().map_or(0, |jobs| jobs.unfinished(key.tenant()));
-        state.quotas().check_new_place(key.tenant(), held.len(), unfinished)?;
-    }
+    state.quotas().check_upload(key.tenant(), key.name(), bytes, &held, reserved)?;
     let publisher = state.publisher();
     let stored_key = key.clone();
     let (stored, replaced) =
@@ -251,7 +250,11 @@ impl AdapterPublisher {
         self.backend.validate_adapter(config, weights).map_err(ApiError::InvalidAdapter)?;
         let bytes = (config.len() + weights.len()) as u64;
         let admit = |held: &[StoredAdapter]| {
-            self.quotas.check_upload(key.tenant(), key.name(), bytes, held).map_err(Refusal::Quota)
+            // What is stored only: a job publishing here must not count its own reservation,
+            // and the jobs' lock is never taken under the store's.
+            self.quotas
+                .check_upload(key.tenant(), key.name(), bytes, held, Reserved::default())
+                .map_err(Refusal::Quota)
         };
         let (stored, replaced) = self.store.put_if(key, config, weights, admit).map_err(|e| match e {
             Refusal::Quota(e) => ApiError::from(e),

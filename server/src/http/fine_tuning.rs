@@ -8,7 +8,7 @@ use super::adapters::multipart_error;
 use super::auth::Caller;
 use super::error::{ApiError, JsonBody};
 use super::AppState;
-use crate::jobs::{FileRecord, JobRecord, JobSettings, Jobs, NewJob, MAX_SUFFIX_LEN};
+use crate::jobs::{FileRecord, JobRecord, JobSettings, Jobs, NewJob, Reserved, MAX_SUFFIX_LEN};
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -169,14 +169,19 @@ pub async fn create_job(
     let new = wire.validate()?;
     let tenant = caller.tenant.clone();
     let job = tokio::task::spawn_blocking(move || {
-        let admit = |unfinished: usize, adapter_bytes: u64| {
+        let admit = |job: &JobRecord, reserved: Reserved| {
             let held = state.store().list(Some(&tenant));
-            let quotas = state.quotas();
-            quotas.check_new_place(&tenant, held.len(), unfinished).map_err(|e| e.to_string())?;
-            // The job's adapter gets a new name: its bytes must fit beside all the tenant holds.
-            let held_bytes = held.iter().map(|a| a.bytes).sum::<u64>();
-            quotas.check_adapter_bytes(&tenant, held_bytes.saturating_add(adapter_bytes)).map_err(|e| {
-                format!("{e}: the job's adapter would be {adapter_bytes} bytes, beside {held_bytes} held")
+            let checked = state.quotas().check_upload(&tenant, &job.model_name, job.adapter_bytes, &held, reserved);
+            checked.map_err(|e| {
+                if e.limit().starts_with("adapter bytes") {
+                    let held_bytes = held.iter().map(|a| a.bytes).sum::<u64>();
+                    format!(
+                        "{e}: the job's adapter would be {} bytes, beside {held_bytes} held and {} reserved by unfinished jobs",
+                        job.adapter_bytes, reserved.bytes
+                    )
+                } else {
+                    e.to_string()
+                }
             })
         };
         jobs.create_job(&tenant, new, admit)

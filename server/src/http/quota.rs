@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use crate::jobs::Reserved;
 use adapters::store::StoredAdapter;
 
 use super::{AppState, Caller};
@@ -39,24 +40,37 @@ pub struct Quota {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QuotaError {
     #[error("tenant quota exceeded: {limit} (the quota is {quota})")]
-    Exceeded { limit: &'static str, quota: String },
+    Exceeded {
+        limit: &'static str,
+        quota: String,
+        /// Whether waiting alone lets the request through (a rate, sequences that end), as
+        /// against quotas on what the tenant holds, which only deleting frees.
+        frees_with_time: bool,
+    },
 }
 
 impl QuotaError {
+    /// A quota on what the tenant holds.
     fn exceeded(limit: &'static str, quota: impl ToString) -> Self {
-        QuotaError::Exceeded { limit, quota: quota.to_string() }
+        QuotaError::Exceeded { limit, quota: quota.to_string(), frees_with_time: false }
     }
 
-    /// Whether waiting alone lets the request through (a rate, or sequences that end), as
-    /// against quotas on what the tenant holds, which only deleting frees.
+    /// A quota that frees up with time.
+    fn exceeded_for_now(limit: &'static str, quota: impl ToString) -> Self {
+        QuotaError::Exceeded { limit, quota: quota.to_string(), frees_with_time: true }
+    }
+
     pub fn frees_with_time(&self) -> bool {
+        let QuotaError::Exceeded { frees_with_time, .. } = self;
+        *frees_with_time
+    }
+
+    /// The limit's name, e.g. `adapter bytes held`.
+    pub fn limit(&self) -> &'static str {
         let QuotaError::Exceeded { limit, .. } = self;
-        [RATE_LIMIT, SEQUENCE_LIMIT].contains(limit)
+        limit
     }
 }
-
-const RATE_LIMIT: &str = "requests per minute";
-const SEQUENCE_LIMIT: &str = "sequences at once";
 
 /// What a tenant is using right now.
 struct Usage {
@@ -116,12 +130,12 @@ impl Quotas {
             u.bucket = (u.bucket + elapsed * per_second).min(capacity);
             u.refilled = now;
             if u.bucket < 1.0 {
-                return Err(QuotaError::exceeded(RATE_LIMIT, per_minute));
+                return Err(QuotaError::exceeded_for_now("requests per minute", per_minute));
             }
         }
         if let Some(most) = quota.max_concurrent_sequences {
             if u.sequences + sequences > most {
-                return Err(QuotaError::exceeded(SEQUENCE_LIMIT, most));
+                return Err(QuotaError::exceeded_for_now("sequences at once", most));
             }
         }
         if quota.requests_per_minute.is_some() {
@@ -132,32 +146,45 @@ impl Quotas {
     }
 
     /// Whether `tenant` may store an adapter of `bytes` bytes under `name`, given what it holds
-    /// (`held`: its stored adapters); replacing one of them frees that one's bytes.
+    /// (`held`: its stored adapters) and what its unfinished fine-tuning jobs have `reserved`
+    /// for the adapters they will publish; replacing a held adapter frees that one's bytes and
+    /// takes no new place.
     pub fn check_upload(
         &self,
         tenant: &str,
         name: &str,
         bytes: u64,
         held: &[StoredAdapter],
+        reserved: Reserved,
     ) -> Result<(), QuotaError> {
         let quota = self.quota(tenant);
         let replaced = held.iter().find(|a| a.key.name() == name);
-        let count = held.len() + usize::from(replaced.is_none());
         if let Some(most) = quota.max_adapters {
-            if count > most {
-                return Err(QuotaError::exceeded("adapters held", most));
+            let places = match replaced {
+                Some(_) => held.len(),
+                None => held.len() + reserved.places + 1,
+            };
+            if places > most {
+                let limit = if replaced.is_none() && reserved.places > 0 {
+                    "adapters held, counting unfinished fine-tuning jobs"
+                } else {
+                    "adapters held"
+                };
+                return Err(QuotaError::exceeded(limit, most));
             }
         }
-        let total = held.iter().map(|a| a.bytes).sum::<u64>() - replaced.map_or(0, |a| a.bytes);
-        self.check_adapter_bytes(tenant, total.saturating_add(bytes))
-    }
-
-    /// Whether `tenant` may hold `total` bytes of adapters.
-    pub fn check_adapter_bytes(&self, tenant: &str, total: u64) -> Result<(), QuotaError> {
-        match self.quota(tenant).max_adapter_bytes {
-            Some(most) if total > most => Err(QuotaError::exceeded("adapter bytes held", most)),
-            _ => Ok(()),
+        if let Some(most) = quota.max_adapter_bytes {
+            let kept = held.iter().map(|a| a.bytes).sum::<u64>() - replaced.map_or(0, |a| a.bytes);
+            if kept.saturating_add(bytes).saturating_add(reserved.bytes) > most {
+                let limit = if reserved.bytes > 0 {
+                    "adapter bytes held, counting unfinished fine-tuning jobs"
+                } else {
+                    "adapter bytes held"
+                };
+                return Err(QuotaError::exceeded(limit, most));
+            }
         }
+        Ok(())
     }
 
     /// Whether `tenant` may store a file of `bytes` bytes, holding files of `held` bytes in all.
@@ -165,18 +192,6 @@ impl Quotas {
         match self.quota(tenant).max_file_bytes {
             Some(most) if held.saturating_add(bytes) > most => {
                 Err(QuotaError::exceeded("file bytes held", most))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Whether `tenant` may take the place of one more adapter (a new fine-tuning job, which
-    /// publishes one under a new name when it succeeds, or an upload under a new name), holding
-    /// `held` adapters and with `pending` jobs not yet finished, each holding a place.
-    pub fn check_new_place(&self, tenant: &str, held: usize, pending: usize) -> Result<(), QuotaError> {
-        match self.quota(tenant).max_adapters {
-            Some(most) if held + pending + 1 > most => {
-                Err(QuotaError::exceeded("adapters held, counting unfinished fine-tuning jobs", most))
             }
             _ => Ok(()),
         }
@@ -195,9 +210,9 @@ impl Quotas {
 pub async fn tenant_quota(State(state): State<AppState>, caller: Caller) -> Json<Value> {
     let tenant = caller.tenant.as_str();
     let held = state.store().list(Some(tenant));
-    let (file_bytes, pending_jobs) = state.jobs().map_or((0, 0), |jobs| {
+    let (file_bytes, reserved) = state.jobs().map_or((0, Reserved::default()), |jobs| {
         let files = jobs.files(Some(tenant)).iter().map(|f| f.bytes).sum::<u64>();
-        (files, jobs.unfinished(tenant))
+        (files, jobs.reserved(tenant))
     });
     Json(json!({
         "object": "quota",
@@ -207,7 +222,8 @@ pub async fn tenant_quota(State(state): State<AppState>, caller: Caller) -> Json
             "adapters": held.len(),
             "adapter_bytes": held.iter().map(|a| a.bytes).sum::<u64>(),
             "file_bytes": file_bytes,
-            "pending_fine_tuning_jobs": pending_jobs,
+            "pending_fine_tuning_jobs": reserved.places,
+            "pending_adapter_bytes": reserved.bytes,
             "concurrent_sequences": state.quotas().sequences(tenant),
         },
         "upload_limits": {
@@ -252,6 +268,7 @@ mod tests {
         let _b = q.admit_at("alice", 1, t0).expect("second");
         let err = q.admit_at("alice", 1, t0).err().expect("a third within the minute is refused");
         assert!(err.to_string().contains("requests per minute"), "{err}");
+        assert!(err.frees_with_time(), "a rate frees up by waiting");
         // Half a minute later one request has come back.
         q.admit_at("alice", 1, t0 + Duration::from_secs(30)).expect("refilled");
         assert!(q.admit_at("alice", 1, t0 + Duration::from_secs(30)).is_err());
@@ -295,11 +312,22 @@ mod tests {
     fn uploads_count_adapters_and_bytes_and_a_replacement_frees_its_own() {
         let q = quotas(Quota { max_adapters: Some(2), max_adapter_bytes: Some(100), ..Quota::default() });
         let held = [stored("a", 40), stored("b", 50)];
-        let err = q.check_upload("alice", "c", 1, &held).expect_err("a third adapter");
+        let none = Reserved::default();
+        let err = q.check_upload("alice", "c", 1, &held, none).expect_err("a third adapter");
         assert!(err.to_string().contains("adapters held"), "{err}");
-        q.check_upload("alice", "b", 60, &held).expect("replacing b: 40 + 60");
-        let err = q.check_upload("alice", "b", 61, &held).expect_err("40 + 61 bytes");
+        assert!(!err.frees_with_time());
+        q.check_upload("alice", "b", 60, &held, none).expect("replacing b: 40 + 60");
+        let err = q.check_upload("alice", "b", 61, &held, none).expect_err("40 + 61 bytes");
         assert!(err.to_string().contains("adapter bytes held"), "{err}");
-        q.check_upload("bob", "c", 1 << 40, &held).expect("bob has no quota");
+        q.check_upload("bob", "c", 1 << 40, &held, none).expect("bob has no quota");
+
+        // Unfinished jobs hold a place and their adapters' bytes; a replacement needs no place.
+        let one_held = [stored("a", 40)];
+        let job = Reserved { places: 1, bytes: 30 };
+        let err = q.check_upload("alice", "c", 1, &one_held, job).expect_err("the last place is the job's");
+        assert!(err.to_string().contains("counting unfinished fine-tuning jobs"), "{err}");
+        q.check_upload("alice", "a", 70, &one_held, job).expect("replacing a: 70 + 30");
+        let err = q.check_upload("alice", "a", 71, &one_held, job).expect_err("71 + 30 bytes");
+        assert_eq!(err.limit(), "adapter bytes held, counting unfinished fine-tuning jobs");
     }
 }

@@ -32,6 +32,14 @@ pub const MAX_JOB_EVENTS: usize = 10_000;
 /// Longest `suffix`: the adapter name `ft-<suffix>-<8 hex>` stays well within the name limit.
 pub const MAX_SUFFIX_LEN: usize = 64;
 
+/// What a tenant's unfinished jobs hold of its adapter quota: a place each for the adapter it
+/// will publish, and that adapter's bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reserved {
+    pub places: usize,
+    pub bytes: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobsError {
     /// Unknown to this caller (another tenant's file or job is unknown too).
@@ -332,14 +340,14 @@ impl Jobs {
 
     /// Queues a job for `tenant`. The files must be the tenant's own fine-tune files.
     ///
-    /// `admit` sees how many of the tenant's jobs are unfinished at the moment of queueing (under
-    /// the lock that queues, so concurrent creations cannot pass a quota together) and the bytes
-    /// of the adapter the job will publish, and may refuse.
+    /// `admit` sees the new job (its `model_name` and `adapter_bytes`) and what the tenant's
+    /// unfinished jobs reserve at the moment of queueing (under the lock that queues, so
+    /// concurrent creations cannot pass a quota together), and may refuse.
     pub fn create_job(
         &self,
         tenant: &str,
         new: NewJob,
-        admit: impl FnOnce(usize, u64) -> Result<(), String>,
+        admit: impl FnOnce(&JobRecord, Reserved) -> Result<(), String>,
     ) -> Result<JobRecord, JobsError> {
         if new.model != self.shared.config.base_id {
             return Err(JobsError::NotFound { what: "model", id: new.model });
@@ -361,7 +369,7 @@ impl Jobs {
             }
         }
         let shape = self.shared.trainer.base_shape();
-        check_settings(&new.settings, shape.num_layers)?;
+        check_settings(&new.settings, &shape)?;
         let id = new_id("ftjob-");
         let short = &id[id.len() - 8..];
         let model_name = match &new.suffix {
@@ -380,6 +388,7 @@ impl Jobs {
             suffix: new.suffix,
             settings: new.settings,
             model_name,
+            adapter_bytes: 0,
             fine_tuned_model: None,
             created_at: unix_seconds(),
             finished_at: None,
@@ -390,7 +399,7 @@ impl Jobs {
         };
         push_event(&mut job, "info", &format!("Created fine-tuning job: {id}"), serde_json::Value::Null);
         let invalid = |message: String| JobsError::Invalid { param: "hyperparameters", message };
-        let adapter_bytes = runner::train_config(&self.shared, &job)
+        job.adapter_bytes = runner::train_config(&self.shared, &job)
             .map_err(|f| invalid(f.message))?
             .adapter_upload_bytes(&shape)
             .map_err(|e| invalid(e.to_string()))?;
@@ -398,7 +407,7 @@ impl Jobs {
         if state.stopping {
             return Err(JobsError::Conflict("the server is shutting down".into()));
         }
-        admit(state.disk.unfinished(tenant), adapter_bytes).map_err(JobsError::Quota)?;
+        admit(&job, state.disk.reserved(tenant)).map_err(JobsError::Quota)?;
         state.disk.put_job(job.clone())?;
         state.queue.push_back(id);
         drop(state);
@@ -406,9 +415,9 @@ impl Jobs {
         Ok(job)
     }
 
-    /// How many of `tenant`'s jobs are queued or running: each will publish an adapter.
-    pub fn unfinished(&self, tenant: &str) -> usize {
-        self.state().disk.unfinished(tenant)
+    /// What `tenant`'s queued and running jobs reserve: each will publish an adapter.
+    pub fn reserved(&self, tenant: &str) -> Reserved {
+        self.state().disk.reserved(tenant)
     }
 
     /// The caller's jobs, newest first.
@@ -518,11 +527,27 @@ fn push_event(job: &mut JobRecord, level: &str, message: &str, data: serde_json:
     });
 }
 
-/// Range checks that need the base (layers) or the trainer's rules (targets).
-fn check_settings(s: &JobSettings, num_layers: usize) -> Result<(), JobsError> {
+/// Range checks that need the base (layers, rank) or the trainer's rules (targets).
+fn check_settings(s: &JobSettings, shape: &adapters::BaseShape) -> Result<(), JobsError> {
     let invalid = |param, message: String| Err(JobsError::Invalid { param, message });
-    if let Err(e) = crate::train::Targets::parse(&s.targets) {
-        return invalid("targets", e.to_string());
+    let num_layers = shape.num_layers;
+    let targets = match crate::train::Targets::parse(&s.targets) {
+        Ok(t) => t,
+        Err(e) => return invalid("targets", e.to_string()),
+    };
+    let narrowest = targets
+        .modules()
+        .into_iter()
+        .map(|m| &shape.modules[m])
+        .find(|m| s.rank > m.in_features.min(m.out_features));
+    if let Some(m) = narrowest {
+        return invalid(
+            "rank",
+            format!(
+                "rank {} exceeds the dimensions of {} ({} x {})",
+                s.rank, m.path, m.out_features, m.in_features
+            ),
+        );
     }
     if let Some((a, b)) = s.layers {
         if a > b || b >= num_layers {
@@ -562,6 +587,7 @@ mod tests {
                 seed: 0,
             },
             model_name: "ft-1".into(),
+            adapter_bytes: 0,
             fine_tuned_model: None,
             created_at: 0,
             finished_at: None,

@@ -13,7 +13,7 @@
 //! ```
 
 use super::records::{FileRecord, JobRecord};
-use super::JobsError;
+use super::{JobsError, Reserved};
 use adapters::durable;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -37,9 +37,13 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    /// How many of `tenant`'s jobs are queued or running.
-    pub fn unfinished(&self, tenant: &str) -> usize {
-        self.jobs.values().filter(|j| j.tenant == tenant && !j.status.is_terminal()).count()
+    /// What `tenant`'s queued and running jobs reserve.
+    pub fn reserved(&self, tenant: &str) -> Reserved {
+        let unfinished = self.jobs.values().filter(|j| j.tenant == tenant && !j.status.is_terminal());
+        unfinished.fold(Reserved::default(), |r, j| Reserved {
+            places: r.places + 1,
+            bytes: r.bytes.saturating_add(j.adapter_bytes),
+        })
     }
 
     /// Opens (creating) `root`, takes its lock, empties `tmp/` and `work/`, and reads every

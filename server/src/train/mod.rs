@@ -77,7 +77,7 @@ impl Targets {
     }
 
     /// Indices into `MODULES`, in `MODULES` order.
-    fn modules(&self) -> Vec<usize> {
+    pub(crate) fn modules(&self) -> Vec<usize> {
         match self {
             Self::AllLinear => (0..MODULES.len()).collect(),
             Self::Names(names) => (0..MODULES.len())
