@@ -241,6 +241,9 @@ async fn health_ready_models_and_unknown_routes() {
     let models = get(&f.app, "/v1/models", None).await.json();
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], BASE);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let created = models["data"][0]["created"].as_u64().expect("created");
+    assert!(now - 600 < created && created <= now, "the base is dated by the server's start: {created}");
     get(&f.app, "/v1/nothing", None).await.error(StatusCode::NOT_FOUND);
     get(&f.app, "/v1/completions", None).await.error(StatusCode::METHOD_NOT_ALLOWED);
     // A JSON body is read as JSON whatever the content type says (`curl -d` sends a form type).

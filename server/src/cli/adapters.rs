@@ -198,7 +198,10 @@ impl Client {
         }
         let authority = uri.authority().with_context(|| format!("{server:?} has no host"))?.to_string();
         let authority = if uri.port().is_some() { authority } else { format!("{authority}:80") };
-        Ok(Self { authority, prefix: uri.path().trim_end_matches('/').to_string(), api_key })
+        // Every path sent starts with `/v1`: an OpenAI-style base URL (`.../v1`) means its root.
+        let path = uri.path().trim_end_matches('/');
+        let prefix = path.strip_suffix("/v1").unwrap_or(path).to_string();
+        Ok(Self { authority, prefix, api_key })
     }
 
     /// Sends one request and returns the JSON reply; a non-2xx reply is an error with the
@@ -273,8 +276,25 @@ fn encode_segment(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::room_for;
+    use super::{room_for, Client};
     use serde_json::json;
+
+    #[test]
+    fn a_server_url_may_be_the_root_a_path_below_it_or_an_openai_base_url() {
+        for (url, authority, prefix) in [
+            ("http://127.0.0.1:8080", "127.0.0.1:8080", ""),
+            ("http://host", "host:80", ""),
+            ("http://host:8080/lorahost/", "host:8080", "/lorahost"),
+            ("http://host:8080/v1", "host:8080", ""),
+            ("http://host:8080/lorahost/v1/", "host:8080", "/lorahost"),
+        ] {
+            let c = Client::new(url, None).expect(url);
+            assert_eq!((c.authority.as_str(), c.prefix.as_str()), (authority, prefix), "{url}");
+        }
+        for bad in ["127.0.0.1:8080", "https://host", "not a url"] {
+            assert!(Client::new(bad, None).is_err(), "{bad}");
+        }
+    }
 
     fn quota(
         max_adapters: Option<u64>,

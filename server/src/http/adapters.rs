@@ -30,8 +30,9 @@ pub const MULTIPART_OVERHEAD_BYTES: usize = 64 << 10;
 
 pub async fn list_models(State(state): State<AppState>, caller: Caller) -> Json<Value> {
     let base = state.backend().model_id().to_string();
-    let mut data =
-        vec![json!({"id": base, "object": "model", "created": 0, "owned_by": "lorahost", "parent": null})];
+    let mut data = vec![
+        json!({"id": base, "object": "model", "created": state.started_unix(), "owned_by": "lorahost", "parent": null}),
+    ];
     for a in state.store().list(visible_tenant(&caller)) {
         data.push(json!({
             "id": model_name(&caller, &a.key),

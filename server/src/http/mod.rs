@@ -104,6 +104,8 @@ struct Inner {
     jobs: Option<Jobs>,
     /// Set on shutdown: `/ready` fails and new requests get 503.
     draining: AtomicBool,
+    /// When the server started (Unix seconds): the base model's `created` in `/v1/models`.
+    started_unix: u64,
     /// Set at the shutdown deadline: requests still running end now.
     cancel: watch::Sender<bool>,
 }
@@ -152,6 +154,9 @@ impl AppState {
                 metrics: Metrics::default(),
                 jobs,
                 draining: AtomicBool::new(false),
+                started_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
                 cancel,
             }),
         }
@@ -175,6 +180,11 @@ impl AppState {
 
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
+    }
+
+    /// When the server started, in Unix seconds.
+    pub fn started_unix(&self) -> u64 {
+        self.inner.started_unix
     }
 
     pub fn quotas(&self) -> &Arc<Quotas> {
