@@ -1,6 +1,8 @@
 //! `lorahost adapters list|upload|delete --server URL`: a small client for a running server's
 //! `/v1/adapters` routes (plain HTTP/1.1 over hyper; put TLS in front with a proxy).
 
+use crate::http::quota::{AdapterHoldings, Quota};
+use crate::jobs::Reserved;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use http_body_util::{BodyExt, Full};
@@ -131,50 +133,48 @@ impl PushTarget {
 /// more under `name`, as the server's upload check counts it.
 fn room_for(quota: &Value, listing: &Value, name: &str, bytes: u64) -> anyhow::Result<()> {
     let tenant = quota["tenant"].as_str().context("the quota reply names no tenant")?;
-    let (limits, usage) = (&quota["limits"], &quota["usage"]);
-    let replaced = listing["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|a| a["tenant"] == tenant && a["name"] == name)
-        .map(|a| a["bytes"].as_u64().unwrap_or(0));
+    let limits: Quota = serde_json::from_value(quota["limits"].clone())
+        .context("the quota reply's limits are not understood")?;
+    let usage = &quota["usage"];
     if let Some(most) = quota["upload_limits"]["adapter_bytes"].as_u64() {
         if bytes > most {
             bail!("the adapter is {bytes} bytes; the server takes adapter uploads of at most {most} bytes");
         }
     }
-    let held = usage["adapters"].as_u64().unwrap_or(0);
-    // Unfinished fine-tuning jobs hold the places of the adapters they will publish.
-    let pending = usage["pending_fine_tuning_jobs"].as_u64().unwrap_or(0);
-    if let Some(most) = limits["max_adapters"].as_u64() {
-        if replaced.is_none() && held + pending + 1 > most {
-            let jobs = if pending > 0 {
-                format!(" and {pending} unfinished fine-tuning jobs")
-            } else {
-                String::new()
-            };
-            bail!(
-                "tenant {tenant} holds {held} adapters{jobs} and may hold {most}: delete one or push under the name of one it holds"
-            );
-        }
+    let count = |field: &str| usage[field].as_u64().unwrap_or(0);
+    let holdings = AdapterHoldings {
+        count: count("adapters") as usize,
+        bytes: count("adapter_bytes"),
+        replaced: listing["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["tenant"] == tenant && a["name"] == name)
+            .map(|a| a["bytes"].as_u64().unwrap_or(0)),
+        reserved: Reserved {
+            places: count("pending_fine_tuning_jobs") as usize,
+            bytes: count("pending_adapter_bytes"),
+        },
+    };
+    let Err(refused) = limits.check_adapter(bytes, &holdings) else { return Ok(()) };
+    // The server's refusal, with the numbers that led to it.
+    let (held, reserved) = (holdings.count, holdings.reserved);
+    if refused.limit().starts_with("adapters held") {
+        let most = limits.max_adapters.unwrap_or(0);
+        let jobs = if reserved.places > 0 {
+            format!(" and {} unfinished fine-tuning jobs", reserved.places)
+        } else {
+            String::new()
+        };
+        bail!("tenant {tenant} holds {held} adapters{jobs} and may hold {most}: delete one or push under the name of one it holds");
     }
-    if let Some(most) = limits["max_adapter_bytes"].as_u64() {
-        let pending_bytes = usage["pending_adapter_bytes"].as_u64().unwrap_or(0);
-        let total = usage["adapter_bytes"].as_u64().unwrap_or(0).saturating_sub(replaced.unwrap_or(0))
-            + bytes
-            + pending_bytes;
-        if total > most {
-            let jobs = if pending_bytes > 0 {
-                format!(", counting {pending_bytes} reserved by unfinished fine-tuning jobs,")
-            } else {
-                String::new()
-            };
-            bail!(
-                "the adapter is {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters{jobs} and may hold {most}"
-            );
-        }
-    }
-    Ok(())
+    let (total, most) = (holdings.bytes_with(bytes), limits.max_adapter_bytes.unwrap_or(0));
+    let jobs = if reserved.bytes > 0 {
+        format!(", counting {} reserved by unfinished fine-tuning jobs,", reserved.bytes)
+    } else {
+        String::new()
+    };
+    bail!("the adapter is {bytes} bytes; tenant {tenant} would then hold {total} bytes of adapters{jobs} and may hold {most}")
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {

@@ -36,6 +36,62 @@ pub struct Quota {
     pub max_concurrent_sequences: Option<usize>,
 }
 
+/// What a tenant holds against its adapter quotas, as seen by one upload.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdapterHoldings {
+    /// Adapters stored.
+    pub count: usize,
+    /// Their bytes (config plus weights).
+    pub bytes: u64,
+    /// The bytes of the stored adapter the upload replaces (same name), if any.
+    pub replaced: Option<u64>,
+    /// What unfinished fine-tuning jobs hold for the adapters they will publish.
+    pub reserved: Reserved,
+}
+
+impl AdapterHoldings {
+    /// The bytes the tenant holds, reservations included, once an adapter of `bytes` is stored.
+    pub fn bytes_with(&self, bytes: u64) -> u64 {
+        // Saturating: a client's holdings come from two replies that may disagree by a moment.
+        let kept = self.bytes.saturating_sub(self.replaced.unwrap_or(0));
+        kept.saturating_add(bytes).saturating_add(self.reserved.bytes)
+    }
+}
+
+impl Quota {
+    /// Whether an adapter of `bytes` bytes fits beside `holdings`: a replacement frees the old
+    /// one's bytes and takes no new place; reservations count as held. The server checks every
+    /// upload with this, and `train --push` asks it before training.
+    pub fn check_adapter(&self, bytes: u64, holdings: &AdapterHoldings) -> Result<(), QuotaError> {
+        let h = holdings;
+        if let Some(most) = self.max_adapters {
+            let places = match h.replaced {
+                Some(_) => h.count,
+                None => h.count + h.reserved.places + 1,
+            };
+            if places > most {
+                let limit = if h.replaced.is_none() && h.reserved.places > 0 {
+                    "adapters held, counting unfinished fine-tuning jobs"
+                } else {
+                    "adapters held"
+                };
+                return Err(QuotaError::exceeded(limit, most));
+            }
+        }
+        if let Some(most) = self.max_adapter_bytes {
+            if h.bytes_with(bytes) > most {
+                let limit = if h.reserved.bytes > 0 {
+                    "adapter bytes held, counting unfinished fine-tuning jobs"
+                } else {
+                    "adapter bytes held"
+                };
+                return Err(QuotaError::exceeded(limit, most));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QuotaError {
@@ -147,8 +203,7 @@ impl Quotas {
 
     /// Whether `tenant` may store an adapter of `bytes` bytes under `name`, given what it holds
     /// (`held`: its stored adapters) and what its unfinished fine-tuning jobs have `reserved`
-    /// for the adapters they will publish; replacing a held adapter frees that one's bytes and
-    /// takes no new place.
+    /// for the adapters they will publish ([`Quota::check_adapter`]).
     pub fn check_upload(
         &self,
         tenant: &str,
@@ -157,34 +212,13 @@ impl Quotas {
         held: &[StoredAdapter],
         reserved: Reserved,
     ) -> Result<(), QuotaError> {
-        let quota = self.quota(tenant);
-        let replaced = held.iter().find(|a| a.key.name() == name);
-        if let Some(most) = quota.max_adapters {
-            let places = match replaced {
-                Some(_) => held.len(),
-                None => held.len() + reserved.places + 1,
-            };
-            if places > most {
-                let limit = if replaced.is_none() && reserved.places > 0 {
-                    "adapters held, counting unfinished fine-tuning jobs"
-                } else {
-                    "adapters held"
-                };
-                return Err(QuotaError::exceeded(limit, most));
-            }
-        }
-        if let Some(most) = quota.max_adapter_bytes {
-            let kept = held.iter().map(|a| a.bytes).sum::<u64>() - replaced.map_or(0, |a| a.bytes);
-            if kept.saturating_add(bytes).saturating_add(reserved.bytes) > most {
-                let limit = if reserved.bytes > 0 {
-                    "adapter bytes held, counting unfinished fine-tuning jobs"
-                } else {
-                    "adapter bytes held"
-                };
-                return Err(QuotaError::exceeded(limit, most));
-            }
-        }
-        Ok(())
+        let holdings = AdapterHoldings {
+            count: held.len(),
+            bytes: held.iter().map(|a| a.bytes).sum(),
+            replaced: held.iter().find(|a| a.key.name() == name).map(|a| a.bytes),
+            reserved,
+        };
+        self.quota(tenant).check_adapter(bytes, &holdings)
     }
 
     /// Whether `tenant` may store a file of `bytes` bytes, holding files of `held` bytes in all.
