@@ -310,8 +310,8 @@ fn group_lora(w: &Workload, ys: &mut [Vec<f32>]) -> Result<()> {
 /// rows with 32 distinct rank-16 adapters, every call on another adapter set (from DRAM), with
 /// A/B in f32 and in int8, alternated round by round; best round of each (the least disturbed
 /// by other load). Fused q/k/v and gate/up calls, as the model makes them.
-fn decode_step(rounds: usize) -> Result<()> {
-    let (rows, rank, layers) = (32, 16, 30);
+fn decode_step(rounds: usize, rows: usize, adapters: usize) -> Result<()> {
+    let (rank, layers) = (16, 30);
     // (in, outs of the sites sharing the input)
     let groups: [(usize, &[usize]); 4] =
         [(576, &[576, 192, 192]), (576, &[576]), (576, &[1536, 1536]), (1536, &[576])];
@@ -322,7 +322,7 @@ fn decode_step(rounds: usize) -> Result<()> {
                 popularity: Popularity::Distinct,
                 out_features: outs.to_vec(),
                 seed: (l * 10 + g) as u64,
-                ..WorkloadSpec::new(rows, inp, outs[0], rows, rank)
+                ..WorkloadSpec::new(rows, inp, outs[0], adapters, rank)
             };
             f32_sets.push(Workload::generate(&spec)?);
         }
@@ -389,7 +389,7 @@ fn decode_step(rounds: usize) -> Result<()> {
             .sum()
     };
     println!("
-LoRA work of one decode step (30 layers x 7 projections, 32 rows, 32 distinct rank-16 adapters), best of {rounds}:");
+LoRA work of one decode step (30 layers x 7 projections, {rows} rows, {adapters} distinct rank-16 adapters), best of {rounds}:");
     println!("| A/B storage | weights read | time per step |");
     println!("|---|---:|---:|");
     println!("| f32 | {} MB | {:.2} ms |", bytes(&f32_sets) >> 20, best_f32 * 1e3);
@@ -525,7 +525,10 @@ fn main() -> Result<()> {
         cold_decode(&which, budget)?;
     }
     if args.iter().any(|a| a == "--decode-step") {
-        decode_step(if quick { 10 } else { 30 })?;
+        decode_step(if quick { 10 } else { 30 }, 32, 32)?;
+    }
+    if args.iter().any(|a| a == "--prefill-step") {
+        decode_step(if quick { 5 } else { 15 }, 512, 4)?;
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));

@@ -180,11 +180,24 @@ pub(super) fn run(isa: Isa, x: &[f32], in_features: usize, sites: &mut [SiteDelt
         let per_row = out * p.w.rank.max(1);
         expand_macs += p.rows.len() * per_row;
         let first = expands.len();
-        for rows in panels(p.rows.clone()) {
-            let chunk =
-                (ITEM_MACS / (rows.len() * p.w.rank.max(1))).next_multiple_of(OUT_ALIGN).max(OUT_ALIGN);
-            for o in (0..out).step_by(chunk) {
-                expands.push(ExpandItem { part: k, rows: rows.clone(), outs: o..(o + chunk).min(out) });
+        if is_int8(&p.w) {
+            // int8 items span whole output rows, a few rows each: the row-major `y` (out of
+            // L2 at prefill) is then read and written front to back, where column chunks made
+            // every row a short access of its own; the part's int8 Bᵀ (≤ 4 · out bytes per
+            // quad row) stays cached from one item to the next. f32 B, 4× larger, keeps the
+            // panels × column chunks below.
+            let rows_per_item = (ITEM_MACS / per_row).max(1);
+            for start in p.rows.clone().step_by(rows_per_item) {
+                let rows = start..(start + rows_per_item).min(p.rows.end);
+                expands.push(ExpandItem { part: k, rows, outs: 0..out });
+            }
+        } else {
+            for rows in panels(p.rows.clone()) {
+                let chunk =
+                    (ITEM_MACS / (rows.len() * p.w.rank.max(1))).next_multiple_of(OUT_ALIGN).max(OUT_ALIGN);
+                for o in (0..out).step_by(chunk) {
+                    expands.push(ExpandItem { part: k, rows: rows.clone(), outs: o..(o + chunk).min(out) });
+                }
             }
         }
         part_expands.push(first..expands.len());
