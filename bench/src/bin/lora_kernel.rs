@@ -26,7 +26,8 @@
 //!
 //! `--decode-step` prints the LoRA work of a whole decode step of the default model instead
 //! (f32 and int8 adapters, from DRAM and cache-hot), and the same step with each site's Q4_1
-//! base matmul before its LoRA call, against the base matmuls alone.
+//! base matmul before its LoRA call, against the base matmuls alone. `--prefill-step` does the
+//! same for a prefill step: 512 rows (the engine's default step budget), 4 adapters of 128 rows.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -306,11 +307,11 @@ fn group_lora(w: &Workload, ys: &mut [Vec<f32>]) -> Result<()> {
     Ok(())
 }
 
-/// The LoRA work of one whole decode step of the default model: 30 layers × 7 projections, 32
-/// rows with 32 distinct rank-16 adapters, every call on another adapter set (from DRAM), with
+/// The LoRA work of one whole step of the default model: 30 layers × 7 projections, `rows` rows
+/// in equal segments of `adapters` distinct rank-16 adapters (decode: one row each), every call on another adapter set (from DRAM), with
 /// A/B in f32 and in int8, alternated round by round; best round of each (the least disturbed
 /// by other load). Fused q/k/v and gate/up calls, as the model makes them.
-fn decode_step(rounds: usize, rows: usize, adapters: usize) -> Result<()> {
+fn lora_step(rounds: usize, rows: usize, adapters: usize) -> Result<()> {
     let (rank, layers) = (16, 30);
     // (in, outs of the sites sharing the input)
     let groups: [(usize, &[usize]); 4] =
@@ -388,8 +389,9 @@ fn decode_step(rounds: usize, rows: usize, adapters: usize) -> Result<()> {
             .map(|a| a.int8.as_ref().map_or((a.a.len() + a.b.len()) * 4, |q| q.bytes()))
             .sum()
     };
+    let step = if rows == adapters { "decode" } else { "prefill" };
     println!("
-LoRA work of one decode step (30 layers x 7 projections, {rows} rows, {adapters} distinct rank-16 adapters), best of {rounds}:");
+LoRA work of one {step} step (30 layers x 7 projections, {rows} rows, {adapters} distinct rank-16 adapters), best of {rounds}:");
     println!("| A/B storage | weights read | time per step |");
     println!("|---|---:|---:|");
     println!("| f32 | {} MB | {:.2} ms |", bytes(&f32_sets) >> 20, best_f32 * 1e3);
@@ -525,10 +527,10 @@ fn main() -> Result<()> {
         cold_decode(&which, budget)?;
     }
     if args.iter().any(|a| a == "--decode-step") {
-        decode_step(if quick { 10 } else { 30 }, 32, 32)?;
+        lora_step(if quick { 10 } else { 30 }, 32, 32)?;
     }
     if args.iter().any(|a| a == "--prefill-step") {
-        decode_step(if quick { 5 } else { 15 }, 512, 4)?;
+        lora_step(if quick { 5 } else { 15 }, 512, 4)?;
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("\nload average at end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));

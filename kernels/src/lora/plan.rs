@@ -3,7 +3,8 @@
 //!
 //! Phase 1 (shrink) fills `t`: for each group of segments covering the same rows (one segment,
 //! or the same rows in several fused sites) `t_g = x[rows] · [A_1; A_2; ..]ᵀ`, cut into row
-//! panels × rank chunks. Phase 2 (expand) updates `y` per (segment, row panel, output chunk).
+//! panels × rank chunks. Phase 2 (expand) updates `y` per (segment, row panel, output chunk),
+//! or for int8 weights per (segment, a few whole output rows).
 //! Items of a phase write disjoint parts of `t` or `y`, so they need no synchronisation beyond
 //! the end of the phase; no item splits a reduction, so the cut never changes a result.
 //! Items are ordered segment by segment, so each thread's contiguous share of the items streams
