@@ -20,7 +20,7 @@ use common::tenants::{ALICE, BOB, KEYS, ROOT};
 use http_body_util::BodyExt;
 use lorahost::base::Base;
 use lorahost::http::{router, AdapterPublisher, ApiKeys, AppParts, AppState, Auth, Backend, Limits};
-use lorahost::jobs::{DataSummary, JobRecord, JobSettings, JobStatus, Jobs, JobsConfig, Trainer};
+use lorahost::jobs::{DataSummary, JobRecord, JobSettings, JobStatus, Jobs, JobsConfig, Publisher, Trainer};
 use lorahost::testing::TinyModel;
 use lorahost::train::{Progress, TrainConfig, TrainError, TrainReport};
 use serde_json::{json, Value};
@@ -106,8 +106,45 @@ impl Trainer for GatedTrainer {
     }
 }
 
+/// The server's publisher, able to hold a job in the moment after it has stored its adapter
+/// and before it records its end.
+#[derive(Default)]
+struct HeldPublisher {
+    inner: OnceLock<AdapterPublisher>,
+    holding: Mutex<bool>,
+    released: Condvar,
+}
+
+impl HeldPublisher {
+    fn hold(&self) {
+        *self.holding.lock().unwrap() = true;
+    }
+
+    fn release(&self) {
+        *self.holding.lock().unwrap() = false;
+        self.released.notify_all();
+    }
+}
+
+impl Publisher for HeldPublisher {
+    fn publish(&self, tenant: &str, name: &str, config: &[u8], weights: &[u8]) -> Result<(), String> {
+        let inner = self.inner.get().expect("publisher set");
+        inner.publish(tenant, name, config, weights)?;
+        let mut holding = self.holding.lock().unwrap();
+        while *holding {
+            holding = self.released.wait(holding).unwrap();
+        }
+        Ok(())
+    }
+
+    fn is_published(&self, tenant: &str, name: &str) -> bool {
+        self.inner.get().expect("publisher set").is_published(tenant, name)
+    }
+}
+
 struct Fixture {
     app: Router,
+    publisher: Arc<HeldPublisher>,
     jobs: Jobs,
     trainer: Arc<GatedTrainer>,
     store: FsStore,
@@ -138,15 +175,17 @@ fn start_keyed(dir: tempfile::TempDir, limits: Limits, keys: &str) -> Fixture {
         cache: None,
         quotas: auth.quotas(),
     };
+    let held = Arc::new(HeldPublisher::default());
+    assert!(held.inner.set(publisher).is_ok());
     let jobs = Jobs::open(
         JobsConfig { dir: dir.path().join("jobs"), base_id: BASE.into() },
         trainer.clone(),
-        Arc::new(publisher),
+        held.clone(),
     )
     .expect("jobs");
     let parts = AppParts { backend, store: store.clone(), cache: None, auth, limits };
     let state = AppState::with_jobs(parts, jobs.clone());
-    Fixture { app: router(state), jobs, trainer, store, dir }
+    Fixture { app: router(state), publisher: held, jobs, trainer, store, dir }
 }
 
 struct Reply {
@@ -478,8 +517,8 @@ async fn a_job_stopped_by_shutdown_is_failed_after_a_restart_and_a_queued_one_ru
     let waiting = waiting["id"].as_str().unwrap().to_string();
     let jobs = f.jobs.clone();
     tokio::task::spawn_blocking(move || jobs.shutdown()).await.unwrap();
-    let Fixture { app, jobs, store, dir, .. } = f;
-    drop((app, jobs, store));
+    let Fixture { app, jobs, store, publisher, dir, .. } = f;
+    drop((app, jobs, store, publisher));
 
     let f = start(dir);
     let job = get(&f.app, &format!("/v1/fine_tuning/jobs/{id}"), ALICE).await.ok();
@@ -603,22 +642,79 @@ async fn unfinished_jobs_reserve_their_adapters_bytes() {
     f.trainer.open_gate();
 }
 
+/// `PUT /v1/adapters/{name}` of a small adapter (the fake backend accepts any).
+async fn upload_adapter(app: &Router, key: &str, name: &str) -> Reply {
+    const B: &str = "adapter-boundary";
+    let body = format!(
+        "--{B}\r\nContent-Disposition: form-data; name=\"adapter_config.json\"\r\n\r\n{{\"r\": 4}}\r\n\
+         --{B}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"\r\n\r\nweights\r\n--{B}--\r\n"
+    );
+    let ct = format!("multipart/form-data; boundary={B}");
+    send(app, "PUT", &format!("/v1/adapters/{name}"), key, Body::from(body), Some(&ct)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn uploads_and_job_creations_cannot_pass_the_adapter_quota_together() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 1\n");
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    let mut attempts = Vec::new();
+    for i in 0..8 {
+        let app = f.app.clone();
+        let body = json!({"model": BASE, "training_file": file, "suffix": format!("n{i}")});
+        attempts
+            .push(tokio::spawn(async move { post(&app, "/v1/fine_tuning/jobs", ALICE, body).await.status }));
+        let app = f.app.clone();
+        attempts
+            .push(tokio::spawn(async move { upload_adapter(&app, ALICE, &format!("m{i}")).await.status }));
+    }
+    let mut statuses = Vec::new();
+    for a in attempts {
+        statuses.push(a.await.expect("attempt task"));
+    }
+    let passed = statuses.iter().filter(|s| s.is_success()).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((passed, refused), (1, 15), "{statuses:?}");
+    let usage = get(&f.app, "/v1/quota", ALICE).await.ok()["usage"].clone();
+    let held = usage["adapters"].as_u64().expect("adapters")
+        + usage["pending_fine_tuning_jobs"].as_u64().expect("jobs");
+    assert_eq!(held, 1, "{usage}");
+    f.trainer.open_gate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_has_stored_its_adapter_is_not_counted_twice() {
+    let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 2\n");
+    let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
+    let file = good_file(&f.app, ALICE).await;
+    f.publisher.hold();
+    let job = create_job(&f.app, ALICE, &file, json!({})).await;
+    let id = job["id"].as_str().expect("job id");
+    f.trainer.open_gate();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.store.list(Some("alice")).is_empty() {
+        assert!(Instant::now() < deadline, "the job never stored its adapter");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Stored, its end not yet recorded: it holds one place, not two.
+    let job = get(&f.app, &format!("/v1/fine_tuning/jobs/{id}"), ALICE).await.ok();
+    assert_eq!(job["status"], "running", "{job}");
+    let usage = get(&f.app, "/v1/quota", ALICE).await.ok()["usage"].clone();
+    assert_eq!((usage["adapters"].as_u64(), usage["pending_fine_tuning_jobs"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(usage["pending_adapter_bytes"], 0, "{usage}");
+    assert_eq!(upload_adapter(&f.app, ALICE, "manual").await.status, StatusCode::CREATED);
+    upload_adapter(&f.app, ALICE, "third").await.error(StatusCode::TOO_MANY_REQUESTS);
+    f.publisher.release();
+    wait_for(&f.app, ALICE, id, status_is("succeeded")).await;
+}
+
 #[tokio::test]
 async fn an_unfinished_job_holds_its_place_against_uploads() {
     let keys = format!("{KEYS}\n[tenants.alice]\nmax_adapters = 1\n");
     let f = start_keyed(tempfile::tempdir().expect("tempdir"), Limits::default(), &keys);
     let file = good_file(&f.app, ALICE).await;
     let job = create_job(&f.app, ALICE, &file, json!({})).await;
-    const B: &str = "adapter-boundary";
-    let upload = |name: &'static str| {
-        let body = format!(
-            "--{B}\r\nContent-Disposition: form-data; name=\"adapter_config.json\"\r\n\r\n{{\"r\": 4}}\r\n\
-             --{B}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"\r\n\r\nweights\r\n--{B}--\r\n"
-        );
-        let ct = format!("multipart/form-data; boundary={B}");
-        let app = f.app.clone();
-        async move { send(&app, "PUT", &format!("/v1/adapters/{name}"), ALICE, Body::from(body), Some(&ct)).await }
-    };
+    let upload = |name: &'static str| upload_adapter(&f.app, ALICE, name);
     let message = upload("manual").await.error(StatusCode::TOO_MANY_REQUESTS);
     assert!(message.contains("unfinished fine-tuning jobs"), "{message}");
     assert!(f.store.list(Some("alice")).is_empty(), "nothing stored");

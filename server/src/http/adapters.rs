@@ -190,17 +190,17 @@ async fn upload(
         return Err(ApiError::Malformed(format!("send both `{CONFIG_FILE}` and `{WEIGHTS_FILE}` parts")));
     };
     // A first look before the costly validation; the publisher checks again as it stores.
-    let bytes = (config.len() + weights.len()) as u64;
     // Unfinished fine-tuning jobs hold places and bytes for the adapters they will publish.
-    // Only here: a job created while this upload is stored may pass too, and then fails as it
-    // publishes.
-    let reserved = state.jobs().map_or(Reserved::default(), |jobs| jobs.reserved(key.tenant()));
+    let bytes = (config.len() + weights.len()) as u64;
+    let jobs = state.jobs().cloned();
+    let tenant = key.tenant().to_string();
+    let reserved = move || jobs.as_ref().map_or(Reserved::default(), |jobs| jobs.reserved(&tenant));
     let held = state.store().list(Some(key.tenant()));
-    state.quotas().check_upload(key.tenant(), key.name(), bytes, &held, reserved)?;
+    state.quotas().check_upload(key.tenant(), key.name(), bytes, &held, reserved())?;
     let publisher = state.publisher();
     let stored_key = key.clone();
     let (stored, replaced) =
-        tokio::task::spawn_blocking(move || publisher.publish_key(&stored_key, &config, &weights))
+        tokio::task::spawn_blocking(move || publisher.publish_key(&stored_key, &config, &weights, reserved))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))??;
     tracing::info!(
@@ -241,21 +241,23 @@ impl From<StoreError> for Refusal {
 }
 
 impl AdapterPublisher {
-    /// Blocking (validation is CPU-heavy): call it off the async threads.
+    /// Blocking (validation is CPU-heavy): call it off the async threads. `reserved` is what
+    /// unfinished fine-tuning jobs hold of the tenant's adapter quota, asked once the quota
+    /// checks are serialized ([`Quotas::admitting_adapters`]).
     pub fn publish_key(
         &self,
         key: &AdapterKey,
         config: &[u8],
         weights: &[u8],
+        reserved: impl FnOnce() -> Reserved,
     ) -> Result<(StoredAdapter, Option<StoredAdapter>), ApiError> {
         self.backend.validate_adapter(config, weights).map_err(ApiError::InvalidAdapter)?;
         let bytes = (config.len() + weights.len()) as u64;
+        let _admission = self.quotas.admitting_adapters();
+        // Asked before the store's lock: the jobs' lock is never taken under it.
+        let reserved = reserved();
         let admit = |held: &[StoredAdapter]| {
-            // What is stored only: a job publishing here must not count its own reservation,
-            // and the jobs' lock is never taken under the store's.
-            self.quotas
-                .check_upload(key.tenant(), key.name(), bytes, held, Reserved::default())
-                .map_err(Refusal::Quota)
+            self.quotas.check_upload(key.tenant(), key.name(), bytes, held, reserved).map_err(Refusal::Quota)
         };
         let (stored, replaced) = self.store.put_if(key, config, weights, admit).map_err(|e| match e {
             Refusal::Quota(e) => ApiError::from(e),
@@ -280,7 +282,9 @@ impl AdapterPublisher {
 impl crate::jobs::Publisher for AdapterPublisher {
     fn publish(&self, tenant: &str, name: &str, config: &[u8], weights: &[u8]) -> Result<(), String> {
         let key = AdapterKey::new(tenant, name).map_err(|e| e.to_string())?;
-        self.publish_key(&key, config, weights).map(|_| ()).map_err(|e| e.to_string())
+        // Only what is stored: the job was admitted beside every reservation, its own included,
+        // and since then every upload and job creation has counted its reservation too.
+        self.publish_key(&key, config, weights, Reserved::default).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn is_published(&self, tenant: &str, name: &str) -> bool {

@@ -184,6 +184,7 @@ pub async fn create_job(
                 }
             })
         };
+        let _admission = state.quotas().admitting_adapters();
         jobs.create_job(&tenant, new, admit)
     })
     .await

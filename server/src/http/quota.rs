@@ -12,7 +12,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use crate::jobs::Reserved;
@@ -143,6 +143,8 @@ pub struct Quotas {
     /// For tenants without a table of their own (`name = "*"`).
     default: Quota,
     usage: Mutex<HashMap<String, Usage>>,
+    /// See [`Quotas::admitting_adapters`].
+    adapter_admission: Mutex<()>,
 }
 
 impl std::fmt::Debug for Quotas {
@@ -153,7 +155,15 @@ impl std::fmt::Debug for Quotas {
 
 impl Quotas {
     pub fn new(by_tenant: HashMap<String, Quota>, default: Quota) -> Self {
-        Self { by_tenant, default, usage: Mutex::default() }
+        Self { by_tenant, default, usage: Mutex::default(), adapter_admission: Mutex::default() }
+    }
+
+    /// Held across each check-and-commit against the adapter quotas: an upload's check and its
+    /// store, a fine-tuning job's check and its queueing, a job's publication. Each then sees
+    /// what the others committed, so an upload and a job creation cannot pass a quota together.
+    /// Taken before the jobs' lock and the store's, never under them.
+    pub fn admitting_adapters(&self) -> MutexGuard<'_, ()> {
+        self.adapter_admission.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn quota(&self, tenant: &str) -> &Quota {

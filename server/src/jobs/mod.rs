@@ -407,7 +407,7 @@ impl Jobs {
         if state.stopping {
             return Err(JobsError::Conflict("the server is shutting down".into()));
         }
-        admit(&job, state.disk.reserved(tenant)).map_err(JobsError::Quota)?;
+        admit(&job, self.shared.reserved(&state, tenant)).map_err(JobsError::Quota)?;
         state.disk.put_job(job.clone())?;
         state.queue.push_back(id);
         drop(state);
@@ -417,7 +417,7 @@ impl Jobs {
 
     /// What `tenant`'s queued and running jobs reserve: each will publish an adapter.
     pub fn reserved(&self, tenant: &str) -> Reserved {
-        self.state().disk.reserved(tenant)
+        self.shared.reserved(&self.state(), tenant)
     }
 
     /// The caller's jobs, newest first.
@@ -499,6 +499,26 @@ impl Jobs {
 }
 
 impl Shared {
+    /// What `tenant`'s unfinished jobs reserve. A job that has stored its adapter but not yet
+    /// recorded its end no longer counts: its adapter is counted as stored.
+    fn reserved(&self, state: &State, tenant: &str) -> Reserved {
+        let reserved = state.disk.reserved(tenant);
+        let published = state
+            .running
+            .as_ref()
+            .filter(|r| r.publishing)
+            .and_then(|r| state.disk.jobs.get(&r.id))
+            .filter(|j| j.tenant == tenant && !j.status.is_terminal())
+            .filter(|j| self.publisher.is_published(&j.tenant, &j.model_name));
+        match published {
+            Some(j) => Reserved {
+                places: reserved.places.saturating_sub(1),
+                bytes: reserved.bytes.saturating_sub(j.adapter_bytes),
+            },
+            None => reserved,
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the records consistent; a panic elsewhere must not stop jobs.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
