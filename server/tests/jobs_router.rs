@@ -615,6 +615,21 @@ async fn a_job_whose_adapter_would_not_fit_the_byte_quota_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn a_job_whose_adapter_would_exceed_the_servers_upload_limit_is_refused() {
+    let limits = Limits { max_adapter_bytes: 1000, ..Limits::default() };
+    let f = start_with(tempfile::tempdir().expect("tempdir"), limits);
+    let file = good_file(&f.app, ALICE).await;
+    let body = json!({"model": BASE, "training_file": file, "hyperparameters": {"rank": 1}});
+    let reply = post(&f.app, "/v1/fine_tuning/jobs", ALICE, body).await;
+    assert_eq!(reply.json()["error"]["param"], "hyperparameters", "{}", reply.json());
+    let message = reply.error(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(message.contains("--max-adapter-bytes") && message.contains("1000 bytes"), "{message}");
+    let listed = get(&f.app, "/v1/fine_tuning/jobs", ALICE).await.ok();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(0), "nothing queued: {listed}");
+    assert!(f.trainer.configs.lock().unwrap().is_empty(), "nothing trained");
+}
+
+#[tokio::test]
 async fn unfinished_jobs_reserve_their_adapters_bytes() {
     let rank_one = json!({"hyperparameters": {"rank": 1}});
     // How large a rank-1 job's adapter is on this base, from a tenant without limits.

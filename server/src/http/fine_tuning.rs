@@ -8,7 +8,7 @@ use super::adapters::multipart_error;
 use super::auth::Caller;
 use super::error::{ApiError, JsonBody};
 use super::AppState;
-use crate::jobs::{FileRecord, JobRecord, JobSettings, Jobs, NewJob, Reserved, MAX_SUFFIX_LEN};
+use crate::jobs::{FileRecord, JobRecord, JobSettings, Jobs, JobsError, NewJob, Reserved, MAX_SUFFIX_LEN};
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
@@ -170,9 +170,21 @@ pub async fn create_job(
     let tenant = caller.tenant.clone();
     let job = tokio::task::spawn_blocking(move || {
         let admit = |job: &JobRecord, reserved: Reserved| {
+            // Every adapter the server stores fits the upload limit, fine-tuned ones too.
+            let largest = state.limits().max_adapter_bytes as u64;
+            if job.adapter_bytes > largest {
+                return Err(JobsError::Invalid {
+                    param: "hyperparameters",
+                    message: format!(
+                        "the job's adapter would be {} bytes, more than this server stores \
+                         ({largest} bytes, --max-adapter-bytes): lower the rank or target fewer modules",
+                        job.adapter_bytes
+                    ),
+                });
+            }
             let held = state.store().list(Some(&tenant));
             let checked = state.quotas().check_upload(&tenant, &job.model_name, job.adapter_bytes, &held, reserved);
-            checked.map_err(|e| {
+            let checked = checked.map_err(|e| {
                 if e.limit().starts_with("adapter bytes") {
                     let held_bytes = held.iter().map(|a| a.bytes).sum::<u64>();
                     format!(
@@ -182,7 +194,8 @@ pub async fn create_job(
                 } else {
                     e.to_string()
                 }
-            })
+            });
+            checked.map_err(JobsError::Quota)
         };
         let _admission = state.quotas().admitting_adapters();
         jobs.create_job(&tenant, new, admit)

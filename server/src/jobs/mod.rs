@@ -342,12 +342,12 @@ impl Jobs {
     ///
     /// `admit` sees the new job (its `model_name` and `adapter_bytes`) and what the tenant's
     /// unfinished jobs reserve at the moment of queueing (under the lock that queues, so
-    /// concurrent creations cannot pass a quota together), and may refuse.
+    /// concurrent creations cannot pass a quota together), and may refuse with its own error.
     pub fn create_job(
         &self,
         tenant: &str,
         new: NewJob,
-        admit: impl FnOnce(&JobRecord, Reserved) -> Result<(), String>,
+        admit: impl FnOnce(&JobRecord, Reserved) -> Result<(), JobsError>,
     ) -> Result<JobRecord, JobsError> {
         if new.model != self.shared.config.base_id {
             return Err(JobsError::NotFound { what: "model", id: new.model });
@@ -407,7 +407,7 @@ impl Jobs {
         if state.stopping {
             return Err(JobsError::Conflict("the server is shutting down".into()));
         }
-        admit(&job, self.shared.reserved(&state, tenant)).map_err(JobsError::Quota)?;
+        admit(&job, self.shared.reserved(&state, tenant))?;
         state.disk.put_job(job.clone())?;
         state.queue.push_back(id);
         drop(state);
