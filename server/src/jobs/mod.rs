@@ -415,7 +415,8 @@ impl Jobs {
         Ok(job)
     }
 
-    /// What `tenant`'s queued and running jobs reserve: each will publish an adapter.
+    /// What `tenant`'s queued and running jobs reserve: each will publish an adapter (one that
+    /// has already stored it no longer counts; see `Shared::reserved`).
     pub fn reserved(&self, tenant: &str) -> Reserved {
         self.shared.reserved(&self.state(), tenant)
     }

@@ -128,7 +128,8 @@ pub struct JobRecord {
     /// The adapter name the result is (or will be) published under, in `tenant`.
     pub model_name: String,
     /// Bytes of the adapter the job publishes (config and weights, known from its settings),
-    /// reserved against the tenant's adapter quota until the job ends (0 in older records).
+    /// reserved against the tenant's adapter quota until the adapter is stored or the job ends
+    /// (0 in older records).
     #[serde(default)]
     pub adapter_bytes: u64,
     /// Set once the adapter is published.
