@@ -104,8 +104,15 @@ fn cache_with(config: CacheConfig) -> (HostCache<Blob>, Arc<Probe>) {
     (HostCache::new(config, loader).unwrap(), probe)
 }
 
+/// A cache without the claim grace, so an unleased value is an eviction candidate at once (the
+/// tests of the grace set it).
 fn cache(budget_bytes: usize) -> (HostCache<Blob>, Arc<Probe>) {
-    cache_with(CacheConfig { budget_bytes, loader_threads: 2, retry_failed_after: Duration::from_secs(60) })
+    cache_with(CacheConfig {
+        budget_bytes,
+        loader_threads: 2,
+        retry_failed_after: Duration::from_secs(60),
+        claim_grace: Duration::ZERO,
+    })
 }
 
 fn is_resident(cache: &HostCache<Blob>, id: AdapterId) -> bool {
@@ -235,12 +242,68 @@ fn a_value_larger_than_the_budget_is_served_then_evicted_on_release() {
     assert_eq!(cache.stats().resident_bytes, 0);
 }
 
+/// The state a polling requester meets under pressure: its value has loaded, but before it
+/// asks again a lease drops and runs an eviction pass in which that value is the only candidate.
+fn load_under_pressure(claim_grace: Duration) -> (HostCache<Blob>, Arc<Probe>, Lease<Blob>) {
+    let (cache, probe) = cache_with(CacheConfig { budget_bytes: 100, claim_grace, ..CacheConfig::default() });
+    probe.set_size(id(0), 100);
+    probe.set_size(id(1), 10);
+    probe.set_size(id(2), 60);
+    let pinned = cache.acquire_blocking(id(0), WAIT).unwrap();
+    let released = cache.acquire_blocking(id(1), WAIT).unwrap();
+    assert!(matches!(cache.try_acquire(id(2)), Acquire::Loading));
+    wait_until("the requested value loads", || is_resident(&cache, id(2)));
+    drop(released);
+    assert!(!is_resident(&cache, id(1)), "the released value goes first");
+    (cache, probe, pinned)
+}
+
+#[test]
+fn a_loaded_value_waits_for_its_requester_through_other_evictions() {
+    let (cache, probe, _pinned) = load_under_pressure(Duration::from_secs(60));
+    let Acquire::Ready(lease) = cache.try_acquire(id(2)) else {
+        panic!("the value its requester asked for was evicted before it asked again");
+    };
+    assert_eq!((lease.id(), probe.loads_of(id(2))), (id(2), 1));
+    assert_eq!(cache.pinned_bytes(), 160);
+    drop(lease);
+    assert!(!is_resident(&cache, id(2)), "claimed, then released over budget: an ordinary candidate");
+    assert_eq!((cache.pinned_bytes(), cache.stats().resident_bytes), (100, 100));
+}
+
+#[test]
+fn an_unclaimed_value_is_evicted_once_its_grace_is_over() {
+    let (cache, _probe, _pinned) = load_under_pressure(Duration::ZERO);
+    assert_eq!(cache.residency(id(2)), Residency::Absent, "no grace: evicted by the pass");
+    assert!(matches!(cache.try_acquire(id(2)), Acquire::Loading), "so the requester must load again");
+}
+
+#[test]
+fn pinned_bytes_follow_the_first_and_last_lease() {
+    let (cache, probe) = cache(1000);
+    probe.set_size(id(1), 60);
+    let a = cache.acquire_blocking(id(0), WAIT).unwrap();
+    let a2 = a.clone();
+    let Acquire::Ready(a3) = cache.try_acquire(id(0)) else { panic!("resident") };
+    let b = cache.acquire_blocking(id(1), WAIT).unwrap();
+    assert_eq!((cache.pinned_bytes(), cache.stats().pinned_bytes), (160, 160));
+    drop(a);
+    drop(a3);
+    assert_eq!(cache.pinned_bytes(), 160, "a clone still pins it");
+    drop(a2);
+    assert_eq!(cache.pinned_bytes(), 60);
+    drop(b);
+    assert_eq!((cache.pinned_bytes(), cache.stats().pinned_bytes), (0, 0));
+    assert_eq!(cache.stats().resident_bytes, 160, "unpinned, still resident");
+}
+
 #[test]
 fn failed_loads_are_remembered_then_retried() {
     let (cache, probe) = cache_with(CacheConfig {
         budget_bytes: 1000,
         loader_threads: 1,
         retry_failed_after: Duration::from_millis(200),
+        claim_grace: Duration::ZERO,
     });
     probe.failing.lock().unwrap().insert(id(1), 1);
     let err = cache.acquire_blocking(id(1), WAIT).unwrap_err();
@@ -349,6 +412,7 @@ fn concurrent_acquire_and_release_keep_the_invariants() {
         budget_bytes: budget,
         loader_threads: 3,
         retry_failed_after: Duration::ZERO,
+        claim_grace: Duration::ZERO,
     });
     for i in 0..IDS {
         probe.set_size(id(i), 50 + (i * 37) % 200);
@@ -405,7 +469,7 @@ fn concurrent_acquire_and_release_keep_the_invariants() {
     wait_until("in-flight loads finish", || cache.stats().loading == 0);
     let stats = cache.stats();
     assert_eq!(stats.pinned, 0, "no leaked pins");
-    assert_eq!(stats.pinned_bytes, 0);
+    assert_eq!((stats.pinned_bytes, cache.pinned_bytes()), (0, 0));
     assert!(stats.evictions > 0 && stats.hits > 0 && stats.load_failures > 0, "{stats:?}");
     assert!((stats.hits + stats.misses + stats.coalesced) as usize >= acquires.load(Ordering::Relaxed));
     let loads: usize = probe.loads.lock().unwrap().values().sum();

@@ -244,6 +244,56 @@ fn a_cold_adapter_waits_in_the_queue_not_in_the_batch() {
 }
 
 #[test]
+fn the_queue_pins_no_more_adapter_memory_than_the_cache_budget() {
+    use adapters::cache::{CacheConfig, HostCache, Loader};
+    use lorahost::engine::AdapterChoice;
+    use lorahost::engine::EngineConfig;
+    use std::collections::HashMap;
+    let shape = TinyModel::default();
+    let (_dir, base) = tiny_base(shape);
+    let adapters: Vec<_> =
+        (0..8).map(|i| tiny_adapter(shape, &base, 4, &["q_proj", "v_proj"], 40 + i)).collect();
+    let bytes = adapters[0].bytes();
+    assert!(adapters.iter().all(|a| a.bytes() == bytes));
+    let by_id: HashMap<_, _> = adapters.iter().map(|a| (a.id, a.clone())).collect();
+    let loader: Loader<adapters::LoraAdapter> =
+        std::sync::Arc::new(move |id| by_id.get(&id).map(|a| (**a).clone()).ok_or_else(|| "unknown".into()));
+    // Room for two adapters; one request runs at a time, the other seven wait in the queue.
+    let budget = 2 * bytes;
+    let cache = HostCache::new(CacheConfig { budget_bytes: budget, ..CacheConfig::default() }, loader)
+        .expect("cache");
+    let config = EngineConfig { max_running: 1, ..engine_config(64 << 20, 16, 512) };
+    let mut core =
+        EngineCore::new(base.model.clone(), base.tokenizer.clone(), config).with_adapter_cache(cache.clone());
+    let reqs: Vec<ValidRequest> = adapters
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ValidRequest {
+            adapter: Some(AdapterChoice::Cached(a.id)),
+            ..request(vec![3 + i as u32, 5, 7], 6, greedy())
+        })
+        .collect();
+    let mut streams: Vec<_> = reqs.iter().map(|r| submit(&mut core, r.clone())).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut most_pinned = 0;
+    while core.has_work() {
+        if !core.step().expect("step") {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        most_pinned = most_pinned.max(cache.pinned_bytes());
+        assert!(std::time::Instant::now() < deadline, "engine does not terminate");
+    }
+    // A lease is taken only while the pins are under budget, so they pass it by one adapter at most.
+    assert!(most_pinned <= budget + bytes, "the queue pinned {most_pinned} bytes, budget {budget}");
+    assert!(most_pinned >= bytes, "requests ran on leased adapters");
+    for (i, (rx, r)) in streams.iter_mut().zip(&reqs).enumerate() {
+        let loaded = ValidRequest { adapter: Some(adapters[i].clone().into()), ..r.clone() };
+        assert_eq!(drain_tokens(rx), alone(&base, &loaded), "request {i}");
+    }
+    assert_eq!(cache.pinned_bytes(), 0);
+}
+
+#[test]
 fn an_adapter_that_overflows_fails_its_request_alone() {
     let shape = TinyModel::default();
     let (_dir, base) = tiny_base(shape);

@@ -812,3 +812,45 @@ async fn oversized_json_bodies_are_413_in_the_api_error_shape() {
     let huge_job = json!({"model": BASE, "training_file": "x".repeat(9 << 20)});
     post(&f.app, "/v1/fine_tuning/jobs", None, huge_job).await.error(StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+#[tokio::test]
+async fn a_failed_load_is_forgotten_when_the_same_files_are_published_again() {
+    use adapters::cache::{CacheConfig, HostCache, Loader, Residency};
+    use adapters::{AdapterId, LoraAdapter};
+    let shape = lorahost::testing::TinyModel::default();
+    let (_model_dir, base) = common::tiny_base(shape);
+    let written = tempfile::tempdir().expect("tempdir");
+    shape.write_adapter(&written.path().join("a"), 4, 8.0, &["q_proj"], 7).expect("write adapter");
+    let config = std::fs::read(written.path().join("a/adapter_config.json")).expect("config");
+    let weights = std::fs::read(written.path().join("a/adapter_model.safetensors")).expect("weights");
+    let id = AdapterId::of_files(&config, &weights);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FsStore::open(dir.path().join("adapters")).expect("store");
+    let (reader, base_shape) = (store.clone(), base.model.base_shape());
+    let loader: Loader<LoraAdapter> = Arc::new(move |id| {
+        let files = reader.read(id).map_err(|e| e.to_string())?;
+        LoraAdapter::from_bytes(&files.config, &files.weights, &base_shape).map_err(|e| e.to_string())
+    });
+    // Failures remembered for longer than the test runs.
+    let config_of_cache =
+        CacheConfig { retry_failed_after: Duration::from_secs(600), ..CacheConfig::default() };
+    let cache = HostCache::new(config_of_cache, loader).expect("cache");
+    let backend = Arc::new(FakeBackend::default());
+    let parts =
+        AppParts { backend, store, cache: Some(cache.clone()), auth: Auth::Open, limits: Limits::default() };
+    let app = router(AppState::new(parts));
+    let files =
+        [("adapter_config.json", config.as_slice()), ("adapter_model.safetensors", weights.as_slice())];
+
+    assert_eq!(upload_parts(&app, "a", None, &files).await.status, StatusCode::CREATED);
+    drop(cache.acquire_blocking(id, Duration::from_secs(10)).expect("uploaded: loads"));
+    assert_eq!(delete(&app, "/v1/adapters/a", None).await.status, StatusCode::OK);
+    // A request admitted before the delete asks for the id after it: the load fails, remembered.
+    assert!(cache.acquire_blocking(id, Duration::from_secs(10)).is_err());
+    assert!(matches!(cache.residency(id), Residency::Failed { .. }));
+
+    assert_eq!(upload_parts(&app, "a", None, &files).await.status, StatusCode::CREATED);
+    let lease = cache.acquire_blocking(id, Duration::from_secs(10)).expect("published again: loads");
+    assert_eq!(lease.id(), id);
+}

@@ -20,11 +20,16 @@
 //!   load completes and when a last lease drops, until `resident_bytes <= budget_bytes`. A lease
 //!   is a pin: a pinned value is never evicted.
 //! - **Over budget**: if the pinned values alone exceed the budget, the cache holds them anyway
-//!   and reports it (`CacheStats::over_budget`); it gets back under budget as leases drop. A value
-//!   that just finished loading is never evicted by its own load's eviction pass (its requester
-//!   has not had the chance to lease it yet), but is the first candidate of the next pass if still
-//!   unleased. So a value larger than the whole budget is loaded, served while leased, and
-//!   evicted when its last lease drops.
+//!   and reports it (`CacheStats::over_budget`); it gets back under budget as leases drop.
+//! - **Unclaimed values**: a value that has finished loading but has not been acquired since is
+//!   not evicted for `CacheConfig::claim_grace`: its requester polls (`try_acquire`) rather than
+//!   waits, and a lease dropping in between must not throw the load away (under pressure that
+//!   would repeat on every poll, and the request would never get its adapter). After the grace it
+//!   is an ordinary unpinned value. So a value larger than the whole budget is loaded, served
+//!   while leased, and evicted once it is neither leased nor fresh.
+//! - **Admission is the caller's**: leases pin without limit, so whoever leases on behalf of
+//!   queued work keeps what it pins near the budget ([`HostCache::pinned_bytes`]); the engine
+//!   does (it leases for waiting requests only while the pins are under budget).
 //! - **Invalidation** ([`HostCache::invalidate`], for deleted adapters): an unpinned value goes at
 //!   once, a pinned one when its last lease drops; an in-flight load's result is dropped.
 //!
@@ -50,7 +55,7 @@ use crate::AdapterId;
 use dashmap::DashMap;
 use lru::LruCache;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -61,6 +66,9 @@ pub const DEFAULT_BUDGET_BYTES: usize = 2 << 30;
 pub const DEFAULT_LOADER_THREADS: usize = 2;
 /// The default time a failed load is remembered before an acquire retries it.
 pub const DEFAULT_RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
+/// The default time a freshly loaded value waits for its requester before it may be evicted:
+/// far longer than an engine step, so a polling requester always gets there first.
+pub const DEFAULT_CLAIM_GRACE: Duration = Duration::from_secs(10);
 
 /// What the cache holds.
 pub trait CacheValue: Send + Sync + 'static {
@@ -81,6 +89,8 @@ pub struct CacheConfig {
     pub loader_threads: usize,
     /// How long a failed load is remembered before an acquire retries it.
     pub retry_failed_after: Duration,
+    /// How long a freshly loaded value that nobody has acquired yet is kept from eviction.
+    pub claim_grace: Duration,
 }
 
 impl Default for CacheConfig {
@@ -89,6 +99,7 @@ impl Default for CacheConfig {
             budget_bytes: DEFAULT_BUDGET_BYTES,
             loader_threads: DEFAULT_LOADER_THREADS,
             retry_failed_after: DEFAULT_RETRY_FAILED_AFTER,
+            claim_grace: DEFAULT_CLAIM_GRACE,
         }
     }
 }
@@ -223,6 +234,9 @@ struct Inner<V: CacheValue> {
     jobs: mpsc::Sender<Job>,
     /// Tells loads apart, so a load cancelled by `invalidate` cannot fill a later one's entry.
     next_ticket: AtomicU64,
+    /// Bytes of the values at least one lease pins. Changed with a pin count's 0 ↔ 1 transition,
+    /// under that entry's shard lock.
+    pinned_bytes: AtomicUsize,
     /// Completed loads, for `acquire_blocking` to wait on.
     completions: Mutex<u64>,
     completed: Condvar,
@@ -240,9 +254,19 @@ struct Entry<V> {
 type Job = (AdapterId, u64);
 
 enum State<V> {
-    Loading { ticket: u64 },
-    Ready { value: Arc<V>, bytes: usize },
-    Failed { message: String, at: Instant },
+    Loading {
+        ticket: u64,
+    },
+    /// `unclaimed_since`: when the load completed, until the first acquire after it.
+    Ready {
+        value: Arc<V>,
+        bytes: usize,
+        unclaimed_since: Option<Instant>,
+    },
+    Failed {
+        message: String,
+        at: Instant,
+    },
 }
 
 struct Resident {
@@ -285,6 +309,7 @@ impl<V: CacheValue> HostCache<V> {
             resident: Mutex::new(Resident { lru: LruCache::unbounded(), bytes: 0 }),
             jobs,
             next_ticket: AtomicU64::new(0),
+            pinned_bytes: AtomicUsize::new(0),
             completions: Mutex::new(0),
             completed: Condvar::new(),
             counters: Counters::default(),
@@ -324,9 +349,14 @@ impl<V: CacheValue> HostCache<V> {
         let found = match inner.entries.entry(id) {
             dashmap::Entry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
-                match &entry.state {
-                    State::Ready { value, .. } => {
+                let pins = entry.pins;
+                match &mut entry.state {
+                    State::Ready { value, bytes, unclaimed_since } => {
                         let value = value.clone();
+                        *unclaimed_since = None;
+                        if pins == 0 {
+                            inner.pinned_bytes.fetch_add(*bytes, Ordering::Relaxed);
+                        }
                         entry.pins += 1;
                         Found::Hit(value)
                     }
@@ -423,7 +453,7 @@ impl<V: CacheValue> HostCache<V> {
         let mut resident = lock(&inner.resident);
         let outcome = match inner.entries.remove_if(&id, |_, e| e.pins == 0) {
             Some((_, entry)) => match entry.state {
-                State::Ready { value, bytes } => {
+                State::Ready { value, bytes, .. } => {
                     resident.lru.pop(&id);
                     resident.bytes -= bytes;
                     bump(&inner.counters.invalidations);
@@ -448,6 +478,12 @@ impl<V: CacheValue> HostCache<V> {
             inner.notify_completion();
         }
         outcome
+    }
+
+    /// Bytes of the resident values that at least one lease pins, without walking the entries
+    /// (cheap enough to ask on every engine step).
+    pub fn pinned_bytes(&self) -> usize {
+        self.inner.pinned_bytes.load(Ordering::Relaxed)
     }
 
     /// A snapshot of the counters and the current residency.
@@ -529,7 +565,8 @@ impl<V: CacheValue> Inner<V> {
             match result {
                 Ok(value) => {
                     let bytes = value.bytes();
-                    entry.state = State::Ready { value: Arc::new(value), bytes };
+                    let unclaimed_since = Some(Instant::now());
+                    entry.state = State::Ready { value: Arc::new(value), bytes, unclaimed_since };
                     drop(entry);
                     resident.lru.put(id, bytes);
                     resident.bytes += bytes;
@@ -553,13 +590,19 @@ impl<V: CacheValue> Inner<V> {
         self.completed.notify_all();
     }
 
-    /// Removes unpinned values, least recently used first (sparing `spare`), until the total is
-    /// within budget or nothing more can go. Removed values are moved to `dropped`, for the
-    /// caller to drop after unlocking.
+    /// Removes unpinned values that are not waiting for their requester, least recently used
+    /// first (sparing `spare`, the value a load has just completed, whatever the grace), until the
+    /// total is within budget or nothing more can go. Removed values are moved to `dropped`, for
+    /// the caller to drop after unlocking.
     fn evict_to_budget(&self, resident: &mut Resident, spare: Option<AdapterId>, dropped: &mut Vec<Arc<V>>) {
         if resident.bytes <= self.config.budget_bytes {
             return;
         }
+        let grace = self.config.claim_grace;
+        let evictable = |e: &Entry<V>| {
+            e.pins == 0
+                && !matches!(e.state, State::Ready { unclaimed_since: Some(at), .. } if at.elapsed() < grace)
+        };
         let oldest_first: Vec<AdapterId> = resident.lru.iter().rev().map(|(id, _)| *id).collect();
         for id in oldest_first {
             if resident.bytes <= self.config.budget_bytes {
@@ -570,8 +613,8 @@ impl<V: CacheValue> Inner<V> {
             }
             // The pin check and the removal are one step under the entry's shard lock, which a
             // hit takes to pin: a value is never removed while leased.
-            if let Some((_, Entry { state: State::Ready { value, bytes }, .. })) =
-                self.entries.remove_if(&id, |_, e| e.pins == 0)
+            if let Some((_, Entry { state: State::Ready { value, bytes, .. }, .. })) =
+                self.entries.remove_if(&id, |_, e| evictable(e))
             {
                 resident.lru.pop(&id);
                 resident.bytes -= bytes;
@@ -586,6 +629,9 @@ impl<V: CacheValue> Inner<V> {
         let last = match self.entries.get_mut(&id) {
             Some(mut entry) => {
                 entry.pins -= 1;
+                if let (0, State::Ready { bytes, .. }) = (entry.pins, &entry.state) {
+                    self.pinned_bytes.fetch_sub(*bytes, Ordering::Relaxed);
+                }
                 entry.pins == 0
             }
             None => false,
@@ -597,7 +643,7 @@ impl<V: CacheValue> Inner<V> {
         let mut resident = lock(&self.resident);
         // Re-checked under the LRU lock: `invalidate` may have flagged it meanwhile, and a new
         // lease may have pinned it again.
-        if let Some((_, Entry { state: State::Ready { value, bytes }, .. })) =
+        if let Some((_, Entry { state: State::Ready { value, bytes, .. }, .. })) =
             self.entries.remove_if(&id, |_, e| e.pins == 0 && e.evict_on_release)
         {
             resident.lru.pop(&id);

@@ -12,7 +12,7 @@ use super::stop::TextStop;
 use super::{EngineConfig, EngineError};
 use crate::model::{AdapterReadiness, Executor, ForwardBatch, Llama, LoraBatch};
 use crate::tokenizer::TextTokenizer;
-use adapters::cache::{Acquire, HostCache, Lease};
+use adapters::cache::{Acquire, HostCache, Lease, Residency};
 use adapters::{AdapterId, LoraAdapter};
 use kernels::attention::SeqRows;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -292,19 +292,49 @@ impl EngineCore {
         }
     }
 
-    /// Takes a lease for every waiting sequence whose adapter has become resident (starting
-    /// loads for the others); fails the sequences whose adapter cannot be loaded.
+    /// Brings waiting sequences' adapters in, in queue order: takes a lease where the adapter is
+    /// resident and starts loads for the others; fails the sequences whose adapter cannot be
+    /// loaded. What the queue pins is bounded: a lease on a value nobody pins yet, or a new load,
+    /// is taken only while the pinned bytes are under the cache's budget (or nothing is pinned,
+    /// so one adapter larger than the whole budget still gets served), and at most one load per
+    /// loader thread is in flight for the queue. The rest wait, holding nothing, until running
+    /// sequences release what they pin.
     fn poll_adapters(&mut self) {
         let Some(cache) = &self.adapter_cache else { return };
+        let budget = cache.config().budget_bytes;
+        let max_loads = cache.config().loader_threads.max(1);
+        let mut pinned = cache.pinned_bytes();
+        let mut loading: HashSet<AdapterId> = HashSet::new();
+        let pending = |seq: &Sequence| match seq.adapter {
+            SeqAdapter::Pending(adapter_id) => Some(adapter_id),
+            _ => None,
+        };
+        for adapter_id in self.waiting.iter().filter_map(|id| pending(self.seqs.get(id)?)) {
+            if cache.residency(adapter_id) == Residency::Loading {
+                loading.insert(adapter_id);
+            }
+        }
         let mut failed = Vec::new();
         for id in &self.waiting {
             let Some(seq) = self.seqs.get_mut(id) else { continue };
-            let SeqAdapter::Pending(adapter_id) = seq.adapter else { continue };
+            let Some(adapter_id) = pending(seq) else { continue };
+            let room = pinned < budget || pinned == 0;
+            let fresh_bytes = match cache.residency(adapter_id) {
+                Residency::Resident { pins: 0, bytes } if room => bytes,
+                Residency::Resident { pins, .. } if pins > 0 => 0,
+                Residency::Absent if room && loading.len() < max_loads => 0,
+                // A remembered failure fails the sequence without a load; a retry is one load.
+                Residency::Failed { .. } => 0,
+                _ => continue,
+            };
             match cache.try_acquire(adapter_id) {
                 Acquire::Ready(lease) => {
+                    pinned += fresh_bytes;
                     seq.adapter = SeqAdapter::Held { adapter: lease.value().clone(), _lease: Some(lease) };
                 }
-                Acquire::Loading => {}
+                Acquire::Loading => {
+                    loading.insert(adapter_id);
+                }
                 Acquire::Failed(msg) => failed.push((*id, msg)),
             }
         }

@@ -272,6 +272,11 @@ impl AdapterPublisher {
             }
         }
         if let Some(cache) = &self.cache {
+            // A failure remembered for these bytes (a load that lost a race with their deletion,
+            // a passing read error) is about files that are now published again: forget it.
+            if matches!(cache.residency(stored.id), Residency::Failed { .. }) {
+                cache.invalidate(stored.id);
+            }
             // Start loading it, so its first request finds it resident.
             drop(cache.try_acquire(stored.id));
         }
