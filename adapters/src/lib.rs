@@ -9,9 +9,10 @@ mod config;
 pub mod durable;
 mod id;
 mod peft;
+mod plan;
 pub mod store;
 
-pub use config::{AdapterSpec, PeftConfig, TargetModules};
+pub use config::{AdapterSpec, ModulePatterns, PeftConfig, TargetModules};
 pub use id::AdapterId;
 pub use peft::{
     check_replaceable, weights_file_len, write_adapter_dir, write_adapter_dir_with, BaseShape, LoraAdapter,

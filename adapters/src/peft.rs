@@ -1,12 +1,13 @@
 //! PEFT LoRA weights: reading `adapter_model.safetensors` against a resident base (every key,
 //! shape, dtype and value checked before anything is used) and writing adapters in the same
 //! format. The result, `LoraAdapter`, holds `A`/`B` per (layer, module) site with its scale: f32
-//! as read, or int8 once quantized for serving next to a quantized base.
+//! as read, or int8 once quantized for serving next to a quantized base. Which sites a config
+//! targets is `plan`'s.
 
-use super::config::{AdapterSpec, TargetModules};
+use super::config::AdapterSpec;
+use super::plan::SitePlan;
 use super::{AdapterError, AdapterId};
 use kernels::lora::{Int8LoraMatrices, LoraMatrices, LoraSiteWeights};
-use regex::Regex;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -138,8 +139,12 @@ impl LoraAdapter {
         let tensors = SafeTensors::deserialize(weights).map_err(|e| {
             AdapterError::Format(format!("{WEIGHTS_FILE} is not a valid safetensors file: {e}"))
         })?;
-        let mut found: BTreeMap<(usize, usize), [Option<Vec<f32>>; 3]> = BTreeMap::new();
-        for (key, view) in tensors.tensors() {
+        // (layer, module) → the key and values of its A, B and magnitude.
+        let mut found: BTreeMap<(usize, usize), [Option<KeyedValues>; 3]> = BTreeMap::new();
+        let mut tensors = tensors.tensors();
+        // safetensors hands them over in hash order: sorted, the same file fails the same way.
+        tensors.sort_by(|l, r| l.0.cmp(&r.0));
+        for (key, view) in tensors {
             let (layer, module, part) = parse_key(&key, base)?;
             let Some(&(rank, _)) = plan.sites.get(&(layer, module)) else {
                 return Err(AdapterError::Key {
@@ -147,6 +152,13 @@ impl LoraAdapter {
                     reason: "this module is not targeted by adapter_config.json".into(),
                 });
             };
+            // `X.lora_A.weight` and `X.lora_A.default.weight` are one tensor to PEFT.
+            if let Some((first, _)) = found.get(&(layer, module)).and_then(|s| s[part as usize].as_ref()) {
+                return Err(AdapterError::Key {
+                    reason: format!("the same tensor as `{first}`; an adapter holds each once"),
+                    key,
+                });
+            }
             let m = &base.modules[module];
             let expected = match part {
                 Part::A => vec![rank, m.in_features],
@@ -172,7 +184,7 @@ impl LoraAdapter {
             if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
                 return Err(AdapterError::Key { key, reason: format!("holds a non-finite value ({bad})") });
             }
-            found.entry((layer, module)).or_default()[part as usize] = Some(values);
+            found.entry((layer, module)).or_default()[part as usize] = Some((key, values));
         }
         let mut sites = Vec::with_capacity(plan.sites.len());
         for (&(layer, module), &(rank, scale)) in &plan.sites {
@@ -182,8 +194,9 @@ impl LoraAdapter {
                 key: format!("{KEY_PREFIX}{name}.{suffix}"),
                 reason: "missing".into(),
             };
-            let a = a.ok_or_else(|| missing("lora_A.weight"))?;
-            let b = b.ok_or_else(|| missing("lora_B.weight"))?;
+            let (_, a) = a.ok_or_else(|| missing("lora_A.weight"))?;
+            let (_, b) = b.ok_or_else(|| missing("lora_B.weight"))?;
+            let magnitude = magnitude.map(|(_, m)| m);
             if spec.use_dora && magnitude.is_none() {
                 return Err(missing("lora_magnitude_vector"));
             }
@@ -417,6 +430,9 @@ impl crate::cache::CacheValue for LoraAdapter {
     }
 }
 
+/// A tensor's key and its values as f32.
+type KeyedValues = (String, Vec<f32>);
+
 #[derive(Debug, Clone, Copy)]
 enum Part {
     A = 0,
@@ -441,7 +457,14 @@ fn parse_key(key: &str, base: &BaseShape) -> Result<(usize, usize, Part), Adapte
     };
     let inner = module_path.strip_prefix("model.layers.").ok_or_else(|| bad("not inside model.layers"))?;
     let (layer, path) = inner.split_once('.').ok_or_else(|| bad("no module after the layer index"))?;
-    let layer: usize = layer.parse().map_err(|_| bad("layer index is not a number"))?;
+    // `01` or `+1` would name layer 1 too, and so could collide with its real key.
+    let canonical = !layer.is_empty()
+        && layer.bytes().all(|c| c.is_ascii_digit())
+        && (layer == "0" || !layer.starts_with('0'));
+    if !canonical {
+        return Err(bad("the layer index is not a plain decimal number (no sign, no leading zeros)"));
+    }
+    let layer: usize = layer.parse().map_err(|_| bad("the layer index is out of range"))?;
     if layer >= base.num_layers {
         return Err(bad(&format!("layer {layer} does not exist (the base has {})", base.num_layers)));
     }
@@ -466,94 +489,6 @@ fn to_f32(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, AdapterError
             })
         }
     })
-}
-
-/// Which (layer, module) sites a config targets, with each site's rank and scale.
-struct SitePlan {
-    sites: BTreeMap<(usize, usize), (usize, f32)>,
-}
-
-impl SitePlan {
-    fn new(spec: &AdapterSpec, base: &BaseShape) -> Result<Self, AdapterError> {
-        let field = |field: &'static str, reason: String| AdapterError::Field { field, reason };
-        let compile = |field: &'static str, pattern: &str| {
-            Regex::new(&format!("^(?:{pattern})$"))
-                .map_err(|e| AdapterError::Field { field, reason: e.to_string() })
-        };
-        let target_regex = match &spec.targets {
-            TargetModules::Regex(r) => Some(compile("target_modules", r)?),
-            _ => None,
-        };
-        let exclude_regex = match &spec.exclude {
-            Some(TargetModules::Regex(r)) => Some(compile("exclude_modules", r)?),
-            _ => None,
-        };
-        let pattern_key = |patterns: &[String], name: &str| -> Result<Option<String>, AdapterError> {
-            for p in patterns {
-                // PEFT: re.match(rf"(.*\.)?({pattern})$", key)
-                let re = compile("rank_pattern", &format!("(?:.*\\.)?(?:{p})"))?;
-                if re.is_match(name) {
-                    return Ok(Some(p.clone()));
-                }
-            }
-            Ok(None)
-        };
-        let rank_keys: Vec<String> = spec.rank_pattern.keys().cloned().collect();
-        let alpha_keys: Vec<String> = spec.alpha_pattern.keys().cloned().collect();
-        if let Some(layers) = &spec.layers {
-            if let Some(bad) = layers.iter().find(|&&l| l >= base.num_layers) {
-                return Err(field(
-                    "layers_to_transform",
-                    format!("layer {bad} does not exist (the base has {})", base.num_layers),
-                ));
-            }
-        }
-        let mut sites = BTreeMap::new();
-        for layer in 0..base.num_layers {
-            if spec.layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
-                continue;
-            }
-            for (module, shape) in base.modules.iter().enumerate() {
-                let name = base.module_name(layer, module);
-                let targeted = match &spec.targets {
-                    TargetModules::AllLinear => true,
-                    TargetModules::Names(list) => {
-                        list.iter().any(|t| name == *t || name.ends_with(&format!(".{t}")))
-                    }
-                    TargetModules::Regex(_) => target_regex.as_ref().is_some_and(|r| r.is_match(&name)),
-                };
-                let excluded = match &spec.exclude {
-                    None => false,
-                    Some(TargetModules::Names(list)) => {
-                        list.iter().any(|t| name == *t || name.ends_with(&format!(".{t}")))
-                    }
-                    Some(TargetModules::Regex(_)) => {
-                        exclude_regex.as_ref().is_some_and(|r| r.is_match(&name))
-                    }
-                    Some(TargetModules::AllLinear) => true,
-                };
-                if !targeted || excluded {
-                    continue;
-                }
-                let rank = match pattern_key(&rank_keys, &name)? {
-                    Some(k) => spec.rank_pattern[&k],
-                    None => spec.rank,
-                };
-                let alpha = match pattern_key(&alpha_keys, &name)? {
-                    Some(k) => spec.alpha_pattern[&k],
-                    None => spec.alpha,
-                };
-                if rank > shape.in_features.min(shape.out_features) {
-                    return Err(field("r", format!("rank {rank} of {name} exceeds its dimensions")));
-                }
-                sites.insert((layer, module), (rank, spec.scaling(rank, alpha) as f32));
-            }
-        }
-        if sites.is_empty() {
-            return Err(field("target_modules", "matches no linear layer of the base".into()));
-        }
-        Ok(Self { sites })
-    }
 }
 
 #[cfg(test)]
