@@ -279,6 +279,38 @@ fn an_unclaimed_value_is_evicted_once_its_grace_is_over() {
 }
 
 #[test]
+fn a_prefetched_value_nobody_asked_for_gets_no_grace() {
+    let (cache, probe) = cache_with(CacheConfig {
+        budget_bytes: 100,
+        claim_grace: Duration::from_secs(60),
+        ..CacheConfig::default()
+    });
+    for i in 0..3 {
+        probe.set_size(id(i), 100);
+    }
+    cache.prefetch(id(0));
+    wait_until("the prefetch loads", || is_resident(&cache, id(0)));
+    cache.prefetch(id(0));
+    assert_eq!(probe.loads_of(id(0)), 1, "a resident value is not loaded again");
+    cache.prefetch(id(1));
+    wait_until("the second prefetch loads", || is_resident(&cache, id(1)));
+    assert!(!is_resident(&cache, id(0)), "warmed, not wanted: evicted by the next load as any value");
+    assert_eq!(cache.stats().resident_bytes, 100);
+    // A requester that joins a prefetch waits for the value: it gets the grace.
+    probe.close_gate();
+    cache.prefetch(id(2));
+    assert!(matches!(cache.try_acquire(id(2)), Acquire::Loading));
+    probe.open_gate();
+    wait_until("the joined load completes", || is_resident(&cache, id(2)));
+    assert!(!is_resident(&cache, id(1)), "the warmed value made room");
+    // Another load and a release: two eviction passes in which the joined value is over budget.
+    drop(cache.acquire_blocking(id(0), WAIT).expect("loads"));
+    assert!(is_resident(&cache, id(2)), "wanted and not yet claimed: kept through both passes");
+    assert!(!is_resident(&cache, id(0)));
+    assert_eq!(probe.loads_of(id(2)), 1);
+}
+
+#[test]
 fn pinned_bytes_follow_the_first_and_last_lease() {
     let (cache, probe) = cache(1000);
     probe.set_size(id(1), 60);

@@ -21,8 +21,9 @@
 //!   is a pin: a pinned value is never evicted.
 //! - **Over budget**: if the pinned values alone exceed the budget, the cache holds them anyway
 //!   and reports it (`CacheStats::over_budget`); it gets back under budget as leases drop.
-//! - **Unclaimed values**: a value that has finished loading but has not been acquired since is
-//!   not evicted for `CacheConfig::claim_grace`: its requester polls (`try_acquire`) rather than
+//! - **Unclaimed values**: a value that a requester is waiting for, and that has finished loading
+//!   but has not been acquired since, is not evicted for `CacheConfig::claim_grace`: its requester
+//!   polls (`try_acquire`) rather than
 //!   waits, and a lease dropping in between must not throw the load away (under pressure that
 //!   would repeat on every poll, and the request would never get its adapter). After the grace it
 //!   is an ordinary unpinned value. So a value larger than the whole budget is loaded, served
@@ -254,8 +255,11 @@ struct Entry<V> {
 type Job = (AdapterId, u64);
 
 enum State<V> {
+    /// `wanted`: a requester (`try_acquire`, `acquire_blocking`) waits for the value, so it gets
+    /// the claim grace; a load only `prefetch` asked for does not.
     Loading {
         ticket: u64,
+        wanted: bool,
     },
     /// `unclaimed_since`: when the load completed, until the first acquire after it.
     Ready {
@@ -360,7 +364,10 @@ impl<V: CacheValue> HostCache<V> {
                         entry.pins += 1;
                         Found::Hit(value)
                     }
-                    State::Loading { .. } => Found::Pending(None),
+                    State::Loading { wanted, .. } => {
+                        *wanted = true;
+                        Found::Pending(None)
+                    }
                     State::Failed { message, at }
                         if !retry_failed || at.elapsed() < inner.config.retry_failed_after =>
                     {
@@ -368,14 +375,15 @@ impl<V: CacheValue> HostCache<V> {
                     }
                     State::Failed { .. } => {
                         let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
-                        entry.state = State::Loading { ticket };
+                        entry.state = State::Loading { ticket, wanted: true };
                         Found::Pending(Some(ticket))
                     }
                 }
             }
             dashmap::Entry::Vacant(vacant) => {
                 let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
-                vacant.insert(Entry { state: State::Loading { ticket }, pins: 0, evict_on_release: false });
+                let state = State::Loading { ticket, wanted: true };
+                vacant.insert(Entry { state, pins: 0, evict_on_release: false });
                 Found::Pending(Some(ticket))
             }
         };
@@ -386,13 +394,7 @@ impl<V: CacheValue> HostCache<V> {
                 Acquire::Ready(Lease { id, value, inner: inner.clone() })
             }
             Found::Pending(Some(ticket)) => {
-                bump(&inner.counters.misses);
-                if inner.jobs.send((id, ticket)).is_err() {
-                    // Unreachable while `inner` lives (the loaders exit only once it is gone),
-                    // but an entry must never stay `Loading` with no load behind it.
-                    let failed = Err("no adapter loader thread is running".into());
-                    inner.complete((id, ticket), failed, Duration::ZERO);
-                }
+                inner.start_load((id, ticket));
                 Acquire::Loading
             }
             Found::Pending(None) => {
@@ -401,6 +403,28 @@ impl<V: CacheValue> HostCache<V> {
             }
             Found::Failed(message) => Acquire::Failed(message),
         }
+    }
+
+    /// Starts loading `id` unless it is resident, loading or a remembered failure, without
+    /// leasing it or touching its recency: for warming the cache ahead of requests (an upload).
+    /// Nobody waits for such a value, so it gets no claim grace: it is an ordinary unpinned value
+    /// from the moment it is loaded (unless a requester asks for it while it loads).
+    pub fn prefetch(&self, id: AdapterId) {
+        let inner = &self.inner;
+        let ticket = inner.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let loading = State::Loading { ticket, wanted: false };
+        match inner.entries.entry(id) {
+            dashmap::Entry::Occupied(mut occupied) => match &occupied.get().state {
+                State::Failed { at, .. } if at.elapsed() >= inner.config.retry_failed_after => {
+                    occupied.get_mut().state = loading;
+                }
+                _ => return,
+            },
+            dashmap::Entry::Vacant(vacant) => {
+                vacant.insert(Entry { state: loading, pins: 0, evict_on_release: false });
+            }
+        }
+        inner.start_load((id, ticket));
     }
 
     /// Blocking convenience for the CLI and tests: acquires, waiting up to `timeout` for a load.
@@ -544,6 +568,17 @@ fn run_loader<V: CacheValue>(queue: &Mutex<mpsc::Receiver<Job>>, loader: &Loader
 }
 
 impl<V: CacheValue> Inner<V> {
+    /// Queues the load of a `Loading` entry just created with `job`'s ticket (a miss).
+    fn start_load(&self, job: Job) {
+        bump(&self.counters.misses);
+        if self.jobs.send(job).is_err() {
+            // Unreachable while `inner` lives (the loaders exit only once it is gone), but an
+            // entry must never stay `Loading` with no load behind it.
+            let failed = Err("no adapter loader thread is running".into());
+            self.complete(job, failed, Duration::ZERO);
+        }
+    }
+
     /// Publishes a load's result, then evicts down to the budget. Every load is counted, also
     /// one whose result is dropped because its entry was invalidated meanwhile.
     fn complete(&self, (id, ticket): Job, result: Result<V, String>, took: Duration) {
@@ -560,12 +595,13 @@ impl<V: CacheValue> Inner<V> {
         if let Some(mut entry) = self
             .entries
             .get_mut(&id)
-            .filter(|e| matches!(e.state, State::Loading { ticket: t } if t == ticket))
+            .filter(|e| matches!(e.state, State::Loading { ticket: t, .. } if t == ticket))
         {
+            let wanted = matches!(entry.state, State::Loading { wanted: true, .. });
             match result {
                 Ok(value) => {
                     let bytes = value.bytes();
-                    let unclaimed_since = Some(Instant::now());
+                    let unclaimed_since = wanted.then(Instant::now);
                     entry.state = State::Ready { value: Arc::new(value), bytes, unclaimed_since };
                     drop(entry);
                     resident.lru.put(id, bytes);
@@ -582,7 +618,9 @@ impl<V: CacheValue> Inner<V> {
 
     /// Whether the `Loading` entry `job` was queued for is still waiting for it.
     fn is_current(&self, (id, ticket): Job) -> bool {
-        self.entries.get(&id).is_some_and(|e| matches!(e.state, State::Loading { ticket: t } if t == ticket))
+        self.entries
+            .get(&id)
+            .is_some_and(|e| matches!(e.state, State::Loading { ticket: t, .. } if t == ticket))
     }
 
     fn notify_completion(&self) {

@@ -278,7 +278,7 @@ impl AdapterPublisher {
                 cache.invalidate(stored.id);
             }
             // Start loading it, so its first request finds it resident.
-            drop(cache.try_acquire(stored.id));
+            cache.prefetch(stored.id);
         }
         Ok((stored, replaced))
     }
