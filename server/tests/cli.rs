@@ -225,6 +225,14 @@ fn request_lines_name_adapters_in_the_store() {
         let config = std::fs::read(adapter.join("adapter_config.json")).expect("config");
         let weights = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
         store.put(&key, &config, &weights).expect("put");
+        // Stored for another base: it fails when the engine loads it, after the run has started.
+        let narrow = TinyModel { hidden: 32, intermediate: 64, ..shape };
+        let other = dir.path().join("other-adapter");
+        narrow.write_adapter(&other, 4, 8.0, &["q_proj"], 6).expect("adapter");
+        let key = adapters::store::AdapterKey::in_default_tenant("other-base").expect("key");
+        let config = std::fs::read(other.join("adapter_config.json")).expect("config");
+        let weights = std::fs::read(other.join("adapter_model.safetensors")).expect("weights");
+        store.put(&key, &config, &weights).expect("put");
     }
     let requests = dir.path().join("requests.jsonl");
     let quoted = format!("{:?}", path(&adapter));
@@ -235,6 +243,7 @@ fn request_lines_name_adapters_in_the_store() {
             r#"{{"id": 2, "prompt": "Hello", "max_tokens": 5, "ignore_eos": true, "adapter": {quoted}}}"#
         ),
         r#"{"id": 3, "prompt": "Hello", "max_tokens": 5, "adapter": "nobody"}"#.to_string(),
+        r#"{"id": 4, "prompt": "Hello", "max_tokens": 5, "adapter": "other-base"}"#.to_string(),
     ];
     std::fs::write(&requests, lines.join("\n")).expect("write");
     let out = lorahost(&[
@@ -250,9 +259,32 @@ fn request_lines_name_adapters_in_the_store() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("line"))
         .collect();
-    assert_eq!(results.len(), 3, "{}", stderr(&out));
+    assert_eq!(results.len(), 4, "{}", stderr(&out));
     assert_eq!(results[0]["token_ids"], results[1]["token_ids"], "the stored adapter is the directory's");
     assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("nobody")), "{}", results[2]);
+    let failed_in_the_run = results[3]["error"].as_str().unwrap_or_default();
+    assert!(
+        failed_in_the_run.starts_with("line 4: ")
+            && failed_in_the_run.contains("adapter failed to load")
+            && failed_in_the_run.contains("q_proj"),
+        "{}",
+        results[3]
+    );
+    assert!(!out.status.success(), "a failed line makes the exit status non-zero");
+
+    // One adapter for the whole run and per-line adapters do not mix.
+    let out = lorahost(&[
+        "generate",
+        "--model",
+        path(model.path()),
+        "--adapter",
+        path(&adapter),
+        "--requests",
+        path(&requests),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--adapter") && stderr(&out).contains("--requests"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "nothing ran");
 }
 
 #[test]

@@ -32,8 +32,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub adapters: AdapterArgs,
     /// The adapter to apply: a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`)
-    /// or the name of an adapter in `--adapters-dir`.
-    #[arg(long)]
+    /// or the name of an adapter in `--adapters-dir`. With `--requests`, each line names its own.
+    #[arg(long, conflicts_with = "requests")]
     pub adapter: Option<PathBuf>,
     /// The prompt text.
     #[arg(long, required_unless_present = "requests", conflicts_with = "requests")]
@@ -395,6 +395,8 @@ fn validate_line(
 enum Slot {
     Running {
         id: Value,
+        /// The request's line in the file, for the errors of its run.
+        line: usize,
         prompt_ids: Vec<u32>,
         events: UnboundedReceiver<TokenEvent>,
         out: Output,
@@ -420,7 +422,14 @@ fn run_batch(
             Prepared::Ready { id, req, logprobs } => {
                 let prompt_ids = req.prompt_ids.clone();
                 match engine.submit(req) {
-                    Ok(events) => Slot::Running { id, prompt_ids, events, out: Output::default(), logprobs },
+                    Ok(events) => Slot::Running {
+                        id,
+                        line: i + 1,
+                        prompt_ids,
+                        events,
+                        out: Output::default(),
+                        logprobs,
+                    },
                     Err(e) => Slot::Done(rejected(&mut failures, id, format!("line {}: {e}", i + 1))),
                 }
             }
@@ -440,7 +449,7 @@ fn run_batch(
     while open > 0 {
         let mut progressed = false;
         for slot in slots.iter_mut() {
-            let Slot::Running { id, prompt_ids, events, out, logprobs } = slot else { continue };
+            let Slot::Running { id, line, prompt_ids, events, out, logprobs } = slot else { continue };
             loop {
                 match events.try_recv() {
                     Ok(event) => {
@@ -455,7 +464,10 @@ fn run_batch(
                                 v["id"] = id.clone();
                                 *slot = Slot::Done(v);
                             }
-                            Err(e) => *slot = Slot::Done(rejected(&mut failures, id.clone(), e.to_string())),
+                            Err(e) => {
+                                let error = format!("line {line}: {e}");
+                                *slot = Slot::Done(rejected(&mut failures, id.clone(), error))
+                            }
                         }
                         open -= 1;
                         bar.inc(1);
@@ -463,7 +475,8 @@ fn run_batch(
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
-                        *slot = Slot::Done(rejected(&mut failures, id.clone(), "the engine stopped".into()));
+                        let error = format!("line {line}: the engine stopped");
+                        *slot = Slot::Done(rejected(&mut failures, id.clone(), error));
                         open -= 1;
                         break;
                     }

@@ -60,6 +60,9 @@ async fn run(
 ) -> Result<Response, ApiError> {
     state.check_accepting()?;
     let target = state.resolve_model(&caller, &model)?;
+    // Taken over before anything below can fail: the last pin of a replaced adapter removes its
+    // files, which must not happen on an async thread.
+    let adapter_files = AdapterFiles(target.pin);
     let started = Instant::now();
     let n_choices = prepared.choices.len();
     let quota = state.quotas().admit(&caller.tenant, n_choices)?;
@@ -83,7 +86,7 @@ async fn run(
         logprobs: prepared.logprobs,
         prompts_every: n_choices / prepared.prompts.max(1),
         _quota: quota,
-        _adapter_files: AdapterFiles(target.pin),
+        _adapter_files: adapter_files,
         state,
         streams,
     };
