@@ -854,3 +854,38 @@ async fn a_failed_load_is_forgotten_when_the_same_files_are_published_again() {
     let lease = cache.acquire_blocking(id, Duration::from_secs(10)).expect("published again: loads");
     assert_eq!(lease.id(), id);
 }
+
+#[tokio::test]
+async fn uploads_beyond_the_limit_at_once_are_429_and_store_nothing() {
+    let f = fixture(false, Limits { max_uploads: 1, ..Limits::default() });
+    let config = json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).to_string();
+    let body = multipart(&[("adapter_config.json", config.as_bytes()), ("adapter_model.safetensors", b"w")]);
+    // The first upload's body arrives in two pieces: the server reads the first, then waits.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let pieces = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) });
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let slow = request("PUT", "/v1/adapters/slow", None, Body::from_stream(pieces), Some(&content_type));
+    let (head, tail) = body.split_at(body.len() / 2);
+    tx.send(Ok(head.to_vec())).await.expect("send");
+    let app = f.app.clone();
+    let first = tokio::spawn(async move { send(&app, slow).await });
+    // On this single-threaded runtime the first upload runs until it waits for its body.
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+
+    let refused = upload(&f.app, "fast", None, b"w").await;
+    let message = refused.error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("uploads"), "{message}");
+    assert!(refused.headers.contains_key(header::RETRY_AFTER));
+    assert_eq!(get(&f.app, "/v1/adapters/fast", None).await.status, StatusCode::NOT_FOUND, "nothing stored");
+
+    tx.send(Ok(tail.to_vec())).await.expect("send");
+    drop(tx);
+    assert_eq!(first.await.expect("first upload").status, StatusCode::CREATED);
+    assert_eq!(
+        upload(&f.app, "fast", None, b"w").await.status,
+        StatusCode::CREATED,
+        "the place is free again"
+    );
+}

@@ -34,6 +34,15 @@ fn a_bad_keys_file_fails_at_once_without_quoting_keys() {
 }
 
 #[test]
+fn a_zero_upload_limit_is_refused_before_anything_loads() {
+    let out = lorahost(&["serve", "--model", "/nonexistent/model.gguf", "--max-uploads", "0"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("--max-uploads") && err.contains("at least 1"), "{err}");
+    assert!(!err.contains("/nonexistent/model.gguf"), "refused before the model is looked at: {err}");
+}
+
+#[test]
 fn the_adapters_client_names_what_went_wrong() {
     // Port 9 (discard) on loopback: nothing listens there in a test environment.
     let out = lorahost(&["adapters", "list", "--server", "http://127.0.0.1:9"]);

@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Largest adapter upload (config plus weights), in bytes; larger uploads get 413.
     #[arg(long, default_value_t = http::DEFAULT_MAX_ADAPTER_BYTES)]
     pub max_adapter_bytes: usize,
+    /// Uploads (adapters, training files) received at once; each holds its body in memory, and
+    /// more get 429 with Retry-After.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_UPLOADS, value_parser = at_least_one)]
+    pub max_uploads: usize,
     /// Seconds a generation request may take before it is cancelled (503).
     #[arg(long, default_value_t = http::DEFAULT_REQUEST_TIMEOUT.as_secs())]
     pub request_timeout: u64,
@@ -63,6 +67,15 @@ pub struct ServeArgs {
 
 /// Where named adapters live without `--adapters-dir`: user data, not cache (uploads must
 /// survive a cache clean).
+/// A count that must be positive (`--max-uploads 0` would refuse every upload).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn default_adapters_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(dir).join("lorahost").join("adapters");
@@ -97,6 +110,7 @@ pub fn run(mut args: ServeArgs) -> anyhow::Result<()> {
         max_file_bytes: args.max_file_bytes,
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         body_read_timeout: Duration::from_secs(args.body_read_timeout),
+        max_uploads: args.max_uploads,
     };
     let open = auth.is_open();
     let trainer = BaseTrainer::new(backend.clone(), args.train_threads).map_err(anyhow::Error::msg)?;

@@ -146,6 +146,7 @@ async fn upload(
         // `model` resolves to the base first: an adapter of that name could never be used.
         return Err(ApiError::Malformed(format!("invalid adapter name {name:?}: it is the base model's id")));
     }
+    let _upload = state.upload_permit()?;
     let mut multipart = multipart.map_err(|e| ApiError::Malformed(e.body_text()))?;
     let limit = state.limits().max_adapter_bytes;
     let (mut config, mut weights): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);

@@ -53,6 +53,7 @@ pub async fn upload_file(
 ) -> Result<Json<Value>, ApiError> {
     state.check_accepting()?;
     let jobs = jobs(&state)?.clone();
+    let _upload = state.upload_permit()?;
     let mut multipart = multipart.map_err(|e| ApiError::Malformed(e.body_text()))?;
     let limit = state.limits().max_file_bytes;
     let (mut file, mut purpose): (Option<(String, Vec<u8>)>, Option<String>) = (None, None);

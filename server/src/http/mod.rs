@@ -39,10 +39,13 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// Default `--max-adapter-bytes`: a rank-64 all-linear adapter of a 7B model in f16 is ~320 MB.
 pub const DEFAULT_MAX_ADAPTER_BYTES: usize = 1 << 30;
+/// Default `--max-uploads`: each upload holds its whole body in memory (up to
+/// `--max-adapter-bytes`, and a copy while it is validated), so a few at a time bound that.
+pub const DEFAULT_MAX_UPLOADS: usize = 4;
 /// Default `--request-timeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default `--shutdown-timeout`: how long requests in flight may finish after a shutdown signal.
@@ -71,6 +74,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Longest pause between two pieces of a request body.
     pub body_read_timeout: Duration,
+    /// Uploads (adapters and training files) read at once; more get 429 with `Retry-After`.
+    pub max_uploads: usize,
 }
 
 impl Default for Limits {
@@ -81,6 +86,7 @@ impl Default for Limits {
             max_file_bytes: crate::jobs::DEFAULT_MAX_FILE_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: DEFAULT_BODY_READ_TIMEOUT,
+            max_uploads: DEFAULT_MAX_UPLOADS,
         }
     }
 }
@@ -97,6 +103,8 @@ struct Inner {
     cache: Option<HostCache<LoraAdapter>>,
     auth: Auth,
     limits: Limits,
+    /// One permit per upload being read (`Limits::max_uploads`).
+    uploads: Arc<Semaphore>,
     /// Per-tenant quotas (none on an open server).
     quotas: Arc<Quotas>,
     metrics: Metrics,
@@ -150,6 +158,7 @@ impl AppState {
                 cache: parts.cache,
                 quotas: parts.auth.quotas(),
                 auth: parts.auth,
+                uploads: Arc::new(Semaphore::new(parts.limits.max_uploads)),
                 limits: parts.limits,
                 metrics: Metrics::default(),
                 jobs,
@@ -176,6 +185,17 @@ impl AppState {
 
     pub fn auth(&self) -> &Auth {
         &self.inner.auth
+    }
+
+    /// A place among the uploads read at once, held until the upload is answered; 429 when all
+    /// are taken, before any of the body is read.
+    pub fn upload_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.inner.uploads.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Overloaded(format!(
+                "{} uploads are being received; retry shortly",
+                self.inner.limits.max_uploads
+            ))
+        })
     }
 
     pub fn limits(&self) -> &Limits {
