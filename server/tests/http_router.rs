@@ -492,6 +492,12 @@ async fn a_running_request_keeps_its_adapter_files_while_the_name_is_deleted() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(!object.exists(), "the files go once the last request using them ends");
+    let metrics = get(&f.app, "/metrics", None).await.text();
+    assert!(metrics.contains("lorahost_requests_total"), "{metrics}");
+    assert!(
+        !metrics.contains("model=\"short-lived\""),
+        "a request that outlived its adapter's deletion brought its series back: {metrics}"
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,8 @@ use super::openai::{ChatRequest, CompletionRequest, LogprobsFormat, Prepared};
 use super::quota::SequenceLease;
 use super::AppState;
 use crate::engine::TokenEvent;
-use ::adapters::store::ObjectPin;
+use ::adapters::store::{AdapterKey, ObjectPin};
+use ::adapters::AdapterId;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -63,6 +64,7 @@ async fn run(
     // Taken over before anything below can fail: the last pin of a replaced adapter removes its
     // files, which must not happen on an async thread.
     let adapter_files = AdapterFiles(target.pin);
+    let stored_adapter = target.stored;
     let started = Instant::now();
     let n_choices = prepared.choices.len();
     let quota = state.quotas().admit(&caller.tenant, n_choices)?;
@@ -87,6 +89,7 @@ async fn run(
         prompts_every: n_choices / prepared.prompts.max(1),
         _quota: quota,
         _adapter_files: adapter_files,
+        stored_adapter,
         state,
         streams,
     };
@@ -163,6 +166,8 @@ struct Run {
     _quota: SequenceLease,
     /// The adapter's files stay on disk until the request ends (they may still be loading).
     _adapter_files: AdapterFiles,
+    /// The stored adapter `model` named, as it was when the request started.
+    stored_adapter: Option<(AdapterKey, AdapterId)>,
     /// Choices not finished yet.
     open: usize,
     started: Instant,
@@ -267,6 +272,12 @@ impl Run {
             time_to_first_token: self.first_token.map(|t| t.duration_since(self.started)),
             decode_time: self.choices.iter().map(|c| c.decode_time).max().unwrap_or_default(),
             total: self.started.elapsed(),
+            // A name deleted or replaced while the request ran had its series dropped with it;
+            // counting under it again would bring them back for good (or credit a newer adapter).
+            count_model: self
+                .stored_adapter
+                .as_ref()
+                .is_none_or(|(key, id)| self.state.store().get(key).is_some_and(|now| now.id == *id)),
         };
         tracing::info!(
             tenant = %report.tenant,

@@ -125,6 +125,9 @@ pub struct RequestReport {
     /// From the first token to the last; with `generated_tokens` gives the time per token.
     pub decode_time: Duration,
     pub total: Duration,
+    /// Whether the request counts in the series labelled with `model` (the latency histograms
+    /// have no model label and count it either way).
+    pub count_model: bool,
 }
 
 impl Metrics {
@@ -144,10 +147,12 @@ impl Metrics {
 
     pub fn request(&self, r: &RequestReport) {
         let mut m = self.lock();
-        let who = (r.tenant.clone(), r.model.clone());
-        *m.requests.entry((r.tenant.clone(), r.model.clone(), r.outcome)).or_default() += 1;
-        *m.prompt_tokens.entry(who.clone()).or_default() += r.prompt_tokens as u64;
-        *m.generated_tokens.entry(who).or_default() += r.generated_tokens as u64;
+        if r.count_model {
+            let who = (r.tenant.clone(), r.model.clone());
+            *m.requests.entry((r.tenant.clone(), r.model.clone(), r.outcome)).or_default() += 1;
+            *m.prompt_tokens.entry(who.clone()).or_default() += r.prompt_tokens as u64;
+            *m.generated_tokens.entry(who).or_default() += r.generated_tokens as u64;
+        }
         if r.outcome != Outcome::Finished {
             return;
         }
@@ -409,6 +414,7 @@ mod tests {
             time_to_first_token: Some(Duration::from_millis(30)),
             decode_time: Duration::from_millis(40),
             total: Duration::from_millis(70),
+            count_model: true,
         });
         let engine = EngineStats { total_blocks: 10, free_blocks: 7, running: 1, ..Default::default() };
         let text = m.render(&engine, None, 0);
@@ -436,6 +442,7 @@ mod tests {
             time_to_first_token: None,
             decode_time: Duration::ZERO,
             total: Duration::ZERO,
+            count_model: true,
         };
         m.request(&report("alice", "lora", Outcome::Finished, 3));
         m.request(&report("alice", "lora", Outcome::Cancelled, 1));

@@ -137,6 +137,8 @@ pub struct Target {
     /// Keeps the adapter's files on disk until the request ends: the name may be replaced or
     /// deleted while the request waits for the adapter to load.
     pub pin: Option<ObjectPin>,
+    /// The name and the version of the stored adapter, when `model` named one.
+    pub stored: Option<(AdapterKey, AdapterId)>,
 }
 
 impl AppState {
@@ -267,7 +269,8 @@ impl AppState {
     /// `model` is the base's id or an adapter the caller may use; anything else is 404.
     pub fn resolve_model(&self, caller: &Caller, model: &str) -> Result<Target, ApiError> {
         if model == self.backend().model_id() {
-            return Ok(Target { adapter: None, client: client_id(&caller.tenant, None), pin: None });
+            let client = client_id(&caller.tenant, None);
+            return Ok(Target { adapter: None, client, pin: None, stored: None });
         }
         let not_found = || ApiError::NotFound { what: "model", name: model.to_string() };
         let key = self.adapter_key(caller, model).ok_or_else(not_found)?;
@@ -276,6 +279,7 @@ impl AppState {
             adapter: Some(AdapterChoice::Cached(stored.id)),
             client: client_id(key.tenant(), Some(key.name())),
             pin: Some(pin),
+            stored: Some((key, stored.id)),
         })
     }
 
