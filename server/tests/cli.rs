@@ -175,6 +175,69 @@ fn adapters_from_the_command_line_and_from_request_lines() {
 }
 
 #[test]
+fn request_lines_may_name_more_adapter_directories_than_the_cache_holds() {
+    let shape = TinyModel::default();
+    let model = tiny_dir(shape);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let adapters: Vec<_> = (0..5)
+        .map(|i| {
+            let adapter = dir.path().join(format!("adapter-{i}"));
+            shape
+                .write_adapter(&adapter, 8, 16.0, &["q_proj", "v_proj", "down_proj"], 30 + i)
+                .expect("adapter");
+            adapter
+        })
+        .collect();
+    let alone = |adapter: &Path| {
+        let out = lorahost(&[
+            "generate",
+            "--model",
+            path(model.path()),
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+            "--json",
+            "--adapter",
+            path(adapter),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["token_ids"].clone()
+    };
+    let requests = dir.path().join("requests.jsonl");
+    // Each directory twice, interleaved: more directories than the cache holds, all in one run.
+    let lines: Vec<String> = (0..10)
+        .map(|i| {
+            let adapter = format!("{:?}", path(&adapters[i % adapters.len()]));
+            format!(r#"{{"id": {i}, "prompt": "Hello", "max_tokens": 6, "ignore_eos": true, "adapter": {adapter}}}"#)
+        })
+        .collect();
+    std::fs::write(&requests, lines.join("\n")).expect("write");
+    // A cache smaller than any adapter: the run holds one directory's adapter at a time.
+    let out = lorahost(&[
+        "generate",
+        "--model",
+        path(model.path()),
+        "--requests",
+        path(&requests),
+        "--adapter-cache-bytes",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    assert_eq!(results.len(), 10);
+    for (i, adapter) in adapters.iter().enumerate() {
+        let expected = alone(adapter);
+        assert_eq!(results[i]["token_ids"], expected, "line {}", i + 1);
+        assert_eq!(results[i + adapters.len()]["token_ids"], expected, "line {}", i + 1 + adapters.len());
+    }
+}
+
+#[test]
 fn bad_adapters_are_refused_with_the_reason() {
     let shape = TinyModel::default();
     let model = tiny_dir(shape);

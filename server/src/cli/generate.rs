@@ -3,14 +3,14 @@
 //! errors go to stderr.
 
 use super::{AdapterArgs, EngineArgs, ModelArgs};
-use crate::adapter_host::AdapterHost;
+use crate::adapter_host::RunAdapters;
 use crate::base::Base;
 use crate::chat::ChatMessage;
 use crate::engine::{
     AdapterChoice, Engine, FinishReason, SamplingParams, StopCriteria, TokenEvent, ValidRequest,
 };
 use adapters::store::AdapterKey;
-use adapters::LoraAdapter;
+use adapters::AdapterId;
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
@@ -125,57 +125,69 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     args.model.init_threads()?;
     let config = args.engine.config(args.model.dtype)?;
     let base = args.model.load_base(&config)?;
-    let host = args.adapters.open(base.model.clone())?;
-    let cache = host.as_ref().map(|h| h.cache.clone());
+    let run_adapters = args.adapters.open_for_run(base.model.clone())?;
+    let cache = Some(run_adapters.cache.clone());
     let engine = Engine::start(base.model.clone(), base.tokenizer.clone(), config, cache)?;
-    let mut adapters = Adapters::new(&base, host);
+    let mut adapters = Adapters::new(&base, run_adapters);
     match lines {
         Some(lines) => run_batch(&args, &base, &engine, &mut adapters, lines),
         None => run_single(&args, &base, &engine, &mut adapters),
     }
 }
 
-/// Resolves the adapters a run names: directories are loaded here, once each, and validated
-/// against the base; names are looked up in the store and served through the engine's cache.
+/// Resolves the adapters a run names, each validated against the base before the run: names are
+/// looked up in the store; a directory given with `--adapter` is loaded here, and directories
+/// named by request lines are registered with the run's cache, which loads them as requests need
+/// them (so a file naming many directories holds no more of them than `--adapter-cache-bytes`).
 struct Adapters {
     model: Arc<crate::model::Llama>,
-    host: Option<AdapterHost>,
-    loaded: HashMap<PathBuf, Arc<LoraAdapter>>,
+    run: RunAdapters,
+    registered: HashMap<PathBuf, AdapterId>,
 }
 
 impl Adapters {
-    fn new(base: &Base, host: Option<AdapterHost>) -> Self {
-        Self { model: base.model.clone(), host, loaded: HashMap::new() }
+    fn new(base: &Base, run: RunAdapters) -> Self {
+        Self { model: base.model.clone(), run, registered: HashMap::new() }
     }
 
+    /// `--adapter`: a directory is loaded at once.
     fn resolve(&mut self, reference: &str) -> anyhow::Result<AdapterChoice> {
         let dir = Path::new(reference);
         if dir.is_dir() {
-            return Ok(AdapterChoice::Loaded(self.load_dir(dir)?));
+            let adapter = crate::adapter_host::load_dir_validated(&self.model, dir)
+                .with_context(|| format!("adapter {}", dir.display()))?;
+            return Ok(AdapterChoice::Loaded(Arc::new(adapter)));
         }
-        let Some(host) = &self.host else {
+        self.resolve_name(reference)
+    }
+
+    /// A request line's `adapter`: a directory is served through the cache.
+    fn resolve_line(&mut self, reference: &str) -> anyhow::Result<AdapterChoice> {
+        let dir = Path::new(reference);
+        if !dir.is_dir() {
+            return self.resolve_name(reference);
+        }
+        if let Some(&id) = self.registered.get(dir) {
+            return Ok(AdapterChoice::Cached(id));
+        }
+        let id = (self.run.dirs.register(&self.model, dir))
+            .with_context(|| format!("adapter {}", dir.display()))?;
+        self.registered.insert(dir.to_path_buf(), id);
+        Ok(AdapterChoice::Cached(id))
+    }
+
+    fn resolve_name(&self, reference: &str) -> anyhow::Result<AdapterChoice> {
+        let Some(store) = &self.run.store else {
             bail!("adapter `{reference}` is not a directory (give a PEFT adapter directory, or --adapters-dir to use names)")
         };
         let key = AdapterKey::in_default_tenant(reference)
             .map_err(|e| anyhow::anyhow!("adapter `{reference}`: {e}"))?;
-        match host.store.get(&key) {
+        match store.get(&key) {
             Some(stored) => Ok(AdapterChoice::Cached(stored.id)),
-            None => bail!(
-                "adapter `{reference}` is neither a directory nor a name in {}",
-                host.store.root().display()
-            ),
+            None => {
+                bail!("adapter `{reference}` is neither a directory nor a name in {}", store.root().display())
+            }
         }
-    }
-
-    fn load_dir(&mut self, dir: &Path) -> anyhow::Result<Arc<LoraAdapter>> {
-        if let Some(a) = self.loaded.get(dir) {
-            return Ok(a.clone());
-        }
-        let adapter = crate::adapter_host::load_dir_validated(&self.model, dir)
-            .with_context(|| format!("adapter {}", dir.display()))?;
-        let adapter = Arc::new(adapter);
-        self.loaded.insert(dir.to_path_buf(), adapter.clone());
-        Ok(adapter)
     }
 }
 
@@ -358,7 +370,7 @@ fn validate_line(
 ) -> anyhow::Result<(ValidRequest, bool)> {
     let adapter = match &r.adapter {
         None | Some(Value::Null) => None,
-        Some(Value::String(reference)) => Some(adapters.resolve(reference)?),
+        Some(Value::String(reference)) => Some(adapters.resolve_line(reference)?),
         Some(other) => bail!("`adapter` must be a string or null, got {other}"),
     };
     let prompt_ids = match (&r.prompt, &r.messages) {

@@ -112,6 +112,21 @@ impl AdapterArgs {
             .with_context(|| format!("opening the adapter store {}", dir.display()))?;
         Ok(Some(host))
     }
+
+    /// The adapters of a `generate` run: the store if one was given, and the cache that serves
+    /// both its names and the adapter directories the run's requests name.
+    pub fn open_for_run(
+        &self,
+        model: std::sync::Arc<crate::model::Llama>,
+    ) -> anyhow::Result<crate::adapter_host::RunAdapters> {
+        let cache =
+            ::adapters::cache::CacheConfig { budget_bytes: self.adapter_cache_bytes, ..Default::default() };
+        let dir = self.adapters_dir.as_deref();
+        crate::adapter_host::RunAdapters::open(dir, model, cache).with_context(|| match dir {
+            Some(dir) => format!("opening the adapter store {}", dir.display()),
+            None => "starting the adapter cache".to_string(),
+        })
+    }
 }
 
 /// Engine and KV-cache limits.
