@@ -23,11 +23,11 @@
 //!   and reports it (`CacheStats::over_budget`); it gets back under budget as leases drop.
 //! - **Unclaimed values**: a value that a requester is waiting for, and that has finished loading
 //!   but has not been acquired since, is not evicted for `CacheConfig::claim_grace`: its requester
-//!   polls (`try_acquire`) rather than
-//!   waits, and a lease dropping in between must not throw the load away (under pressure that
-//!   would repeat on every poll, and the request would never get its adapter). After the grace it
-//!   is an ordinary unpinned value. So a value larger than the whole budget is loaded, served
-//!   while leased, and evicted once it is neither leased nor fresh.
+//!   polls (`try_acquire`) rather than waits, and a lease dropping in between must not throw the
+//!   load away (under pressure that would repeat on every poll, and the request would never get
+//!   its adapter). After the grace it is an ordinary unpinned value, as is at once a value only
+//!   [`HostCache::prefetch`] asked for. So a value larger than the whole budget is loaded, served
+//!   while leased, and evicted once it is neither leased nor waited for.
 //! - **Admission is the caller's**: leases pin without limit, so whoever leases on behalf of
 //!   queued work keeps what it pins near the budget ([`HostCache::pinned_bytes`]); the engine
 //!   does (it leases for waiting requests only while the pins are under budget).

@@ -170,8 +170,8 @@ impl Adapters {
         if let Some(&id) = self.registered.get(dir) {
             return Ok(AdapterChoice::Cached(id));
         }
-        let id = (self.run.dirs.register(&self.model, dir))
-            .with_context(|| format!("adapter {}", dir.display()))?;
+        let id =
+            self.run.dirs.register(&self.model, dir).with_context(|| format!("adapter {}", dir.display()))?;
         self.registered.insert(dir.to_path_buf(), id);
         Ok(AdapterChoice::Cached(id))
     }

@@ -322,6 +322,9 @@ impl EngineCore {
             let fresh_bytes = match cache.residency(adapter_id) {
                 Residency::Resident { pins: 0, bytes } if room => bytes,
                 Residency::Resident { pins, .. } if pins > 0 => 0,
+                // Joining a load in flight holds nothing more, and tells the cache it is waited
+                // for (an upload's prefetch is not).
+                Residency::Loading => 0,
                 Residency::Absent if room && loading.len() < max_loads => 0,
                 // A remembered failure fails the sequence without a load; a retry is one load.
                 Residency::Failed { .. } => 0,
