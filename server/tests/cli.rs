@@ -112,14 +112,19 @@ fn bad_request_lines_fail_alone() {
     let not_adapter = dir.path().join("not-an-adapter");
     std::fs::create_dir(&not_adapter).expect("dir");
     let lines = lines.map(|l| l.replace("ADAPTER_DIR", path(&not_adapter)));
-    std::fs::write(&requests, lines.join("\n")).expect("write requests");
+    // The last line is Latin-1, not UTF-8: it fails alone.
+    let mut bytes = lines.join("\n").into_bytes();
+    bytes.extend_from_slice(b"\n{\"id\": \"latin1\", \"prompt\": \"caf\xe9\"}\r\n");
+    std::fs::write(&requests, bytes).expect("write requests");
     let out = lorahost(&["generate", "--model", path(model.path()), "--requests", path(&requests)]);
     assert!(!out.status.success(), "failed lines make the exit non-zero");
     let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    assert_eq!(results.len(), 6, "one result per line, in input order");
+    assert_eq!(results.len(), 7, "one result per line, in input order");
+    let latin1 = results[6]["error"].as_str().unwrap_or("");
+    assert!(latin1.contains("line 7") && latin1.contains("UTF-8"), "{}", results[6]);
     assert_eq!(results[0]["id"], "good");
     assert_eq!(results[0]["token_ids"].as_array().map(Vec::len), Some(3));
     assert!(results[1]["error"].as_str().is_some_and(|e| e.contains("line 2")), "{}", results[1]);

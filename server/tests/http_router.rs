@@ -526,6 +526,16 @@ async fn bad_uploads_are_4xx_and_store_nothing() {
         assert!(message.contains(want), "{name}: {message}");
     }
     upload(&f.app, "big", None, &[0u8; 1001]).await.error(StatusCode::PAYLOAD_TOO_LARGE);
+    // Too large is the answer whatever parts follow the one that went over the limit.
+    let over = [0u8; 1001];
+    let after_the_limit: [&[(&str, &[u8])]; 3] = [
+        &[("adapter_model.safetensors", &over), ("notes.txt", b"x")],
+        &[("adapter_model.safetensors", &over), ("adapter_model.safetensors", b"w")],
+        &[("adapter_model.safetensors", &over), ("adapter_model.bin", b"w")],
+    ];
+    for parts in after_the_limit {
+        upload_parts(&f.app, "big", None, parts).await.error(StatusCode::PAYLOAD_TOO_LARGE);
+    }
     upload_parts(&f.app, "half", None, &[("adapter_config.json", config.as_bytes())])
         .await
         .error(StatusCode::BAD_REQUEST);

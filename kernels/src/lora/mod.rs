@@ -68,8 +68,11 @@ pub enum LoraMatrices<'a> {
     /// with `a` `[rank, in_features]`, and `B[o, j] = bt_scales[j] · bt[i]` with `bt` holding
     /// `Bᵀ` (`[rank, out_features]`) with rank rows interleaved in fours:
     /// `i = ((j / 4) · out_features + o) · 4 + j % 4`, the rank padded with zero rows to a
-    /// multiple of 4. The kernels quantize the activations too (the module docs of `int8.rs`
-    /// give the arithmetic; [`lora_delta_reference`] does the same in plain loops).
+    /// multiple of 4. Values lie in `-127..=127`, as [`Int8LoraMatrices::quantize`] writes
+    /// them (the AVX2 kernels move the activations' signs onto the weights, and `-(-128)` does
+    /// not fit an i8; the calls do not scan the weights to check). The kernels quantize the
+    /// activations too (the module docs of `int8.rs` give the arithmetic;
+    /// [`lora_delta_reference`] does the same in plain loops).
     Int8 { a: &'a [i8], a_scales: &'a [f32], bt: &'a [i8], bt_scales: &'a [f32] },
 }
 
@@ -401,7 +404,10 @@ fn check_weights(w: &LoraSiteWeights, in_features: usize, out_features: usize) -
     let (a, b, b_len, a_scales, bt_scales) = match w.matrices {
         LoraMatrices::F32 { a, b } => (a.len(), b.len(), w.rank.checked_mul(out_features), w.rank, w.rank),
         LoraMatrices::Int8 { a, a_scales, bt, bt_scales } => {
-            let interleaved = w.rank.next_multiple_of(int8::BT_INTERLEAVE).checked_mul(out_features);
+            let interleaved = w
+                .rank
+                .checked_next_multiple_of(int8::BT_INTERLEAVE)
+                .and_then(|r| r.checked_mul(out_features));
             (a.len(), bt.len(), interleaved, a_scales.len(), bt_scales.len())
         }
     };

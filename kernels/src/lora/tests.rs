@@ -515,6 +515,13 @@ fn rejects_bad_inputs_without_writing() {
             out,
             vec![seg(0..1, LoraSiteWeights { rank: usize::MAX / 2, ..ok })],
         ),
+        (
+            "int8 rank overflow",
+            inf,
+            rows * out,
+            out,
+            vec![seg(0..1, LoraSiteWeights { rank: usize::MAX - 1, ..ok8 })],
+        ),
         // A later bad segment must stop the call before the good first one is applied.
         (
             "second segment bad",

@@ -191,10 +191,19 @@ impl Adapters {
     }
 }
 
-fn read_lines(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+/// The file's lines; one that is not UTF-8 is kept as an error, for its line alone to fail.
+fn read_lines(path: &PathBuf) -> anyhow::Result<Vec<Result<String, std::string::FromUtf8Error>>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let lines = std::io::BufReader::new(file)
-        .lines()
+        .split(b'\n')
+        .map(|line| {
+            line.map(|mut bytes| {
+                if bytes.last() == Some(&b'\r') {
+                    bytes.pop();
+                }
+                String::from_utf8(bytes)
+            })
+        })
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(lines)
@@ -422,14 +431,20 @@ fn run_batch(
     base: &Base,
     engine: &Engine,
     adapters: &mut Adapters,
-    lines: Vec<String>,
+    lines: Vec<Result<String, std::string::FromUtf8Error>>,
 ) -> anyhow::Result<()> {
     let mut slots = Vec::new();
     let mut failures = 0usize;
     for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+        let line = match line {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => line,
+            Err(e) => {
+                let error = format!("line {}: not UTF-8 text ({e})", i + 1);
+                slots.push(Slot::Done(rejected(&mut failures, Value::Null, error)));
+                continue;
+            }
+        };
         let slot = match prepare(i + 1, line, args, base, adapters) {
             Prepared::Ready { id, req, logprobs } => {
                 let prompt_ids = req.prompt_ids.clone();

@@ -159,6 +159,11 @@ async fn upload(
             .find(|n| *n == CONFIG_FILE || *n == WEIGHTS_FILE)
             .map(str::to_string);
         let Some(part) = part else {
+            if too_large {
+                // The answer is the 413 already; what follows is only read to give it.
+                while field.chunk().await.map_err(multipart_error)?.is_some() {}
+                continue;
+            }
             if [field.name(), field.file_name()].into_iter().flatten().any(|n| n.ends_with(".bin")) {
                 return Err(ApiError::InvalidAdapter(format!(
                     "{PICKLE_FILE}: pickled weights are never loaded; send {WEIGHTS_FILE} (convert with safetensors)"
@@ -180,7 +185,7 @@ async fn upload(
             }
         }
         let slot = if part == CONFIG_FILE { &mut config } else { &mut weights };
-        if slot.replace(bytes).is_some() {
+        if slot.replace(bytes).is_some() && !too_large {
             return Err(ApiError::Malformed(format!("the part `{part}` was sent twice")));
         }
     }
