@@ -4,8 +4,9 @@
 //!
 //! Templates come with the model, not from clients, but a hostile or broken one must not hang or
 //! flood a request: each render has an instruction budget ([`RENDER_FUEL`]) and an output limit
-//! ([`MAX_RENDERED_BYTES`]), and fails with a clear error past either. (minijinja itself caps a
-//! repeated string at 100 MB.)
+//! ([`MAX_RENDERED_BYTES`]), and fails with a clear error past either. (minijinja charges that
+//! budget for what its operators allocate and iterate too, so `n * [x]` with a huge `n`, which is
+//! lazy, cannot run unbudgeted; it caps repeated strings and lists as well.)
 
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -75,8 +76,12 @@ impl std::io::Write for BoundedOutput {
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
         let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| ChatError::Template(e.to_string()))?;
+        env.set_syntax(syntax);
         env.set_fuel(Some(RENDER_FUEL));
         // Python string methods (`.strip()`, `.startswith()`...) that HF templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -107,10 +112,10 @@ impl ChatTemplate {
         let mut out = BoundedOutput(Vec::new());
         let rendered = template.render_captured_to(
             minijinja::context! {
-                messages => messages,
+                messages => minijinja::value::Serde(messages),
                 add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
+                bos_token => self.bos_token.as_str(),
+                eos_token => self.eos_token.as_str(),
             },
             &mut out,
         );
@@ -250,6 +255,14 @@ mod tests {
             ChatTemplate::new("{% for i in range(100000) %}{{ 'x' * 10000 }}{% endfor %}", "", "").unwrap();
         let err = flood.render(&[msg("user", "hi")]).unwrap_err().to_string();
         assert!(err.contains("exceed"), "{err}");
+
+        // Repeated lists are lazy: printing or scanning one of billions of items stops too.
+        for huge in ["{{ 77777777777 * ['content'] }}", "{{ 'x' in 77777777777 * ['content'] }}"] {
+            let t = ChatTemplate::new(huge, "", "").unwrap();
+            let started = std::time::Instant::now();
+            assert!(t.render(&[msg("user", "hi")]).is_err(), "{huge}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "{huge}: {:?}", started.elapsed());
+        }
 
         // A long but ordinary conversation stays well within both limits.
         let plain =
