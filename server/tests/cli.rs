@@ -26,6 +26,32 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// The JSON lines `generate --requests` printed.
+fn result_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// The token ids of a greedy six-token `generate --prompt Hello` on `model`, with `extra` flags.
+fn greedy_tokens(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["generate", "--model", path(model), "--prompt", "Hello", "--max-tokens", "6"];
+    args.extend_from_slice(&["--ignore-eos", "--json"]);
+    args.extend_from_slice(extra);
+    let out = lorahost(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["token_ids"].clone()
+}
+
+/// Stores the adapter directory `dir` under `name` in the default tenant.
+fn put_dir(store: &adapters::store::FsStore, name: &str, dir: &Path) {
+    let key = adapters::store::AdapterKey::in_default_tenant(name).expect("key");
+    let config = std::fs::read(dir.join("adapter_config.json")).expect("config");
+    let weights = std::fs::read(dir.join("adapter_model.safetensors")).expect("weights");
+    store.put(&key, &config, &weights).expect("put");
+}
+
 #[test]
 fn json_output_has_the_contract_fields() {
     let model = tiny_dir(TinyModel::default());
@@ -118,10 +144,7 @@ fn bad_request_lines_fail_alone() {
     std::fs::write(&requests, bytes).expect("write requests");
     let out = lorahost(&["generate", "--model", path(model.path()), "--requests", path(&requests)]);
     assert!(!out.status.success(), "failed lines make the exit non-zero");
-    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let results = result_lines(&out);
     assert_eq!(results.len(), 7, "one result per line, in input order");
     let latin1 = results[6]["error"].as_str().unwrap_or("");
     assert!(latin1.contains("line 7") && latin1.contains("UTF-8"), "{}", results[6]);
@@ -145,15 +168,7 @@ fn adapters_from_the_command_line_and_from_request_lines() {
     let dir = tempfile::tempdir().expect("tempdir");
     let adapter = dir.path().join("my-adapter");
     shape.write_adapter(&adapter, 8, 16.0, &["q_proj", "v_proj", "down_proj"], 3).expect("adapter");
-    let run = |extra: &[&str]| {
-        let mut args =
-            vec!["generate", "--model", path(model.path()), "--prompt", "Hello", "--max-tokens", "6"];
-        args.extend_from_slice(&["--ignore-eos", "--json"]);
-        args.extend_from_slice(extra);
-        let out = lorahost(&args);
-        assert!(out.status.success(), "{}", stderr(&out));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["token_ids"].clone()
-    };
+    let run = |extra: &[&str]| greedy_tokens(model.path(), extra);
     let with_adapter = run(&["--adapter", path(&adapter)]);
     assert_ne!(with_adapter, run(&[]), "the adapter changes the tokens");
 
@@ -169,10 +184,7 @@ fn adapters_from_the_command_line_and_from_request_lines() {
     std::fs::write(&requests, lines.join("\n")).expect("write");
     let out = lorahost(&["generate", "--model", path(model.path()), "--requests", path(&requests)]);
     assert!(!out.status.success(), "the missing adapter fails its line");
-    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line"))
-        .collect();
+    let results = result_lines(&out);
     assert_eq!(results[0]["token_ids"], with_adapter, "same tokens as --adapter, in a mixed batch");
     assert_eq!(results[3]["token_ids"], with_adapter);
     assert_eq!(results[1]["token_ids"], run(&[]));
@@ -193,23 +205,7 @@ fn request_lines_may_name_more_adapter_directories_than_the_cache_holds() {
             adapter
         })
         .collect();
-    let alone = |adapter: &Path| {
-        let out = lorahost(&[
-            "generate",
-            "--model",
-            path(model.path()),
-            "--prompt",
-            "Hello",
-            "--max-tokens",
-            "6",
-            "--ignore-eos",
-            "--json",
-            "--adapter",
-            path(adapter),
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["token_ids"].clone()
-    };
+    let alone = |adapter: &Path| greedy_tokens(model.path(), &["--adapter", path(adapter)]);
     let requests = dir.path().join("requests.jsonl");
     // Each directory twice, interleaved: more directories than the cache holds, all in one run.
     let lines: Vec<String> = (0..10)
@@ -230,10 +226,7 @@ fn request_lines_may_name_more_adapter_directories_than_the_cache_holds() {
         "1",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line"))
-        .collect();
+    let results = result_lines(&out);
     assert_eq!(results.len(), 10);
     for (i, adapter) in adapters.iter().enumerate() {
         let expected = alone(adapter);
@@ -289,18 +282,12 @@ fn request_lines_name_adapters_in_the_store() {
     let store_dir = dir.path().join("store");
     {
         let store = adapters::store::FsStore::open(&store_dir).expect("store");
-        let key = adapters::store::AdapterKey::in_default_tenant("support-bot").expect("key");
-        let config = std::fs::read(adapter.join("adapter_config.json")).expect("config");
-        let weights = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
-        store.put(&key, &config, &weights).expect("put");
+        put_dir(&store, "support-bot", &adapter);
         // Stored for another base: it fails when the engine loads it, after the run has started.
         let narrow = TinyModel { hidden: 32, intermediate: 64, ..shape };
         let other = dir.path().join("other-adapter");
         narrow.write_adapter(&other, 4, 8.0, &["q_proj"], 6).expect("adapter");
-        let key = adapters::store::AdapterKey::in_default_tenant("other-base").expect("key");
-        let config = std::fs::read(other.join("adapter_config.json")).expect("config");
-        let weights = std::fs::read(other.join("adapter_model.safetensors")).expect("weights");
-        store.put(&key, &config, &weights).expect("put");
+        put_dir(&store, "other-base", &other);
     }
     let requests = dir.path().join("requests.jsonl");
     let quoted = format!("{:?}", path(&adapter));
@@ -323,10 +310,7 @@ fn request_lines_name_adapters_in_the_store() {
         "--requests",
         path(&requests),
     ]);
-    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("line"))
-        .collect();
+    let results = result_lines(&out);
     assert_eq!(results.len(), 4, "{}", stderr(&out));
     assert_eq!(results[0]["token_ids"], results[1]["token_ids"], "the stored adapter is the directory's");
     assert!(results[2]["error"].as_str().is_some_and(|e| e.contains("nobody")), "{}", results[2]);
