@@ -6,6 +6,9 @@
 #
 #   bash scripts/fuzz.sh [SECONDS] [TARGET...]
 #
+# FUZZ_SEED=N fixes libFuzzer's random seed, so a run from the same corpus tries the same inputs
+# in the same order: CI's run is one anybody can repeat. Without it, each run explores anew.
+#
 # cargo fuzz needs nightly-only compiler flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain take
 # them. Without a sanitizer (`-s none`) the build stays within CI's time; crashes are panics,
 # aborts, hangs and runaway memory.
@@ -24,7 +27,7 @@ for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "fuzz: $t for ${seconds}s"
   log="corpus/$t.log"
-  if ! cargo fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- \
+  if ! cargo fuzz run -s none "$t" "corpus/$t" "seeds/$t" -- ${FUZZ_SEED:+-seed="$FUZZ_SEED"} \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 > "$log" 2>&1; then
     tail -n 60 "$log"
     echo "fuzz: $t FAILED (the input is in fuzz/artifacts/$t/)"

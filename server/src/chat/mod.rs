@@ -4,9 +4,10 @@
 //!
 //! Templates come with the model, not from clients, but a hostile or broken one must not hang or
 //! flood a request: each render has an instruction budget ([`RENDER_FUEL`]) and an output limit
-//! ([`MAX_RENDERED_BYTES`]), and fails with a clear error past either. (minijinja charges that
-//! budget for what its operators allocate and iterate too, so `n * [x]` with a huge `n`, which is
-//! lazy, cannot run unbudgeted; it caps repeated strings and lists as well.)
+//! ([`MAX_RENDERED_BYTES`]), and fails with a clear error past either. Values the template builds
+//! are checked as they are built, so none can grow outside that budget ([`bounded`]).
+
+mod bounded;
 
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -75,13 +76,24 @@ impl std::io::Write for BoundedOutput {
 
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, ChatError> {
+        Self::compile(source, bos_token, eos_token, true)
+    }
+
+    /// `check_built_values: false` leaves out the checks of [`bounded`], for tests that compare
+    /// the checked template's output with minijinja's own.
+    fn compile(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+        check_built_values: bool,
+    ) -> Result<Self, ChatError> {
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
             .map_err(|e| ChatError::Template(e.to_string()))?;
-        env.set_syntax(syntax);
+        env.set_syntax(syntax.clone());
         env.set_fuel(Some(RENDER_FUEL));
         // Python string methods (`.strip()`, `.startswith()`...) that HF templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -89,7 +101,17 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+        env.add_function(bounded::CHECK_FUNCTION, bounded::check_built_value);
+        env.add_function(bounded::ASSIGN_FUNCTION, bounded::check_assigned_value);
+        // Only the checked template is compiled: compiling the template as written could fold a
+        // constant such as `(n * [x]) ~ ''` into a string of any size. Syntax errors still name the
+        // template as written, since that is what `wrap_builders` parses.
+        let checked = if check_built_values {
+            bounded::wrap_builders(source, syntax).map_err(|e| ChatError::Template(e.to_string()))?
+        } else {
+            None
+        };
+        env.add_template_owned(TEMPLATE_NAME, checked.unwrap_or_else(|| source.to_string()))
             .map_err(|e| ChatError::Template(e.to_string()))?;
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
@@ -270,6 +292,117 @@ mod tests {
                 .unwrap();
         let many: Vec<ChatMessage> = (0..5000).map(|i| msg("user", &format!("message {i}"))).collect();
         assert!(plain.render(&many).unwrap().contains("message 4999"));
+    }
+
+    #[test]
+    fn values_built_past_the_limit_stop_the_render() {
+        let doubling = |step: &str| {
+            format!(
+                "{{% set ns = namespace(a=['xy']) %}}{{% for i in range(60) %}}{{% set ns.a = {step} %}}\
+                 {{% endfor %}}{{{{ ns.a ~ '' }}}}"
+            )
+        };
+        let hostile = [
+            "{{ 77777777 * ['content'] }}".to_string(),
+            "{{ (77777777 * ['content']) ~ '' }}".into(),
+            "{{ (77777777 * ['content']) == (77777777 * ['content']) }}".into(),
+            "{{ (77777777 * ['content']) | lower }}".into(),
+            "{{ ['x'] in 77777777 * ['content'] }}".into(),
+            "{{ 99999999 * 'x' }}".into(),
+            doubling("ns.a + ns.a"),
+            doubling("[ns.a, ns.a]"),
+            doubling("(ns.a, ns.a)"),
+            doubling("ns.a, ns.a"),
+            doubling("{'k': ns.a, 'v': ns.a}"),
+            doubling("dict(k=ns.a, v=ns.a)"),
+            doubling("ns.a * 2"),
+            doubling("ns.a ~ ns.a"),
+            // Deep nesting, and a namespace holding itself: printing either would overflow the stack.
+            "{% set ns = namespace(a=[]) %}{% for i in range(100000) %}{% set ns.a = [ns.a] %}{% endfor %}{{ ns.a }}"
+                .into(),
+            "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}".into(),
+            "{% set ns = namespace() %}{% set ns.me = [1, {'k': ns}] %}{{ ns ~ '' }}".into(),
+        ];
+        for source in &hostile {
+            // Compiling counts too: minijinja folds constant expressions when it compiles.
+            let started = std::time::Instant::now();
+            let t = ChatTemplate::new(source, "", "").unwrap();
+            let err = t.render(&[msg("user", "hi")]).unwrap_err().to_string();
+            assert!(
+                err.contains("limit") || err.contains("budget") || err.contains("namespace"),
+                "{source}: {err}"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{source}: {:?}",
+                started.elapsed()
+            );
+        }
+    }
+
+    #[test]
+    fn inputs_that_once_hung_or_crashed_the_fuzzer_render_within_the_budget() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/chat_template");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("regress_")) {
+                continue;
+            }
+            // The fuzz target's layout: the template, then NUL-separated message contents.
+            let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+            let mut parts = text.split('\0');
+            let source = parts.next().unwrap_or_default();
+            let messages: Vec<ChatMessage> = parts.map(|content| msg("user", content)).collect();
+            let started = std::time::Instant::now();
+            if let Ok(template) = ChatTemplate::new(source, "<s>", "</s>") {
+                let _ = template.render(&messages);
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "{}", path.display());
+            replayed += 1;
+        }
+        assert!(replayed >= 3, "the regression inputs are in {}", dir.display());
+    }
+
+    #[test]
+    fn checking_built_values_changes_no_output() {
+        let sources = [
+            include_str!("../../../fuzz/seeds/chat_template/chatml"),
+            include_str!("../../../fuzz/seeds/chat_template/llama"),
+            "{{ 1 + 2 * 3 }} {{ -2 * 3 }} {{ 2 ** 3 * 2 }} {{ (1 + 2) * 3 }} {{ 7 // 2 * 2 }} {{ 1.5 * 2 }}",
+            "{{ 'ab' * 3 }}|{{ 3 * 'ab' }}|{{ [1, 2] * 2 }}|{{ [1] + [2] }}|{{ (1, 2) }}|{{ () }}|{{ (1,) }}",
+            "{{ 'x' ~ 1 ~ none ~ [1, 'a'] }}|{{ {'a': [1, (2, 3)], 'b': {}} }}|{{ 'a * b' ~ \"(~)\" }}",
+            "{% set a, b = 1, 2 * 3 %}{{ a }}{{ b }}{% set t = 4, 5 %}{{ t }}{% for x, y in [(1, 2), (3, 4)] %}{{ x * y }}{% endfor %}",
+            "{% for x in (1, 2) %}{{ x }}{% endfor %}{% with p = [1, 2], q = {'k': 1} %}{{ p }}{{ q.k }}{% endwith %}",
+            "{% macro m(a, b=[1, 2] + [3]) %}{{ a }}{{ b }}{{ caller() if caller else '' }}{% endmacro %}{{ m(1 * 2) }}{% call m('c') %}in{% endcall %}",
+            "{% set ns = namespace(n=0, l=[]) %}{% for m in messages %}{% set ns.n = ns.n + m.content|length %}{% set ns.l = ns.l + [m.role ~ ':'] %}{% endfor %}{% set ns.t = ns.n, 2 %}{% set ns.c = (messages[-1]['content'] | default('', true)).strip() %}{% set ns.u = messages[-1]['role'] if 'x' in messages[-1] else [] %}{{ ns.c }}{{ ns.u }}{{ ns.n }}{{ ns.l|join(',') }}{{ ns.t }}",
+            "{{ messages[0].content.upper().split('L') }}{{ range(3)|list * 2 }}{{ messages|map(attribute='role')|list + ['x'] }}",
+            "{% filter upper %}{{ 'a' ~ 'b' }}{% endfilter %}{% set s %}{{ [1] * 3 }}{% endset %}{{ s }}{{ loop }}",
+            "{% for m in messages %}{{ loop.cycle('a', 'b') ~ (loop.index * 10) }}{% endfor %}{{ messages|length > 1 and [1] }}",
+            "{{ ('<' ~ bos_token ~ '>') * 2 }}{{ [messages[-1]['content']][0][1:] }}{{ dict(a=1)['a'] * 3 }}",
+        ];
+        let messages =
+            [msg("system", "Be brief."), msg("user", "Hello"), msg("assistant", "Hi"), msg("user", "More")];
+        for source in sources {
+            let plain = ChatTemplate::compile(source, "<s>", "</s>", false).expect(source);
+            let checked = ChatTemplate::compile(source, "<s>", "</s>", true).expect(source);
+            let syntax = minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .unwrap();
+            assert!(
+                bounded::wrap_builders(source, syntax).unwrap().is_some(),
+                "{source} has builders to check"
+            );
+            for generation_prompt in [true, false] {
+                assert_eq!(
+                    checked.render_with(&messages, generation_prompt).unwrap(),
+                    plain.render_with(&messages, generation_prompt).unwrap(),
+                    "{source}"
+                );
+            }
+        }
     }
 
     #[test]
