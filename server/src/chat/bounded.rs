@@ -24,6 +24,7 @@ use minijinja::{Error, ErrorKind, State};
 /// [`check_assigned_value`]): names no template would define.
 pub const CHECK_FUNCTION: &str = "__lorahost_bounded";
 pub const ASSIGN_FUNCTION: &str = "__lorahost_assignable";
+const RESERVED_PREFIX: &str = "__lorahost_";
 
 /// Largest printed form of a value a template builds: the rendered prompt's own limit.
 pub const MAX_BUILT_BYTES: u64 = super::MAX_RENDERED_BYTES as u64;
@@ -36,6 +37,13 @@ pub const MAX_BUILT_DEPTH: usize = 500;
 /// it has none. Only text is inserted, never a line break, so error positions keep their lines.
 pub fn wrap_builders(source: &str, syntax: SyntaxConfig) -> Result<Option<String>, Error> {
     let ast = minijinja::machinery::parse(source, super::TEMPLATE_NAME, syntax.clone())?;
+    // A template's own names shadow functions, so one naming a check could switch it off.
+    if source.contains(RESERVED_PREFIX) {
+        return Err(Error::new(
+            ErrorKind::SyntaxError,
+            format!("names starting with `{RESERVED_PREFIX}` are reserved"),
+        ));
+    }
     let mut nodes = Vec::new();
     visit_stmt(&ast, &mut nodes);
     if nodes.is_empty() {

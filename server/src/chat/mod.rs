@@ -406,6 +406,17 @@ mod tests {
     }
 
     #[test]
+    fn a_template_cannot_take_the_name_of_a_check() {
+        for source in [
+            "{% macro __lorahost_bounded(x) %}{% endmacro %}{{ 77777777 * ['x'] }}",
+            "{% set __lorahost_assignable = none %}",
+        ] {
+            let err = ChatTemplate::new(source, "", "").err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("reserved"), "{source}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_template_is_reported() {
         assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(ChatError::Template(_))));
     }
