@@ -322,6 +322,13 @@ mod tests {
                 .into(),
             "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}".into(),
             "{% set ns = namespace() %}{% set ns.me = [1, {'k': ns}] %}{{ ns ~ '' }}".into(),
+            "{% set ns = namespace() %}{% set ns.me, x = ns, 0 %}{{ ns }}".into(),
+            "{% set ns = namespace() %}{% set (x, ns.me) = (0, ns) %}{{ ns }}".into(),
+            "{% set ns = namespace() %}{% with a = 1 %}{% set ns.me = ns %}{% endwith %}{{ ns }}".into(),
+            // Filters build values too: `batch` with a fill value repeats it.
+            format!("{{% set a = ['x'] %}}{}{{{{ a ~ '' }}}}", "{% set a = a|batch(2, a) %}".repeat(60)),
+            "{% macro f(a, n) %}{% if n %}{{ f(a|batch(2, a), n - 1) }}{% else %}{{ a ~ '' }}{% endif %}{% endmacro %}{{ f(['x'], 60) }}"
+                .into(),
         ];
         for source in &hostile {
             // Compiling counts too: minijinja folds constant expressions when it compiles.
@@ -380,6 +387,13 @@ mod tests {
             "{% filter upper %}{{ 'a' ~ 'b' }}{% endfilter %}{% set s %}{{ [1] * 3 }}{% endset %}{{ s }}{{ loop }}",
             "{% for m in messages %}{{ loop.cycle('a', 'b') ~ (loop.index * 10) }}{% endfor %}{{ messages|length > 1 and [1] }}",
             "{{ ('<' ~ bos_token ~ '>') * 2 }}{{ [messages[-1]['content']][0][1:] }}{{ dict(a=1)['a'] * 3 }}",
+            // Keywords written against brackets, `not in` and `not(...)` first in an expression.
+            "{% set ns = namespace() %}{% set ns.x = 'a' not in ['b'] %}{% set y = 'a' not in ['a'], 1 %}{{ ns.x }}{{ y }}",
+            "{% for m in messages if m.role in['user','system'] %}{{ m.role ~ (1 if loop.first else[2]) }}{% endfor %}",
+            "{% for x in(1, 2) %}{{ not(x) ~ 'y' }}{{ x is sameas[1] }}{{ not[] }}{{ -(x * 2) }}{% endfor %}",
+            "{% set ns = namespace(a=1) %}{% set ns.a, b = [ns.a, 2] %}{% set (c, ns.d) = (3, [4] * 2) %}{{ ns.a }}{{ b }}{{ c }}{{ ns.d }}",
+            "{{ messages|map(attribute='content')|join('|') }}{{ messages|selectattr('role', 'eq', 'user')|list|length }}{{ [3, 1, 2]|sort|batch(2, 0)|list }}",
+            "{% set s %}{{ 'x' }}{% endset %}{% set t | upper %}{{ s }}y{% endset %}{{ s }}{{ t }}{{ messages[0]|dictsort|first }}",
         ];
         let messages =
             [msg("system", "Be brief."), msg("user", "Hello"), msg("assistant", "Hi"), msg("user", "More")];
@@ -414,6 +428,17 @@ mod tests {
             let err = ChatTemplate::new(source, "", "").err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("reserved"), "{source}: {err}");
         }
+    }
+
+    #[test]
+    fn a_set_block_cannot_filter_into_a_namespace_attribute() {
+        // The filters would apply outside any expression, where no check goes: this one would
+        // make the namespace hold itself.
+        let source = "{% set ns = namespace() %}{% set ns.x | default(ns, true) %}{% endset %}{{ ns }}";
+        let err = ChatTemplate::new(source, "", "").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("cannot filter"), "{err}");
+        let plain = "{% set ns = namespace() %}{% set ns.x %}a{% endset %}{% set y | upper %}b{% endset %}{{ ns.x ~ y }}";
+        assert_eq!(ChatTemplate::new(plain, "", "").unwrap().render(&[]).unwrap(), "aB");
     }
 
     #[test]
