@@ -64,8 +64,8 @@ pub fn wrap_builders(source: &str, syntax: SyntaxConfig) -> Result<Option<String
     // The nodes nest or are disjoint. At one offset, closings come before openings, inner nodes
     // close first and outer nodes open first. Each node gets parentheses of its own inside the
     // call, since a tuple such as `a, b` need not have any and would otherwise become two
-    // arguments.
-    // A space before the call keeps it apart from a keyword written against a bracket (`in[`).
+    // arguments, and a space before the call keeps it apart from a keyword written against a
+    // bracket (`in[`).
     let openings: Vec<String> = nodes.iter().map(|node| format!(" {}((", node.function)).collect();
     let mut edits: Vec<(EditOrder, &str)> = Vec::with_capacity(nodes.len() * 2);
     for (index, (node, opening)) in nodes.iter().zip(&openings).enumerate() {
@@ -105,8 +105,8 @@ pub fn check_built_value(state: &State, value: Value) -> Result<Value, Error> {
 
 /// What rewritten templates call around a value assigned to a namespace attribute (`{% set ns.x
 /// = value %}`): `value` itself, if it fits and holds no namespace. Namespaces are the only values
-/// a template can change, so with none inside another no value can contain itself (printing or
-/// comparing one that did would recurse without end).
+/// a template can change, and none can be assigned into one, so no value can contain itself (printing
+/// or comparing one that did would recurse without end).
 pub fn check_assigned_value(state: &State, value: Value) -> Result<Value, Error> {
     check(state, value, true)
 }
